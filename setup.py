@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+with open("requirements.txt") as f:
+    install_requires = [
+        line.strip() for line in f if line.strip() and not line.startswith("#")
+    ]
+
+setup(
+    name="dongle-agent",
+    version="0.1.0",
+    description="In-car telematics dongle agent: OBD-II/CAN acquisition, store-and-forward, sealed MQTT uplink",
+    python_requires=">=3.11",
+    packages=find_packages(include=["agent", "agent.*", "drivers", "drivers.*",
+                                    "firmware_bridge", "firmware_bridge.*", "config", "config.*"]),
+    package_data={"config": ["*.json", "*.toml", "schemas/*.json"]},
+    include_package_data=True,
+    install_requires=install_requires,
+    entry_points={
+        "console_scripts": [
+            "dongle-agent=agent.daemon:main",
+            "dongle=agent.cli:main",
+        ],
+    },
+)
