@@ -1,0 +1,187 @@
+"""Key files and key ids (PROTOCOL §1).
+
+Keys are exchanged as PEM: public keys as SubjectPublicKeyInfo, private keys as unencrypted
+PKCS#8. Private key files are created mode 0600 and never readable by anyone but the agent's
+user; loading one that is warns. Every failure to load a key is a :class:`KeyFileError` whose
+text names the file and the reason, so the daemon can log it and the CLI can print it as is.
+
+A key id (``kid``) is the first 8 bytes of SHA-256 over the raw 32-byte public key, written as
+16 lowercase hex characters.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+log = logging.getLogger(__name__)
+
+PrivateKey = Ed25519PrivateKey | X25519PrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = Ed25519PublicKey | X25519PublicKey | ec.EllipticCurvePublicKey
+K = TypeVar("K")
+
+_TYPE_NAMES: dict[type, str] = {
+    Ed25519PrivateKey: "an Ed25519 private key",
+    X25519PrivateKey: "an X25519 private key",
+    ec.EllipticCurvePrivateKey: "an EC private key",
+    Ed25519PublicKey: "an Ed25519 public key",
+    X25519PublicKey: "an X25519 public key",
+    ec.EllipticCurvePublicKey: "an EC public key",
+}
+
+
+class KeyFileError(Exception):
+    """A key file is missing, unreadable, malformed or holds the wrong kind of key."""
+
+    def __init__(self, path: str | os.PathLike[str], message: str):
+        self.path = os.fspath(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}")
+
+
+def key_id(public_key: Ed25519PublicKey | X25519PublicKey | bytes) -> str:
+    """PROTOCOL §1 key id: SHA-256 of the raw 32-byte public key, first 8 bytes, lowercase hex."""
+    if isinstance(public_key, (Ed25519PublicKey, X25519PublicKey)):
+        raw = public_key.public_bytes_raw()
+    elif isinstance(public_key, (bytes, bytearray, memoryview)) and len(public_key) == 32:
+        raw = bytes(public_key)
+    else:
+        raise TypeError(f"key_id needs an Ed25519/X25519 public key or 32 raw bytes, got {type(public_key).__name__}")
+    return hashlib.sha256(raw).digest()[:8].hex()
+
+
+def trusted_signers(keys: Iterable[Ed25519PublicKey]) -> dict[str, Ed25519PublicKey]:
+    """The ``kid -> key`` mapping :func:`agent.protocol.open_envelope` takes as ``trusted_signers``."""
+    return {key_id(k): k for k in keys}
+
+
+def _type_name(expected_type: type) -> str:
+    return _TYPE_NAMES.get(expected_type, f"a {expected_type.__name__}")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(path, "not found") from None
+    except PermissionError:
+        raise KeyFileError(path, "permission denied") from None
+    except IsADirectoryError:
+        raise KeyFileError(path, "is a directory") from None
+    except OSError as e:
+        raise KeyFileError(path, f"cannot read: {e.strerror or e}") from None
+
+
+def load_private_key(path: str | os.PathLike[str], expected_type: type[K]) -> K:
+    """Loads an unencrypted PKCS#8 PEM private key of ``expected_type`` (e.g. ``Ed25519PrivateKey``)."""
+    p = Path(path)
+    data = _read(p)
+    try:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if mode & 0o077:
+            log.warning("%s: private key file is accessible by group/others (mode %04o); it should be 0600", p, mode)
+    except OSError:  # pragma: no cover - the read above just succeeded
+        pass
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data:
+        raise KeyFileError(p, "encrypted private keys are not supported")
+    if b"-----BEGIN PRIVATE KEY-----" not in data:
+        raise KeyFileError(p, "not a PEM PKCS#8 private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise KeyFileError(p, f"not a valid PEM private key ({e})") from None
+    except Exception as e:  # cryptography raises UnsupportedAlgorithm for unknown key types
+        raise KeyFileError(p, f"unsupported private key ({e})") from None
+    if not isinstance(key, expected_type):
+        raise KeyFileError(p, f"not {_type_name(expected_type)}")
+    return key
+
+
+def load_public_key_pem(data: bytes, expected_type: type[K], *, source: str = "<pem>") -> K:
+    """Parses a SubjectPublicKeyInfo PEM of ``expected_type``; errors name ``source``."""
+    if b"-----BEGIN PUBLIC KEY-----" not in data:
+        raise KeyFileError(source, "not a PEM public key (SubjectPublicKeyInfo)")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as e:
+        raise KeyFileError(source, f"not a valid PEM public key ({e})") from None
+    except Exception as e:
+        raise KeyFileError(source, f"unsupported public key ({e})") from None
+    if not isinstance(key, expected_type):
+        raise KeyFileError(source, f"not {_type_name(expected_type)}")
+    return key
+
+
+def load_public_key(path: str | os.PathLike[str], expected_type: type[K]) -> K:
+    """Loads a SubjectPublicKeyInfo PEM public key of ``expected_type`` (e.g. ``X25519PublicKey``)."""
+    p = Path(path)
+    return load_public_key_pem(_read(p), expected_type, source=str(p))
+
+
+def private_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def public_pem(key: PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int, *, exclusive: bool) -> None:
+    """Writes ``data`` to ``path`` with ``mode``.
+
+    ``exclusive``: create with O_CREAT|O_EXCL, failing if the file exists (no window in which
+    another process could have created it). Otherwise write a temporary file in the same
+    directory and rename it over ``path``. In both cases the file never exists with a wider mode.
+    """
+    if exclusive:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            raise KeyFileError(path, "already exists") from None
+        except PermissionError:
+            raise KeyFileError(path, "permission denied") from None
+        try:
+            os.fchmod(fd, mode)  # the umask may have narrowed it; never widen beyond mode
+            with os.fdopen(fd, "wb") as f:
+                fd = -1
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created mode 0600
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_private_key(path: str | os.PathLike[str], key: PrivateKey, force: bool = False) -> None:
+    """Writes ``key`` as PKCS#8 PEM, mode 0600. Without ``force`` an existing file is an error."""
+    _write_atomic(Path(path), private_pem(key), 0o600, exclusive=not force)
+
+
+def write_public_key(path: str | os.PathLike[str], key: PublicKey, force: bool = True) -> None:
+    """Writes ``key`` as SubjectPublicKeyInfo PEM, mode 0644 (replacing any existing file by default)."""
+    _write_atomic(Path(path), public_pem(key), 0o644, exclusive=not force)
