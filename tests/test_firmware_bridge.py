@@ -1,0 +1,534 @@
+"""firmware_bridge: framing and messages (pure), and McuLink against the MCU simulator over a
+real pty through pyserial."""
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from crccheck.crc import Crc16CcittFalse
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from firmware_bridge import framing, messages as m
+from firmware_bridge.framing import CrcError, Deframer, FrameError
+from firmware_bridge.link import (
+    FirmwareRejected, FirmwareRolledBack, McuLink, McuRejected, McuTimeout)
+from scripts.mcu_sim import McuSimulator, make_image
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# --- framing ----------------------------------------------------------------------------------
+
+def test_crc16_is_ccitt_false() -> None:
+    assert framing.crc16(b"123456789") == 0x29B1
+
+
+@settings(deadline=None)  # no timing: a loaded CI machine is slow
+@given(st.binary(max_size=300))
+def test_crc16_matches_crccheck(data: bytes) -> None:
+    assert framing.crc16(data) == Crc16CcittFalse.calc(data)
+
+
+_R254 = bytes(range(1, 255))
+COBS_VECTORS = [  # Wikipedia "Consistent Overhead Byte Stuffing", encoding examples
+    (b"\x00", b"\x01\x01"),
+    (b"\x00\x00", b"\x01\x01\x01"),
+    (b"\x00\x11\x00", b"\x01\x02\x11\x01"),
+    (b"\x11\x22\x00\x33", b"\x03\x11\x22\x02\x33"),
+    (b"\x11\x22\x33\x44", b"\x05\x11\x22\x33\x44"),
+    (b"\x11\x00\x00\x00", b"\x02\x11\x01\x01\x01"),
+    (_R254, b"\xff" + _R254),
+    (b"\x00" + _R254, b"\x01\xff" + _R254),
+    (bytes(range(1, 256)), b"\xff" + _R254 + b"\x02\xff"),
+    (bytes(range(2, 256)) + b"\x00", b"\xff" + bytes(range(2, 256)) + b"\x01\x01"),
+    (bytes(range(3, 256)) + b"\x00\x01", b"\xfe" + bytes(range(3, 256)) + b"\x02\x01"),
+]
+
+
+@pytest.mark.parametrize(("raw", "encoded"), COBS_VECTORS)
+def test_cobs_known_vectors(raw: bytes, encoded: bytes) -> None:
+    assert framing.cobs_encode(raw) == encoded
+    assert framing.cobs_decode(encoded) == raw
+
+
+@settings(deadline=None)  # no timing: a loaded CI machine is slow
+@given(st.binary(max_size=1200))
+def test_cobs_round_trip_and_no_zero(data: bytes) -> None:
+    enc = framing.cobs_encode(data)
+    assert 0 not in enc
+    assert len(enc) <= len(data) + 1 + len(data) // 254
+    assert framing.cobs_decode(enc) == data
+
+
+@settings(deadline=None)  # no timing: a loaded CI machine is slow
+@given(st.binary(min_size=1, max_size=framing.MAX_BODY))
+def test_frame_round_trip(body: bytes) -> None:
+    wire = framing.encode_frame(body)
+    assert wire[0] == 0 and wire[-1] == 0 and 0 not in wire[1:-1]
+    assert len(wire) - 2 <= framing.MAX_ENCODED
+    assert framing.decode_frame(wire[1:-1]) == body
+    assert Deframer().feed(wire) == [body]
+
+
+@settings(deadline=None)  # no timing: a loaded CI machine is slow
+@given(st.binary(max_size=600))
+def test_garbage_raises_only_frame_error(garbage: bytes) -> None:
+    try:
+        framing.decode_frame(garbage)
+    except FrameError:
+        pass
+    Deframer().feed(garbage)  # never raises
+
+
+@settings(deadline=None)  # no timing: a loaded CI machine is slow
+@given(st.lists(st.binary(max_size=400), max_size=8))
+def test_deframer_never_raises_and_recovers(chunks: list[bytes]) -> None:
+    d = Deframer()
+    for c in chunks:
+        d.feed(c)
+    good = m.encode_packet(7, m.GetIgnition())
+    assert d.feed(framing.encode_frame(good)) == [good]
+
+
+@pytest.mark.parametrize("body", [
+    m.encode_packet(1, m.SupplyReading(12600), msg_type=m.MsgType.GET_SUPPLY),
+    m.encode_packet(200, m.FwChunk(4096, bytes(range(256))[:m.MAX_CHUNK])),
+])
+def test_every_single_bit_flip_is_rejected(body: bytes) -> None:
+    wire = framing.encode_frame(body)
+    for i in range(1, len(wire) - 1):
+        for bit in range(8):
+            bad = bytearray(wire)
+            bad[i] ^= 1 << bit
+            d = Deframer()
+            assert d.feed(bytes(bad)) == [], (i, bit)
+            assert d.bad_frames >= 1
+    inner = bytearray(wire[1:-1])
+    inner[-1] ^= 0x01 if inner[-1] != 0x01 else 0x02  # corrupt the CRC only
+    with pytest.raises(CrcError):
+        framing.decode_frame(bytes(inner))
+
+
+def test_deframer_resyncs_after_garbage_truncation_and_overlong_runs() -> None:
+    a, b = b"\x10\x01\x02", b"\x10\x02\x03\xff"
+    fa, fb = framing.encode_frame(a), framing.encode_frame(b)
+    d = Deframer()
+    stream = b"noise\xff\x00" + fa[: len(fa) // 2] + fb + b"\x55" * 1000 + fa + b"\x00\x00" + fb
+    # fed in small pieces, as a serial port returns them
+    out = [body for i in range(0, len(stream), 7) for body in d.feed(stream[i:i + 7])]
+    assert out == [b, a, b]
+    assert d.bad_frames == 3  # the noise, the truncated frame, the overlong run
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+SHA = hashlib.sha256(b"x").digest()
+ALL_MESSAGES: list[tuple[m.Message, m.MsgType | None]] = [
+    (m.GetVersion(), None), (m.GetIgnition(), None), (m.GetSupply(), None),
+    (m.GetWakeReason(), None), (m.Sleep(3600, 10), None), (m.KickWatchdog(), None),
+    (m.SetWatchdog(30), None), (m.SetSupplyReport(5), None),
+    (m.FwBegin(70000, SHA, bytes(range(64))), None), (m.FwChunk(65536, b"\x00\x01\xff"), None),
+    (m.GetFwStatus(), None), (m.FwSwitch(60), None), (m.FwConfirm(SHA), None),
+    (m.VersionInfo(1, "2.1.0-rc1"), None), (m.IgnitionState(True), None),
+    (m.SupplyReading(11870), None), (m.WakeReasonInfo(m.WakeReason.WATCHDOG), None),
+    (m.Ack(), m.MsgType.SLEEP), (m.FwProgress(1234), m.MsgType.FW_CHUNK),
+    (m.FwStatus(m.FwState.RECEIVING, 0, 70000, 1234, SHA), None),
+    (m.ErrorReply(m.ErrorCode.BAD_SIGNATURE), m.MsgType.FW_SWITCH),
+    (m.IgnitionChanged(False), None), (m.SupplyVoltage(13.812), None),
+    (m.McuBooted(1, m.FwState.TRIAL, "2.0.0"), None),
+]
+
+
+@pytest.mark.parametrize(("msg", "msg_type"), ALL_MESSAGES, ids=lambda x: type(x).__name__)
+def test_message_round_trip(msg: m.Message, msg_type: m.MsgType | None) -> None:
+    body = m.encode_packet(0x2A, msg, msg_type=msg_type)
+    packet = m.decode_packet(body)
+    assert (packet.kind, packet.seq) == (msg.KIND, 0x2A)
+    assert m.parse_message(packet) == msg
+
+
+def test_documented_example_bytes() -> None:
+    # The worked example in docs/mcu-protocol.md §6.
+    wire = framing.encode_frame(m.encode_packet(0x05, m.SetWatchdog(30)))
+    assert wire.hex(" ") == "00 05 10 05 07 1e 03 ff 0c 00"
+    wire = framing.encode_frame(
+        m.encode_packet(0x05, m.SupplyReading(12600), msg_type=m.MsgType.GET_SUPPLY))
+    assert framing.decode_frame(wire[1:-1]) == bytes.fromhex("11 05 03 38 31")
+    assert wire.hex(" ") == "00 08 11 05 03 38 31 5c f0 00"
+    assert framing.encode_frame(m.encode_packet(0, m.IgnitionChanged(True))).hex(" ") \
+        == "00 02 13 05 40 01 56 19 00"
+    assert framing.encode_frame(m.encode_packet(
+        6, m.ErrorReply(m.ErrorCode.BAD_SIGNATURE), msg_type=m.MsgType.FW_SWITCH)).hex(" ") \
+        == "00 07 12 06 13 08 87 17 00"
+
+
+def test_bad_payloads_raise_message_error() -> None:
+    with pytest.raises(m.MessageError):  # wrong length
+        m.parse_message(m.Packet(m.Kind.REQUEST, 1, m.MsgType.WDT_SET, b"\x01"))
+    with pytest.raises(m.MessageError):  # ignition must be 0/1
+        m.parse_message(m.Packet(m.Kind.EVENT, 1, m.MsgType.EVT_IGNITION, b"\x02"))
+    with pytest.raises(m.MessageError):  # unknown wake reason
+        m.parse_message(m.Packet(m.Kind.RESPONSE, 1, m.MsgType.GET_WAKE_REASON, b"\x09"))
+    with pytest.raises(m.MessageError):  # protocol version 2
+        m.decode_packet(b"\x21\x01\x02")
+
+
+@settings(deadline=None)  # no timing: a loaded CI machine is slow
+@given(st.binary(max_size=300))
+def test_random_packets_raise_only_message_error(body: bytes) -> None:
+    try:
+        m.parse_message(m.decode_packet(body))
+    except m.MessageError:
+        pass
+
+
+# --- link against the simulator ---------------------------------------------------------------
+
+def wait_for(pred: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.items: list[m.Event] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event: m.Event) -> None:
+        with self._lock:
+            self.items.append(event)
+
+    def of(self, cls: type) -> list:
+        with self._lock:
+            return [e for e in self.items if isinstance(e, cls)]
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def sim(key: Ed25519PrivateKey) -> Iterator[McuSimulator]:
+    with McuSimulator(key.public_key(), version="1.0.0", supply_v=12.6) as s:
+        yield s
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+def link(sim: McuSimulator, events: Events) -> Iterator[McuLink]:
+    with McuLink(sim.port, on_event=events, timeout_s=2.0, retries=3) as lk:
+        yield lk
+
+
+def test_queries(sim: McuSimulator, link: McuLink) -> None:
+    assert link.firmware_version() == "1.0.0"
+    assert link.ignition() is False
+    assert link.supply_voltage() == pytest.approx(12.6)
+    assert link.wake_reason() == "power_on"
+    sim.set_ignition(True)
+    sim.set_supply_voltage(11.87)
+    assert link.ignition() is True
+    assert link.supply_voltage() == pytest.approx(11.87)
+    assert link.stats.bad_frames == 0 and link.stats.retries == 0
+
+
+def test_ignition_events(sim: McuSimulator, link: McuLink, events: Events) -> None:
+    sim.set_ignition(True)
+    wait_for(lambda: events.of(m.IgnitionChanged))
+    sim.set_ignition(False)
+    wait_for(lambda: len(events.of(m.IgnitionChanged)) == 2)
+    assert events.of(m.IgnitionChanged) == [m.IgnitionChanged(True), m.IgnitionChanged(False)]
+
+
+def test_a_failing_callback_does_not_stop_events(sim: McuSimulator) -> None:
+    seen: list[m.Event] = []
+
+    def cb(e: m.Event) -> None:
+        seen.append(e)
+        raise RuntimeError("callback bug")
+
+    with McuLink(sim.port, on_event=cb) as lk:
+        sim.set_ignition(True)
+        sim.set_ignition(False)
+        wait_for(lambda: len(seen) == 2)
+        assert lk.ignition() is False
+
+
+def test_periodic_supply_event(sim: McuSimulator, link: McuLink, events: Events) -> None:
+    link.set_supply_report(5)
+    sim.set_supply_voltage(13.9)
+    sim.advance(5)
+    wait_for(lambda: events.of(m.SupplyVoltage))
+    assert events.of(m.SupplyVoltage)[0].volts == pytest.approx(13.9)
+    link.set_supply_report(0)
+    n = len(events.of(m.SupplyVoltage))
+    sim.advance(60)
+    link.ignition()  # a round trip: anything the simulator sent before is in by now
+    assert len(events.of(m.SupplyVoltage)) == n
+
+
+def test_sleep_and_wake_on_timer(sim: McuSimulator, link: McuLink) -> None:
+    link.sleep(600, power_off_delay_s=5)
+    assert sim.pi_powered
+    sim.advance(5)
+    assert not sim.pi_powered
+    assert sim.power_log[-1].action == "cut" and sim.power_log[-1].reason == "sleep"
+    assert sim.wake_timer_s == pytest.approx(600, abs=1)
+    sim.advance(590)
+    assert not sim.pi_powered
+    sim.advance(11)
+    assert sim.pi_powered
+    assert link.wake_reason() == "timer"
+
+
+def test_sleep_wakes_on_ignition_and_button(sim: McuSimulator, link: McuLink) -> None:
+    link.sleep(0, power_off_delay_s=1)
+    sim.advance(1)
+    assert not sim.pi_powered and sim.wake_timer_s is None
+    sim.advance(100_000)
+    assert not sim.pi_powered  # no timer: stays off
+    sim.set_ignition(True)
+    assert sim.pi_powered
+    assert link.wake_reason() == "ignition"
+    sim.set_ignition(False)
+    link.sleep(0, power_off_delay_s=1)
+    sim.advance(1)
+    assert not sim.pi_powered
+    sim.press_button()
+    assert sim.pi_powered
+    assert link.wake_reason() == "button"
+
+
+def test_watchdog_kicked_keeps_power_unkicked_cuts_it(sim: McuSimulator, link: McuLink) -> None:
+    link.set_watchdog(10)
+    assert sim.watchdog_timeout_s == 10
+    for _ in range(5):
+        sim.advance(6)
+        link.kick_watchdog()
+    assert sim.pi_powered and sim.power_log == []
+    sim.advance(11)
+    assert not sim.pi_powered
+    assert [(p.action, p.reason) for p in sim.power_log] == [("cut", "watchdog")]
+    sim.advance(3)
+    assert sim.pi_powered
+    assert sim.power_log[-1].action == "restore"
+    assert link.wake_reason() == "watchdog"
+    assert sim.watchdog_timeout_s == 300  # back to the boot default until the agent sets it
+
+
+def test_corrupted_response_is_rejected_and_retried(sim: McuSimulator, link: McuLink) -> None:
+    link.timeout_s = 0.3
+    flipped = []
+
+    def hook(packet: m.Packet, wire: bytes) -> bytes:
+        if not flipped:
+            flipped.append(packet.seq)
+            bad = bytearray(wire)
+            bad[4] ^= 0x10
+            return bytes(bad)
+        return wire
+
+    sim.response_hook = hook
+    sim.set_supply_voltage(12.34)
+    assert link.supply_voltage() == pytest.approx(12.34)
+    assert link.stats.bad_frames == 1 and link.stats.retries >= 1
+    assert len(sim.received(m.MsgType.GET_SUPPLY)) >= 2
+    assert {p.seq for p in sim.received(m.MsgType.GET_SUPPLY)} == {flipped[0]}  # same seq
+    assert link.ignition() is False
+
+
+def test_truncated_response_then_recovery(sim: McuSimulator, link: McuLink) -> None:
+    link.timeout_s = 0.3
+    cut = []
+
+    def hook(packet: m.Packet, wire: bytes) -> bytes:
+        if not cut:
+            cut.append(1)
+            return wire[: len(wire) // 2]  # no trailing delimiter
+        return wire
+
+    sim.response_hook = hook
+    assert link.firmware_version() == "1.0.0"
+    assert link.stats.bad_frames == 1  # the stub, ended by the retry's leading 0x00
+    assert link.wake_reason() == "power_on"
+
+
+def test_garbage_between_frames_costs_nothing(sim: McuSimulator, link: McuLink) -> None:
+    rnd = random.Random(1)
+    garbage = [rnd.randbytes(40), b"\x55" * 700, b"\xff\x00\x00\x01", rnd.randbytes(3)]
+
+    def hook(packet: m.Packet, wire: bytes) -> bytes:
+        return garbage[packet.seq % len(garbage)] + wire + garbage[(packet.seq + 1) % 4]
+
+    sim.response_hook = hook
+    sim.inject(b"\x42" * 50)
+    for _ in range(8):
+        assert link.supply_voltage() == pytest.approx(12.6)
+        assert link.ignition() is False
+    assert link.stats.bad_frames >= 8
+    assert link.stats.retries == 0
+    assert len(sim.received(m.MsgType.GET_SUPPLY)) == 8  # each request reached the MCU once
+
+
+def test_stale_reordered_and_duplicated_responses_are_ignored(
+        sim: McuSimulator, link: McuLink) -> None:
+    link.timeout_s = 0.3
+    held: list[bytes] = []
+
+    def fake(seq: int, msg: m.Message, t: m.MsgType) -> bytes:
+        return framing.encode_frame(m.encode_packet(seq, msg, msg_type=t))
+
+    def hook(packet: m.Packet, wire: bytes) -> bytes:
+        if packet.type == m.MsgType.GET_IGNITION and not held:
+            held.append(wire)  # delay the first answer: the link retries
+            return b""
+        if packet.type == m.MsgType.GET_SUPPLY:
+            return (held.pop() if held else b"") \
+                + fake(packet.seq - 1, m.SupplyReading(9999), m.MsgType.GET_SUPPLY) \
+                + fake(packet.seq, m.IgnitionState(True), m.MsgType.GET_IGNITION) \
+                + wire + wire  # the real answer, duplicated
+        return wire
+
+    sim.response_hook = hook
+    assert link.ignition() is False
+    assert link.supply_voltage() == pytest.approx(12.6)  # not 9.999, not the held answer
+    assert link.firmware_version() == "1.0.0"
+    assert link.stats.stale_responses >= 4  # held, older seq, wrong type, duplicate
+    assert link.stats.bad_packets == 0 and link.stats.bad_frames == 0
+
+
+def test_no_response_times_out_after_retries(sim: McuSimulator, link: McuLink) -> None:
+    link.timeout_s = 0.2
+    sim.response_hook = lambda packet, wire: b""
+    with pytest.raises(McuTimeout, match="GET_VERSION"):
+        link.firmware_version()
+    attempts = sim.received(m.MsgType.GET_VERSION)
+    assert len(attempts) == 1 + link.retries
+    assert len({p.seq for p in attempts}) == 1
+    assert link.stats.timeouts == 1
+    sim.response_hook = None
+    assert link.firmware_version() == "1.0.0"
+
+
+def test_error_reply_raises_rejected(link: McuLink) -> None:
+    with pytest.raises(McuRejected) as e:
+        link.request(m.FwChunk(0, b"abc"))  # no FW_BEGIN yet
+    assert e.value.code == m.ErrorCode.BAD_STATE
+    with pytest.raises(McuRejected) as e:
+        link.confirm_firmware(SHA)
+    assert e.value.code == m.ErrorCode.BAD_STATE
+    assert link.ignition() is False
+
+
+# --- firmware update --------------------------------------------------------------------------
+
+def test_firmware_update_full(sim: McuSimulator, link: McuLink, events: Events,
+                              key: Ed25519PrivateKey) -> None:
+    image = make_image("2.0.0", 20_000, seed=2)
+    seen: list[tuple[int, int]] = []
+    assert link.update_firmware(image, key.sign(image), progress=lambda a, b: seen.append((a, b))) \
+        == "2.0.0"
+    assert sim.active_slot == 1 and sim.slots[1] is not None and sim.slots[1].image == image
+    assert sim.fw_state is m.FwState.COMMITTED
+    assert seen[0] == (0, 20_000) and seen[-1] == (20_000, 20_000)
+    assert [a for a, _ in seen] == sorted(a for a, _ in seen)
+    wait_for(lambda: events.of(m.McuBooted))
+    assert events.of(m.McuBooted)[0] == m.McuBooted(1, m.FwState.TRIAL, "2.0.0")
+    st = link.firmware_status()
+    assert (st.state, st.active_slot, st.sha256) == (
+        m.FwState.COMMITTED, 1, hashlib.sha256(image).digest())
+    sim.advance(3600)  # committed: no rollback later
+    assert link.firmware_version() == "2.0.0"
+    # and a second update goes to the other slot
+    image3 = make_image("3.0.0", 5_000, seed=3)
+    assert link.update_firmware(image3, key.sign(image3)) == "3.0.0"
+    assert sim.active_slot == 0
+
+
+def test_firmware_transfer_cut_and_resumed(sim: McuSimulator, link: McuLink, events: Events,
+                                           key: Ed25519PrivateKey) -> None:
+    image = make_image("2.0.0", 30_000, seed=4)
+    link.timeout_s = 0.2
+    link.retries = 1
+
+    def hook(packet: m.Packet, wire: bytes) -> bytes:
+        cut = packet.type == m.MsgType.FW_CHUNK and \
+            m.FwChunk.parse(packet.payload).offset >= len(image) // 2
+        return b"" if cut else wire  # the line dies half-way
+
+    sim.response_hook = hook
+    with pytest.raises(McuTimeout):
+        link.update_firmware(image, key.sign(image))
+    link.close()
+    sim.response_hook = None
+    first_phase = len(sim.chunk_offsets)
+    # the agent restarts: a new link, fresh seq numbers
+    with McuLink(sim.port, on_event=events, timeout_s=2.0) as again:
+        link_status = again.firmware_status()
+        stored = link_status.stored
+        assert link_status.state is m.FwState.RECEIVING
+        assert len(image) // 2 <= stored < len(image)
+        assert again.update_firmware(image, key.sign(image)) == "2.0.0"
+    resumed = sim.chunk_offsets[first_phase:]
+    assert resumed[0] == stored
+    assert sorted(set(resumed)) == list(range(stored, len(image), 192))  # only the rest
+    assert sim.slots[1] is not None and sim.slots[1].image == image
+
+
+def test_bad_signature_is_refused_before_switching(sim: McuSimulator, link: McuLink,
+                                                   key: Ed25519PrivateKey) -> None:
+    image = make_image("2.0.0", 10_000, seed=5)
+    other = Ed25519PrivateKey.generate()
+    with pytest.raises(FirmwareRejected, match="BAD_SIGNATURE"):
+        link.update_firmware(image, other.sign(image))
+    assert sim.reboots == 0 and sim.active_slot == 0 and sim.slots[1] is None
+    assert link.firmware_status().state is m.FwState.REJECTED
+    assert link.firmware_version() == "1.0.0"
+    tampered = image[:-1] + bytes([image[-1] ^ 1])
+    with pytest.raises(FirmwareRejected):
+        link.update_firmware(tampered, key.sign(image))  # signature of another image
+    assert sim.reboots == 0 and sim.slots[1] is None
+    assert link.update_firmware(image, key.sign(image)) == "2.0.0"  # the right one still goes
+
+
+def test_image_that_never_handshakes_falls_back(sim: McuSimulator, link: McuLink,
+                                               events: Events, key: Ed25519PrivateKey) -> None:
+    image = make_image("2.0.0-broken", 8_000, healthy=False, seed=6)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(link.update_firmware, image, key.sign(image), trial_s=30)
+        wait_for(lambda: sim.fw_state is m.FwState.TRIAL)
+        assert sim.active_slot == 1
+        sim.advance(31)  # nobody confirmed within the trial window
+        with pytest.raises(FirmwareRolledBack):
+            fut.result(timeout=60)
+    assert sim.active_slot == 0 and sim.version == "1.0.0"
+    assert link.firmware_version() == "1.0.0"
+    assert link.firmware_status().state is m.FwState.ROLLED_BACK
+    wait_for(lambda: events.of(m.McuBooted))
+    assert events.of(m.McuBooted)[-1] == m.McuBooted(0, m.FwState.ROLLED_BACK, "1.0.0")
+
+
+def test_unconfirmed_trial_rolls_back(sim: McuSimulator, link: McuLink,
+                                      key: Ed25519PrivateKey) -> None:
+    image = make_image("2.0.0", 8_000, seed=7)
+    assert link.update_firmware(image, key.sign(image), trial_s=20, confirm=False) == "2.0.0"
+    assert link.firmware_status().state is m.FwState.TRIAL
+    sim.advance(21)
+    wait_for(lambda: sim.reboots == 2 and sim.version == "1.0.0")
+    assert link.firmware_version() == "1.0.0"
+    assert link.firmware_status().state is m.FwState.ROLLED_BACK
