@@ -1,0 +1,662 @@
+"""OBD-II through an ELM327 adapter, using python-OBD.
+
+:class:`ObdReader` is one connection: synchronous, never raises for adapter trouble (a missing
+port, a dead or babbling adapter, NO DATA), answers ``(value, unit_text)`` or ``None``.
+:class:`ObdPoller` owns a thread that keeps a reader connected (reconnecting with
+:class:`agent.backoff.Backoff`), polls the configured PIDs (PROTOCOL §4 ``obd.pids``) each on
+its own period and hands :class:`agent.model.Sample` lists to a sink.
+
+Ports: ``port`` may be a symlink (a udev name such as ``/dev/serial/by-id/...``, or the link
+``scripts.elm_emulator.ElmEmulator(link=...)`` keeps); it is resolved again at every connect, so
+an adapter that comes back on another tty is found by the same name. :meth:`ObdPoller.set_port`
+re-points a running poller explicitly.
+
+python-OBD notes (0.7.3) that shape this module:
+- ``obd.OBD()`` connects inside its constructor; ``fast=False`` avoids its response-count
+  shortcuts, which confuse adapters that answer slowly.
+- Its VIN decoder strips the characters ``0``, ``1``, ``2`` and ``x`` off both ends (a
+  ``strip()`` with a bytes literal meant as escapes), so VINs ending in ``0`` lose digits; the
+  VIN is decoded here from the raw message instead.
+- ``close()`` sends ``ATZ`` and does not wait for the answer; the adapter's reset banner then
+  arrives during the next connect and fails its ``ATE0`` check. A reconnect to the same port
+  therefore waits :data:`ATZ_SETTLE_S` after a close.
+- Its pyserial port reads with a 10 s timeout, and a query whose answer holds no text (an
+  adapter that sends just a prompt, or bytes that are not text) is read again up to ten times:
+  up to 100 s per query. Once connected, the read timeout is lowered to ``timeout_s`` through
+  the ELM327 object's private port attribute (python-OBD 0.7.x has no API for it; without the
+  attribute, the 10 s stays). Connect attempts keep the 10 s, as the protocol search needs it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import obd
+from obd import OBDStatus
+
+from agent.backoff import Backoff
+from agent.clock import now_ms
+from agent.model import Sample
+
+log = logging.getLogger(__name__)
+
+# python-OBD attaches its own stderr handler to the "obd" logger; records also propagate to the
+# root logger, so with it every line would be printed twice. The agent's logging config decides.
+if getattr(obd, "console_handler", None) is not None:
+    logging.getLogger("obd").removeHandler(obd.console_handler)
+
+#: Seconds to let an adapter finish the ATZ that python-OBD's close() sends.
+ATZ_SETTLE_S = 1.0
+
+_UNIT_TEXT = {
+    "revolutions_per_minute": "rpm",
+    "kilometer_per_hour": "km/h",
+    "degree_Celsius": "degC",
+    "degree_Fahrenheit": "degF",
+    "percent": "%",
+    "volt": "V",
+    "millivolt": "mV",
+    "kilopascal": "kPa",
+    "pascal": "Pa",
+    "gps": "g/s",
+    "gram / second": "g/s",
+    "second": "s",
+    "minute": "min",
+    "kilometer": "km",
+    "lph": "L/h",
+    "liter / hour": "L/h",
+    "liters_per_hour": "L/h",
+    "degree": "deg",
+    "dimensionless": "",
+    "ratio": "",
+    "ppm": "ppm",
+    "milliampere": "mA",
+}
+
+_VIN_RE = re.compile(rb"[A-Z0-9]{17}")
+_VALID_VIN_RE = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
+
+_last_close: dict[str, float] = {}  # realpath -> monotonic time of our last close of it
+_last_close_lock = threading.Lock()
+
+
+def unit_text(unit: Any) -> str:
+    """Short unit text for a pint unit of python-OBD (``"rpm"``, ``"km/h"``, ``"degC"``, ...);
+    pint's own short form for units not in the table, ``""`` for none."""
+    if unit is None:
+        return ""
+    name = str(unit)
+    if name in _UNIT_TEXT:
+        return _UNIT_TEXT[name]
+    try:
+        return format(unit, "~")
+    except (TypeError, ValueError):
+        return name
+
+
+def value_and_unit(value: Any) -> tuple[float, str] | None:
+    """``(float, unit text)`` for a numeric python-OBD value; ``None`` for anything else
+    (status objects, strings, lists, NaN)."""
+    if isinstance(value, bool):
+        return (1.0 if value else 0.0), ""
+    if isinstance(value, (int, float)):
+        magnitude, unit = value, None
+    else:
+        magnitude = getattr(value, "magnitude", None)
+        unit = getattr(value, "units", None)
+        if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)):
+            return None
+    number = float(magnitude)
+    if not math.isfinite(number):
+        return None
+    return number, unit_text(unit)
+
+
+def decode_vin(data: bytes | bytearray) -> str | None:
+    """VIN text from the data of a mode 09 PID 02 answer (``49 02 01`` + 17 ASCII characters,
+    possibly padded with NULs); ``None`` when no 17-character run is there."""
+    body = bytes(data[2:]) if data[:2] == b"\x49\x02" else bytes(data)
+    match = _VIN_RE.search(body)
+    return match.group().decode("ascii") if match else None
+
+
+def vin_is_valid(vin: str | None) -> bool:
+    """17 characters of the VIN alphabet (no I, O, Q). The check digit is not verified: it is
+    only mandatory for North American vehicles."""
+    return bool(vin) and _VALID_VIN_RE.fullmatch(vin) is not None
+
+
+def command_for(name: str) -> Any | None:
+    """The python-OBD command called ``name`` (e.g. ``"RPM"``), or ``None``."""
+    try:
+        if isinstance(name, str) and obd.commands.has_name(name):
+            return obd.commands[name]
+    except Exception:  # noqa: BLE001 - a library lookup must not crash the caller
+        log.debug("lookup of OBD command %r failed", name, exc_info=True)
+    return None
+
+
+def _protocol_arg(protocol: str | int | None) -> str | None:
+    if protocol is None:
+        return None
+    if isinstance(protocol, int):
+        return f"{protocol:X}"
+    return str(protocol).upper()
+
+
+class ObdReader:
+    """One connection to an ELM327 adapter. Not thread-safe: use it from one thread."""
+
+    def __init__(self, port: str, *, baudrate: int | None = None,
+                 protocol: str | int | None = None, timeout_s: float = 2.0):
+        self.port = port
+        self.baudrate = baudrate
+        self.protocol = _protocol_arg(protocol)
+        self.timeout_s = timeout_s
+        self.last_error: str | None = None
+        self._conn: Any | None = None
+        self._device: str | None = None
+
+    def connect(self) -> bool:
+        """Opens the adapter and talks to the vehicle. ``False`` (logged, :attr:`last_error`)
+        when the port is missing, the adapter does not answer sensibly or no vehicle answers."""
+        self.close()
+        device = os.path.realpath(self.port)
+        if not os.path.exists(device):
+            return self._fail(f"port {self.port} does not exist")
+        with _last_close_lock:
+            closed_at = _last_close.get(device)
+        if closed_at is not None:
+            wait = closed_at + ATZ_SETTLE_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        try:
+            conn = obd.OBD(device, baudrate=self.baudrate, protocol=self.protocol, fast=False,
+                           timeout=self.timeout_s)
+        except Exception as e:  # noqa: BLE001 - python-OBD raises odd things on odd answers
+            return self._fail(f"connecting to {self.port} failed: {e!r}")
+        status = self._status(conn)
+        if status != OBDStatus.CAR_CONNECTED:
+            self._close_conn(conn, device)
+            if status in (OBDStatus.ELM_CONNECTED, OBDStatus.OBD_CONNECTED):
+                return self._fail(f"adapter on {self.port} answers but no vehicle does "
+                                  f"(ignition off?): {status}")
+            return self._fail(f"no working ELM327 adapter on {self.port}")
+        self._set_read_timeout(conn, self.timeout_s)
+        self._conn = conn
+        self._device = device
+        self.last_error = None
+        log.info("OBD connected on %s (%s), protocol %s", self.port, device, self.protocol_name)
+        return True
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._close_conn(conn, self._device)
+
+    @property
+    def connected(self) -> bool:
+        """True while the adapter and the vehicle answer; False once the adapter is lost."""
+        return self._conn is not None and self._status(self._conn) == OBDStatus.CAR_CONNECTED
+
+    @property
+    def protocol_name(self) -> str | None:
+        if self._conn is None:
+            return None
+        try:
+            return self._conn.protocol_name() or None
+        except Exception:  # noqa: BLE001
+            return None
+
+    def supports(self, command_name: str) -> bool:
+        cmd = command_for(command_name)
+        if cmd is None or self._conn is None:
+            return False
+        try:
+            return bool(self._conn.supports(cmd))
+        except Exception:  # noqa: BLE001
+            return False
+
+    def query(self, command_name: str) -> tuple[float, str] | None:
+        """``(value, unit text)``; ``None`` for an unknown or unsupported command, NO DATA, an
+        unparseable or non-numeric answer, or a lost adapter."""
+        response = self._query(command_name)
+        if response is None:
+            return None
+        try:
+            result = value_and_unit(response.value)
+        except Exception:  # noqa: BLE001
+            result = None
+        if result is None:
+            self.last_error = f"{command_name}: not a numeric answer"
+            log.debug("OBD %s: not a numeric answer: %r", command_name, response.value)
+        return result
+
+    def read_vin(self) -> str | None:
+        response = self._query("VIN")
+        if response is None:
+            return None
+        try:
+            for message in response.messages:
+                vin = decode_vin(message.data)
+                if vin:
+                    return vin
+        except Exception:  # noqa: BLE001
+            log.debug("OBD VIN answer not understood", exc_info=True)
+        self.last_error = "VIN: answer not understood"
+        return None
+
+    def read_dtcs(self, command_name: str = "GET_DTC") -> list[tuple[str, str]] | None:
+        """Trouble codes as ``[(code, description)]`` from ``GET_DTC`` (stored) or
+        ``GET_CURRENT_DTC`` (pending); ``[]`` when none, ``None`` when there is no answer."""
+        response = self._query(command_name)
+        if response is None:
+            return None
+        value = response.value
+        if not isinstance(value, list):
+            return None
+        try:
+            return [(str(code), str(desc or "")) for code, desc in value]
+        except (TypeError, ValueError):
+            return None
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _query(self, command_name: str) -> Any | None:
+        cmd = command_for(command_name)
+        if cmd is None:
+            self.last_error = f"unknown OBD command {command_name!r}"
+            return None
+        if self._conn is None:
+            self.last_error = "not connected"
+            return None
+        try:
+            if not self._conn.supports(cmd):
+                self.last_error = f"{command_name}: not supported by the vehicle"
+                return None
+            response = self._conn.query(cmd)
+        except Exception as e:  # noqa: BLE001
+            self.last_error = f"{command_name}: query failed: {e!r}"
+            log.debug("OBD query %s failed", command_name, exc_info=True)
+            return None
+        if response is None or response.is_null():
+            self.last_error = (f"{command_name}: no answer" if self.connected
+                               else f"adapter on {self.port} lost")
+            return None
+        return response
+
+    def _fail(self, message: str) -> bool:
+        self.last_error = message
+        log.info("OBD: %s", message)
+        return False
+
+    @staticmethod
+    def _set_read_timeout(conn: Any, seconds: float) -> None:
+        port = getattr(getattr(conn, "interface", None), "_ELM327__port", None)
+        if port is None:
+            log.debug("python-OBD port not reachable; its 10 s read timeout stays")
+            return
+        try:
+            port.timeout = seconds
+        except Exception:  # noqa: BLE001
+            log.debug("could not set the read timeout", exc_info=True)
+
+    @staticmethod
+    def _status(conn: Any) -> Any:
+        try:
+            return conn.status()
+        except Exception:  # noqa: BLE001
+            return OBDStatus.NOT_CONNECTED
+
+    @staticmethod
+    def _close_conn(conn: Any, device: str | None) -> None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a vanished port raises inside python-OBD
+            log.debug("closing the OBD connection failed", exc_info=True)
+        if device is not None:
+            with _last_close_lock:
+                _last_close[device] = time.monotonic()
+
+
+@dataclass
+class _Pid:
+    name: str
+    command: str
+    period_s: float
+    next_due: float = 0.0
+
+
+Sink = Callable[[list[Sample]], None]
+
+
+class ObdPoller:
+    """Keeps an ELM327 connected and polls PIDs on their periods into ``sink``.
+
+    ``sink`` is called from the poller's thread with small lists of samples; it must return
+    quickly (hand the list to a queue). An exception from it is logged and the samples are
+    dropped. ``on_vehicle({"vin", "vin_valid", "protocol"})`` is called when a vehicle is first
+    seen and whenever its VIN or protocol changes.
+
+    A connection is dropped and re-made (after a backoff wait) when the adapter is lost or
+    ``fail_limit`` queries in a row fail; the backoff is reset once a connection has delivered
+    ``stable_after`` samples. A PID whose every query fails keeps the poller reconnecting: that
+    is by design, as it cannot tell such a PID from a dead link.
+    """
+
+    def __init__(self, port: str, pids: list[dict[str, Any]], sink: Sink, *,
+                 clock: Callable[[], int] = now_ms, backoff: Backoff | None = None,
+                 on_vehicle: Callable[[dict[str, Any]], None] | None = None,
+                 baudrate: int | None = None, protocol: str | int | None = None,
+                 timeout_s: float = 2.0, fail_limit: int = 5, stable_after: int = 3,
+                 batch_size: int = 16, batch_age_s: float = 0.5,
+                 reader_factory: Callable[..., ObdReader] = ObdReader):
+        self._port = port
+        self._sink = sink
+        self._clock = clock
+        self._backoff = backoff or Backoff(0.5, 30.0)
+        self._on_vehicle = on_vehicle
+        self._reader_kwargs = {"baudrate": baudrate, "protocol": protocol, "timeout_s": timeout_s}
+        self._reader_factory = reader_factory
+        self._fail_limit = max(1, fail_limit)
+        self._stable_after = stable_after
+        self._batch_size = max(1, batch_size)
+        self._batch_age_s = batch_age_s
+
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending_pids: list[_Pid] | None = None
+        self._pending_port: str | None = None
+        self._unknown: list[str] = []
+        self._invalid: list[str] = []
+        self._active: list[_Pid] = []
+        self._configured: list[_Pid] = []
+        self._unsupported: set[str] = set()
+        self._unsupported_logged: set[str] = set()
+        self._vehicle: tuple[str | None, str | None] | None = None
+        self._reader: ObdReader | None = None
+        self._batch: list[Sample] = []
+        self._batch_started = 0.0
+        self._good = 0  # samples on the current connection
+        self._failures = 0  # failed queries in a row
+        self._stats: dict[str, Any] = {
+            "connected": False, "port": port, "protocol": None, "vin": None, "samples": 0,
+            "errors": 0, "last_error": None, "connects": 0, "attempts": 0,
+            "sink_errors": 0}
+        self.apply_pids(pids)
+
+    # -- public API --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="obd-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Stops the thread; True if it ended within ``timeout`` (a connect attempt in progress
+        is not interruptible)."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def apply_pids(self, pids: Iterable[dict[str, Any]]) -> list[str]:
+        """Replaces the polled PIDs (thread-safe, effective at the next cycle, no reconnect).
+        Entries naming a PID python-OBD does not know, and malformed entries, are logged,
+        skipped and listed in :meth:`status` (``unknown_pids``, ``invalid_pids``); returns both."""
+        parsed: list[_Pid] = []
+        unknown: list[str] = []
+        invalid: list[str] = []
+        for entry in pids or []:
+            pid = self._parse_pid(entry)
+            if isinstance(pid, _Pid):
+                parsed.append(pid)
+            elif pid == "unknown":
+                unknown.append(str(entry.get("pid")))
+            else:
+                invalid.append(self._describe(entry))
+        with self._lock:
+            self._pending_pids = parsed
+            self._unknown = unknown
+            self._invalid = invalid
+        self._wake.set()
+        return unknown + invalid
+
+    def set_port(self, port: str) -> None:
+        """Points the poller at another port; it reconnects there at the next cycle."""
+        with self._lock:
+            self._pending_port = port
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            result = dict(self._stats)
+            result["unknown_pids"] = list(self._unknown)
+            result["invalid_pids"] = list(self._invalid)
+            result["unsupported_pids"] = sorted(self._unsupported)
+            result["polling"] = [p.command for p in self._active]
+            result["running"] = self._thread is not None and self._thread.is_alive()
+            return result
+
+    # -- config ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _describe(entry: Any) -> str:
+        if isinstance(entry, dict):
+            return str(entry.get("pid") or entry.get("name") or entry)
+        return repr(entry)
+
+    @staticmethod
+    def _parse_pid(entry: Any) -> _Pid | str:
+        """A :class:`_Pid`, or ``"unknown"`` / ``"invalid"`` (logged)."""
+        if not isinstance(entry, dict):
+            log.warning("OBD config: ignoring %r (not an object)", entry)
+            return "invalid"
+        command, name, period = entry.get("pid"), entry.get("name"), entry.get("period_s")
+        if not isinstance(command, str) or not command:
+            log.warning("OBD config: entry %r has no PID, skipped", entry)
+            return "invalid"
+        if command_for(command) is None:
+            log.warning("OBD config: unknown PID %r (signal %r), skipped", command, name)
+            return "unknown"
+        if not isinstance(name, str) or not name:
+            log.warning("OBD config: PID %s has no signal name, skipped", command)
+            return "invalid"
+        if isinstance(period, bool) or not isinstance(period, (int, float)) \
+                or not math.isfinite(period) or period <= 0:
+            log.warning("OBD config: PID %s has a bad period_s %r, skipped", command, period)
+            return "invalid"
+        return _Pid(name=name, command=command, period_s=float(period))
+
+    def _take_pending(self) -> None:
+        with self._lock:
+            pending, self._pending_pids = self._pending_pids, None
+        if pending is None:
+            return
+        now = time.monotonic()
+        previous = {(p.name, p.command): p.next_due for p in self._configured}
+        for p in pending:
+            p.next_due = previous.get((p.name, p.command), now)
+        self._configured = pending
+        self._select_active()
+
+    def _select_active(self) -> None:
+        reader = self._reader
+        active: list[_Pid] = []
+        unsupported: set[str] = set()
+        for p in self._configured:
+            if reader is not None and not reader.supports(p.command):
+                unsupported.add(p.command)
+                if p.command not in self._unsupported_logged:
+                    self._unsupported_logged.add(p.command)
+                    log.warning("OBD: the vehicle does not support %s (signal %s), skipped",
+                                p.command, p.name)
+                continue
+            active.append(p)
+        with self._lock:
+            self._active = active
+            if reader is not None:
+                self._unsupported = unsupported
+
+    # -- thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._cycle()
+                except Exception as e:  # noqa: BLE001 - the poller must survive anything
+                    log.exception("OBD poller cycle failed")
+                    self._record_error(f"internal error: {e!r}")
+                    self._disconnect()
+                    self._pause(self._backoff.next())
+        finally:
+            self._flush(force=True)
+            self._disconnect()
+
+    def _cycle(self) -> None:
+        with self._lock:
+            new_port, self._pending_port = self._pending_port, None
+        if new_port is not None and new_port != self._port:
+            log.info("OBD: port changed from %s to %s", self._port, new_port)
+            self._port = new_port
+            with self._lock:
+                self._stats["port"] = new_port
+            self._disconnect()
+        if self._reader is None:
+            self._take_pending()
+            if not self._connect():
+                self._flush(force=True)
+                self._pause(self._backoff.next())
+            return
+        self._take_pending()
+        now = time.monotonic()
+        due = [p for p in self._active if p.next_due <= now]
+        if not due:
+            self._flush(force=False)
+            wait = min((p.next_due for p in self._active), default=now + 0.25) - now
+            if self._batch:
+                wait = min(wait, max(0.0, self._batch_started + self._batch_age_s - now))
+            if self._wake.wait(min(max(wait, 0.0), 0.25)):
+                self._wake.clear()
+            return
+        pid = min(due, key=lambda p: p.next_due)
+        result = self._reader.query(pid.command)
+        t_ms = self._clock()
+        pid.next_due += pid.period_s
+        if pid.next_due < now:  # fell behind: don't burst to catch up
+            pid.next_due = now + pid.period_s
+        if result is None:
+            self._on_query_failure(pid)
+            return
+        value, unit = result
+        if not self._batch:
+            self._batch_started = time.monotonic()
+        self._batch.append(Sample(name=pid.name, unit=unit, t_ms=t_ms, value=value))
+        self._good += 1
+        self._failures = 0
+        with self._lock:
+            self._stats["samples"] += 1
+        if self._good == self._stable_after:
+            self._backoff.reset()
+        self._flush(force=False)
+
+    def _connect(self) -> bool:
+        with self._lock:
+            self._stats["attempts"] += 1
+        reader = self._reader_factory(self._port, **self._reader_kwargs)
+        if not reader.connect():
+            reader.close()
+            self._record_error(reader.last_error or "connect failed")
+            return False
+        self._reader = reader
+        self._good = 0
+        self._failures = 0
+        protocol = reader.protocol_name
+        vin = reader.read_vin()
+        with self._lock:
+            self._stats.update(connected=True, protocol=protocol, vin=vin)
+            self._stats["connects"] += 1
+        self._select_active()
+        vehicle = (vin, protocol)
+        if vehicle != self._vehicle:
+            self._vehicle = vehicle
+            if self._on_vehicle is not None:
+                try:
+                    self._on_vehicle({"vin": vin, "vin_valid": vin_is_valid(vin),
+                                      "protocol": protocol})
+                except Exception:  # noqa: BLE001
+                    log.exception("OBD on_vehicle callback failed")
+        return True
+
+    def _on_query_failure(self, pid: _Pid) -> None:
+        reader = self._reader
+        assert reader is not None
+        self._failures += 1
+        self._record_error(reader.last_error or f"{pid.command}: no answer")
+        lost = not reader.connected
+        if lost or self._failures >= self._fail_limit:
+            reason = "adapter lost" if lost else f"{self._failures} queries in a row failed"
+            log.warning("OBD: %s on %s, reconnecting", reason, self._port)
+            self._disconnect()
+            self._flush(force=True)
+            self._pause(self._backoff.next())
+
+    def _pause(self, seconds: float) -> None:
+        """Waits ``seconds``; returns early on :meth:`stop` or :meth:`set_port`."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._wake.wait(min(remaining, 0.25)):
+                self._wake.clear()
+                with self._lock:
+                    if self._pending_port is not None:
+                        return
+
+    def _disconnect(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+        with self._lock:
+            self._stats["connected"] = False
+
+    def _record_error(self, message: str) -> None:
+        with self._lock:
+            self._stats["errors"] += 1
+            previous = self._stats["last_error"]
+            self._stats["last_error"] = message
+        if message != previous:
+            log.warning("OBD: %s", message)
+
+    def _flush(self, *, force: bool) -> None:
+        if not self._batch:
+            return
+        if not force and len(self._batch) < self._batch_size \
+                and time.monotonic() - self._batch_started < self._batch_age_s:
+            return
+        batch, self._batch = self._batch, []
+        started = time.monotonic()
+        try:
+            self._sink(batch)
+        except Exception:  # noqa: BLE001 - a broken sink must not stop acquisition
+            with self._lock:
+                self._stats["sink_errors"] += 1
+            log.exception("OBD sink failed; %d samples dropped", len(batch))
+        took = time.monotonic() - started
+        if took > 0.5:
+            log.warning("OBD sink took %.1f s; it must hand samples off, not process them", took)
