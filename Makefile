@@ -1,0 +1,31 @@
+# Developer entry points. `make help` lists them.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+VENV ?= .venv
+
+# The CAN VM (scripts/canvm/README.md): User-Mode Linux with a real SocketCAN stack and vcan0 up.
+# Needs root; the first run downloads ~45 MB of Debian packages into CANVM_DIR (outside the tree).
+CANVM := scripts/canvm/run-in-vm.sh
+CANVM_DIR ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/dongle-canvm,/var/tmp/dongle-canvm)
+export CANVM_DIR
+
+# The kernel-level tests, plus the CAN driver tests rerun on socketcan/vcan0 instead of
+# python-can's virtual bus.
+SOCKETCAN_TESTS := tests/socketcan tests/test_can.py tests/test_can_replay.py
+
+.PHONY: help test-socketcan test-install
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+test-socketcan: ## run the SocketCAN tests in the CAN VM (root; one-time setup)
+	CAN_TEST_INTERFACE=socketcan CAN_TEST_CHANNEL=vcan0 \
+	  $(CANVM) $(VENV)/bin/pytest -q -p no:cacheprovider $(SOCKETCAN_TESTS)
+
+# The VM has no network: install.sh gets the agent's dependencies from a wheelhouse downloaded here.
+test-install: ## run scripts/install.sh for real in the CAN VM (throwaway root fs), then provision
+	scripts/canvm/setup.sh
+	$(VENV)/bin/pip download -q --disable-pip-version-check -d $(CANVM_DIR)/wheelhouse \
+	  -r requirements.txt setuptools wheel
+	DONGLE_WHEELHOUSE=$(CANVM_DIR)/wheelhouse \
+	  $(CANVM) $(VENV)/bin/pytest -q -p no:cacheprovider tests/socketcan/test_install_in_vm.py
