@@ -1,0 +1,1 @@
+"""Vehicle health insights computed on the device (trips, 12 V battery, maintenance, traction battery)."""
