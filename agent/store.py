@@ -177,6 +177,11 @@ class Store:
         with self._txn() as c:
             c.execute("DELETE FROM outbox WHERE seq=?", (seq,))
 
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """A read under the store's lock (the connection is shared by threads)."""
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
     # -- state ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -14,6 +14,9 @@ MQTT / PKI (real mosquitto, real certificates; see scripts/devca.py and scripts/
 from __future__ import annotations
 
 import queue
+import signal
+import subprocess
+import sys
 import ssl
 import threading
 import time
@@ -218,3 +221,79 @@ def mqtt_peer(broker: LocalBroker) -> Iterator[Callable[..., MqttPeer]]:
 def cloud_peer(pki: Pki, mqtt_peer: Callable[..., MqttPeer]) -> MqttPeer:
     """The cloud side: connected as cloud-console (readwrite on the whole prefix)."""
     return mqtt_peer(pki.cloud, client_id="cloud-test")
+
+
+# --------------------------------------------------------------------------------------------
+# A whole local fleet: CA, broker, cloud console and real `dongle-agent` processes
+# --------------------------------------------------------------------------------------------
+
+class AgentProcess:
+    """A real ``dongle-agent`` daemon in a subprocess, as systemd would run it."""
+
+    def __init__(self, toml: Path, log_path: Path):
+        self.toml, self.log_path = toml, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "AgentProcess":
+        exe = Path(sys.executable).parent / "dongle-agent"
+        self._log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([str(exe), "--config", str(self.toml), "--log-level", "DEBUG"],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def terminate(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._log.close()
+        return rc
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Fleet:
+    """scripts/devenv.py's layout in a temp dir, with the broker running and a console listening."""
+
+    def __init__(self, run_dir: Path):
+        from scripts import devenv
+        from scripts.cloud_console import CloudConsole
+        self.devenv = devenv
+        self.run_dir = run_dir
+        self.ca = devenv.make_cloud(run_dir)
+        self.broker = devenv.start_broker(run_dir, self.ca)
+        self.console = CloudConsole(run_dir)
+        self.console.start()
+        assert self.console.connected.wait(15), "console could not connect"
+        self.agents: list[AgentProcess] = []
+
+    def device(self, device_id: str, **kw) -> Path:
+        return self.devenv.make_device(self.run_dir, self.ca, device_id, broker_port=self.broker.port, **kw)
+
+    def agent(self, toml: Path) -> AgentProcess:
+        a = AgentProcess(toml, toml.parent / "agent.log").start()
+        self.agents.append(a)
+        return a
+
+    def close(self) -> None:
+        for a in self.agents:
+            if a.alive():
+                a.kill()
+        self.console.stop()
+        self.broker.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path / "fleet")
+    try:
+        yield f
+    finally:
+        f.close()

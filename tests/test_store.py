@@ -1,0 +1,122 @@
+"""The SQLite outbox: nothing leaves before it is stored; a seq is never reused or skipped."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from agent.ingest import Ingest
+from agent.model import Frame, Sample
+from agent.store import PRIO_EVENT, PRIO_TELEMETRY, Store
+
+
+def _build(seq, samples, frames):
+    return f"{seq}:{len(samples)}:{len(frames)}".encode()
+
+
+def test_seal_moves_rows_into_outbox_under_one_seq(tmp_path):
+    st = Store(tmp_path / "a.db")
+    st.add_samples([Sample("rpm", "rpm", 1000 + i, i) for i in range(10)])
+    st.add_frames([Frame("can0", 1_000_000 + i, 0x100, False, b"\x01\x02") for i in range(3)])
+    assert st.seal_telemetry(_build, max_samples=4, max_frames=10) == 1
+    assert st.seal_telemetry(_build, max_samples=4, max_frames=10) == 2
+    assert st.seal_telemetry(_build, max_samples=4, max_frames=10) == 3
+    assert st.seal_telemetry(_build, max_samples=4, max_frames=10) is None
+    items = st.outbox_items(10)
+    assert [i.payload for i in items] == [b"1:4:3", b"2:4:0", b"3:2:0"]
+    assert st.counts() == {"samples": 0, "frames": 0, "events": 0, "outbox": 3}
+
+
+def test_failed_build_changes_nothing(tmp_path):
+    st = Store(tmp_path / "a.db")
+    st.add_samples([Sample("rpm", "rpm", 1000, 1)])
+
+    def boom(*_):
+        raise ValueError("too large")
+
+    with pytest.raises(ValueError):
+        st.seal_telemetry(boom, max_samples=10)
+    assert st.counts()["samples"] == 1 and st.last_uplink_seq == 0
+    assert st.seal_telemetry(_build, max_samples=10) == 1
+
+
+def test_seq_survives_restart_and_is_never_reused(tmp_path):
+    st = Store(tmp_path / "a.db")
+    st.add_samples([Sample("a", "", 1, 1)])
+    st.seal_telemetry(_build, max_samples=10)
+    st.enqueue(lambda seq: b"ack", "up/ack")
+    st.outbox_ack(1)
+    st.outbox_ack(2)
+    st.close()
+    st = Store(tmp_path / "a.db")
+    assert st.last_uplink_seq == 2
+    st.add_event({"type": "x", "ts": 5})
+    assert st.seal_events(lambda seq, body: repr(body).encode()) == [3]
+
+
+def test_events_go_out_before_telemetry(tmp_path):
+    st = Store(tmp_path / "a.db")
+    st.add_samples([Sample("a", "", 1, 1)])
+    st.seal_telemetry(_build, max_samples=10)
+    st.add_event({"type": "dtc", "ts": 2})
+    st.seal_events(lambda seq, body: b"event")
+    items = st.outbox_items(10)
+    assert [(i.seq, i.priority) for i in items] == [(2, PRIO_EVENT), (1, PRIO_TELEMETRY)]
+    assert [i.seq for i in st.outbox_items(10, exclude={2})] == [1]
+
+
+def test_unacked_outbox_is_resent_after_restart_byte_for_byte(tmp_path):
+    st = Store(tmp_path / "a.db")
+    st.add_samples([Sample("a", "", 1, 1)])
+    st.seal_telemetry(_build, max_samples=10)
+    before = st.outbox_items(10)
+    st.close()
+    after = Store(tmp_path / "a.db").outbox_items(10)
+    assert before == after
+
+
+def test_database_is_wal_and_synchronous_full(tmp_path):
+    st = Store(tmp_path / "a.db")
+    assert st.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert st.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_ingest_group_commits_and_flushes_on_stop(tmp_path):
+    st = Store(tmp_path / "a.db")
+    ing = Ingest(st, window_s=0.05)
+    ing.start()
+    ing.put_samples([Sample("a", "", i, i) for i in range(100)])
+    ing.put_frames([Frame("can0", i, 1, False, b"") for i in range(50)])
+    ing.stop()
+    assert st.counts()["samples"] == 100 and st.counts()["frames"] == 50
+    assert ing.stored == {"samples": 100, "frames": 50} and ing.dropped == {"samples": 0, "frames": 0}
+
+
+def test_ingest_keeps_data_when_the_disk_fails_then_recovers(tmp_path, monkeypatch):
+    st = Store(tmp_path / "a.db")
+    ing = Ingest(st)
+    real = st.add_samples
+    calls = {"n": 0}
+
+    def failing(samples):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(samples)
+
+    monkeypatch.setattr(st, "add_samples", failing)
+    ing.put_samples([Sample("a", "", 1, 1), Sample("a", "", 2, 2)])
+    ing.flush()
+    assert ing.errors == 1 and st.counts()["samples"] == 0
+    ing.flush()
+    assert st.counts()["samples"] == 2 and ing.dropped["samples"] == 0
+
+
+def test_ingest_drops_and_counts_when_full(tmp_path):
+    st = Store(tmp_path / "a.db")
+    ing = Ingest(st, max_queued=2)
+    for i in range(5):
+        ing.put_samples([Sample("a", "", i, i)])
+    assert ing.dropped["samples"] == 3
+    ing.flush()
+    assert st.counts()["samples"] == 2
