@@ -1,21 +1,27 @@
-"""The running agent: wires drivers, store, uplink and MQTT link together and owns their lives.
+"""The running agent: wires drivers, store, uplink, downlink and the MQTT link, and owns their lives.
 
-Threads: the OBD poller, the ingest writer (group commit), the uplink, and the MQTT network
-thread. Each is restartable on its own; a failure in one is logged and retried, never fatal to
-the others.
+Threads: the OBD poller, the CAN readers, the ingest writer (group commit), the uplink, the MQTT
+network thread (which also runs downlink handling) and the supervisor (config probation,
+watchdog). A failure in one is logged and retried, never fatal to the others.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
+import time
 from importlib import metadata
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from agent import cloudconfig, keys
+from agent import cloudconfig, keys, systemd
 from agent.backoff import Backoff
+from agent.bookings import Bookings
 from agent.clock import now_ms
+from agent.commands import Commands
+from agent.downlink import Downlink, Outcome
 from agent.ingest import Ingest
 from agent.mqtt import MqttLink
 from agent.settings import Settings
@@ -42,18 +48,19 @@ class Agent:
         self.sign_key = keys.load_private_key(s["keys"]["sign_key"], Ed25519PrivateKey)
         self.enc_key = keys.load_private_key(s["keys"]["enc_key"], X25519PrivateKey)
         self.cloud_enc_pub = keys.load_public_key(s["keys"]["cloud_enc_pub"], X25519PublicKey)
-        self.trusted_signers = {}
-        for path in s["keys"]["cloud_sign_pubs"]:
-            pub = keys.load_public_key(path, Ed25519PublicKey)
-            self.trusted_signers[keys.key_id(pub)] = pub
+        self.trusted_signers = keys.trusted_signers(
+            keys.load_public_key(p, Ed25519PublicKey) for p in s["keys"]["cloud_sign_pubs"])
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.data_dir / "agent.db")
         self.config = self.store.active_config() or cloudconfig.default_config()
-        self._config_lock = threading.Lock()
+        self._config_lock = threading.RLock()
+        self._probation: dict | None = None
+        self._stop = threading.Event()
+        self.watchdog = systemd.Watchdog()
 
-        self.ingest = Ingest(self.store)
-        host, port = settings.mqtt_host_port
+        self.ingest = Ingest(self.store, heartbeat=lambda: self.watchdog.beat("ingest"))
+        host, port = self._endpoint(self.config)
         m = s["mqtt"]
         self.link = MqttLink(
             device_id=self.device_id, host=host, port=port, ca_file=m["ca_file"],
@@ -64,42 +71,87 @@ class Agent:
             agent_version=self.version, config_version=lambda: int(self.config.get("version", 0)),
             max_inflight=s["uplink"]["max_inflight"] + 2,  # room for status publishes
             on_message=self._on_downlink, on_connection=self._on_connection)
+        self.sealer = Sealer(self.device_id, self.sign_key, self.cloud_enc_pub)
         self.uplink = Uplink(
-            self.store, self.link, Sealer(self.device_id, self.sign_key, self.cloud_enc_pub),
+            self.store, self.link, self.sealer,
             interval_s=lambda: cloudconfig.upload_interval_s(self.config),
-            batch_max_samples=s["uplink"]["batch_max_samples"], max_inflight=s["uplink"]["max_inflight"])
+            batch_max_samples=s["uplink"]["batch_max_samples"], max_inflight=s["uplink"]["max_inflight"],
+            heartbeat=lambda: self.watchdog.beat("uplink"))
+
         self.obd = None
         if s["obd"]["enabled"]:
             from drivers.obd import ObdPoller
             self.obd = ObdPoller(s["obd"]["port"], cloudconfig.obd_pids(self.config),
-                                 self.ingest.put_samples, on_vehicle=self._on_vehicle)
+                                 self.ingest.put_samples, on_vehicle=self._on_vehicle,
+                                 baudrate=s["obd"]["baudrate"] or None, timeout_s=s["obd"]["timeout_s"])
+        self.can = None
+        if s["can"]["buses"]:
+            from agent.can_pipeline import CanPipeline
+            self.can = CanPipeline(s["can"]["buses"], self.config.get("can"),
+                                   put_samples=self.ingest.put_samples, put_frames=self.ingest.put_frames)
+
+        self.bookings = Bookings(self.store)
+        self.commands = Commands(self.store, read_dtc=self._read_dtc_now, snapshot=self.health_snapshot,
+                                 delete_data=self._delete_data, wake_uplink=self.uplink.wake)
+        self.downlink = Downlink(
+            self.store, self.sealer.seal, device_id=self.device_id, recipient_key=self.enc_key,
+            trusted_signers=lambda: self.trusted_signers,
+            handlers={"config": self._handle_config, "booking": self.bookings.handle,
+                      "command": self.commands.handle},
+            on_ack=self.uplink.wake)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         log.info("agent %s starting as %s (config version %s, next uplink seq %d)", self.version,
                  self.device_id, self.config.get("version"), self.store.last_uplink_seq + 1)
+        for name in ("ingest", "uplink", "supervisor"):
+            self.watchdog.register(name)
         self.ingest.start()
         self.uplink.start()
         self.link.start()
         if self.obd:
             self.obd.start()
+        if self.can:
+            self.can.start()
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor.start()
+        self.watchdog.start()
+        systemd.notify_ready(f"device {self.device_id}, config v{self.config.get('version')}")
 
     def stop(self) -> None:
         log.info("agent stopping")
+        systemd.notify_stopping()
+        self._stop.set()
         if self.obd:
             self.obd.stop()
+        if self.can:
+            self.can.stop()
         self.ingest.stop()
         self.uplink.stop()
         self.link.stop()
+        self.watchdog.stop()
         self.store.close()
         log.info("agent stopped")
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.5):
+            self.watchdog.beat("supervisor")
+            try:
+                self._check_probation()
+            except Exception:
+                log.exception("supervisor: probation check failed")
 
     # -- callbacks ------------------------------------------------------------------------
     def _on_connection(self, up: bool) -> None:
         self.uplink.on_connection(up)
 
     def _on_downlink(self, suffix: str, payload: bytes) -> None:
-        log.info("downlink on %s (%d bytes) is not handled yet", suffix, len(payload))
+        self.downlink.handle(suffix, payload)
+
+    def emit_event(self, body: dict) -> None:
+        """Queues an event durably and wakes the uplink (events go out ahead of telemetry)."""
+        self.store.add_event(body)
+        self.uplink.wake()
 
     def _on_vehicle(self, info: dict) -> None:
         vin = info.get("vin")
@@ -114,25 +166,121 @@ class Agent:
                 "protocol": seen["protocol"], "ecus": list(info.get("ecus", []))}
         if vin:
             body["vin"] = vin
-        self.store.add_event(body)
-        self.uplink.wake()
+        self.emit_event(body)
 
-    def apply_config(self, doc: dict) -> dict:
-        """Makes ``doc`` the active cloud config at run time, as a whole. Returns what did not apply."""
+    def _read_dtc_now(self) -> dict | None:
+        reader = getattr(self.obd, "read_dtcs_now", None)
+        return reader(10.0) if reader else None
+
+    def _delete_data(self, categories: list[str]) -> dict[str, int]:
+        # Location and driving behaviour are not collected by this version (PROTOCOL §6: off by
+        # default, and no consent path exists yet), so there is nothing of theirs to delete.
+        return {c: 0 for c in categories}
+
+    # -- configuration --------------------------------------------------------------------
+    def _endpoint(self, doc: dict) -> tuple[str, int]:
+        """The broker to use: the cloud config's ``link.broker_url`` if set, else the local one."""
+        url = (doc.get("link") or {}).get("broker_url")
+        if url:
+            u = urlsplit(url)
+            return u.hostname or "", u.port or 8883
+        return self.settings.mqtt_host_port
+
+    def apply_config(self, doc: dict) -> list[str]:
+        """Makes ``doc`` the active cloud config at run time, as a whole: acquisition, upload
+        interval, raw capture and the broker endpoint switch together. Returns what did not apply
+        (e.g. a PID the car lacks, a DBC message that does not exist)."""
+        problems: list[str] = []
         with self._config_lock:
+            old_endpoint = self._endpoint(self.config)
             self.store.save_config(doc)
             self.config = doc
             if self.obd:
-                self.obd.apply_pids(cloudconfig.obd_pids(doc))
+                problems += [f"obd: {p}" for p in self._apply_obd(doc)]
+            if self.can:
+                problems += [f"can: {p}" for p in self.can.apply_can_config(doc.get("can"))]
+            if self._endpoint(doc) != old_endpoint:
+                self.link.reconnect_to(*self._endpoint(doc))
+        self.uplink.wake()
         self.link.publish_status()
-        return {}
+        return problems
+
+    def _apply_obd(self, doc: dict) -> list[str]:
+        applier = getattr(self.obd, "apply_config", None)
+        if applier:
+            return applier(doc)
+        return self.obd.apply_pids(cloudconfig.obd_pids(doc))
+
+    def _handle_config(self, opened) -> Outcome:
+        doc = opened.body
+        version, current = doc["version"], int(self.config.get("version", 0))
+        if version == current:
+            return Outcome("duplicate", config_version=current)
+        if version < current:
+            return Outcome("rejected", reason=f"version {version} is not newer than the active {current}",
+                           config_version=current)
+        previous = copy.deepcopy(self.config)
+        if self._endpoint(doc) != self._endpoint(previous):
+            # The new document moves the link: acknowledge only once the device is connected with
+            # it, or roll back to the last good document if it cannot be reached in time.
+            self.store.save_config(doc)
+            return Outcome("applied", config_version=version, send_ack=False,
+                           after_commit=lambda: self._start_probation(doc, previous, opened.seq))
+        problems = self.apply_config(doc)
+        return Outcome("applied", config_version=version, result={"problems": problems} if problems else None)
+
+    def _start_probation(self, doc: dict, previous: dict, ref_seq: int) -> None:
+        timeout = self.settings.data["mqtt"]["config_rollback_s"]
+        with self._config_lock:
+            self._probation = {"doc": doc, "previous": previous, "ref_seq": ref_seq,
+                               "deadline": time.monotonic() + timeout, "timeout": timeout,
+                               "connects_before": self.link.stats["connects"]}
+            problems = self.apply_config(doc)
+            self._probation["problems"] = problems
+        log.info("config v%s moves the broker link; on probation for %ss", doc["version"], timeout)
+
+    def _check_probation(self) -> None:
+        with self._config_lock:
+            p = self._probation
+            if p is None:
+                return
+            # Connected again after the switch: a session to the new endpoint has been accepted.
+            if self.link.connected and self.link.stats["connects"] > p["connects_before"]:
+                self._probation = None
+                self.downlink.send_ack("config", p["ref_seq"], "applied", config_version=p["doc"]["version"],
+                                       result={"problems": p["problems"]} if p["problems"] else None)
+                log.info("config v%s: broker reachable, applied", p["doc"]["version"])
+                return
+            if time.monotonic() < p["deadline"]:
+                return
+            self._probation = None
+            bad, good = p["doc"], p["previous"]
+            log.error("config v%s: broker not reachable within %ss; rolling back to v%s",
+                      bad["version"], p["timeout"], good.get("version"))
+            self.apply_config(good)
+            self.downlink.send_ack("config", p["ref_seq"], "failed", config_version=good.get("version", 0),
+                                   reason=f"broker not reachable within {p['timeout']} s with config "
+                                          f"v{bad['version']}; rolled back to v{good.get('version', 0)}")
+
+    # -- reporting ------------------------------------------------------------------------
+    def health_snapshot(self) -> dict:
+        counts = self.store.counts()
+        snap = {"agent": self.version, "config_version": int(self.config.get("version", 0)),
+                "buffer": counts, "broker_connected": self.link.connected}
+        if self.obd:
+            st = self.obd.status()
+            snap["obd"] = {k: st.get(k) for k in ("connected", "protocol", "vin", "errors", "last_error")}
+        return snap
 
     def status(self) -> dict:
         return {
             "device_id": self.device_id, "agent": self.version,
             "config_version": self.config.get("version"),
-            "broker": {"connected": self.link.connected, **getattr(self.link, "stats", {})},
+            "broker": {"connected": self.link.connected, **self.link.stats},
             "obd": self.obd.status() if self.obd else None,
+            "can": self.can.status() if self.can else None,
             "buffer": self.store.counts(), "uplink": self.uplink.status(),
             "last_uplink_seq": self.store.last_uplink_seq,
+            "downlink": {"unauthenticated": dict(self.downlink.unauthenticated),
+                         "acks": dict(self.downlink.acks)},
         }

@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class Ingest:
-    def __init__(self, store: Store, *, window_s: float = 0.25, max_queued: int = 2000):
+    def __init__(self, store: Store, *, window_s: float = 0.25, max_queued: int = 2000,
+                 heartbeat=lambda: None):
         self.store = store
+        self._heartbeat = heartbeat
         self.window_s = window_s
         self._q: queue.Queue[tuple[str, list]] = queue.Queue(maxsize=max_queued)
         self._stop = threading.Event()
@@ -62,6 +64,7 @@ class Ingest:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._stop.wait(self.window_s)
+            self._heartbeat()
             self.flush()
 
     def flush(self) -> None:

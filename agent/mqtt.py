@@ -100,6 +100,7 @@ class MqttLink:
 
         self._thread: threading.Thread | None = None
         self._stop_evt = threading.Event()
+        self._switch_evt = threading.Event()  # reconnect_to(): end the session, retry at once
         self._stop_timeout = 5.0
         self._connected_evt = threading.Event()
         self._pub_lock = threading.Lock()    # serialises application publishes (inflight bound)
@@ -139,6 +140,14 @@ class MqttLink:
             log.error("%s: network thread did not stop within %.1f s", self._tag, timeout)
         else:
             self._thread = None
+
+    def reconnect_to(self, host: str, port: int) -> None:
+        """Moves the link to another broker endpoint: the current session ends cleanly (offline
+        status published there) and the next attempt, made at once, goes to ``host:port``."""
+        with self._state_lock:
+            self.host, self.port = host, int(port)
+        self._switch_evt.set()
+        log.info("%s: switching to %s:%d", self._tag, host, port)
 
     @property
     def connected(self) -> bool:
@@ -203,12 +212,21 @@ class MqttLink:
                 self._run_deferred()
                 if self._stop_evt.is_set():
                     break
+                if self._switch_evt.is_set():
+                    self._switch_evt.clear()
+                    self._backoff.reset()
+                    continue
                 delay = self._backoff.next()
                 with self._state_lock:
                     self._stats["last_error"] = reason
                 log.warning("%s: %s; retry %d in %.2f s", self._tag, reason,
                             self._backoff.failures, delay)
-                self._stop_evt.wait(delay)
+                deadline = time.monotonic() + delay
+                while not (self._stop_evt.is_set() or self._switch_evt.is_set()):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._stop_evt.wait(min(left, 0.25))
         finally:
             self._set_disconnected()
             self._run_deferred()
@@ -219,6 +237,7 @@ class MqttLink:
         (the return value is unused when it ended because of stop())."""
         with self._state_lock:
             self._stats["connect_attempts"] += 1
+        self._switch_evt.clear()  # this attempt already goes to the newest endpoint
         self._refusal = self._paho_error = self._disconnect_reason = None
         try:
             self._ensure_tls()
@@ -246,9 +265,9 @@ class MqttLink:
 
         started = time.monotonic()
         while True:
-            if self._stop_evt.is_set():
+            if self._stop_evt.is_set() or self._switch_evt.is_set():
                 self._graceful_disconnect()
-                return "stopped"
+                return "stopped" if self._stop_evt.is_set() else "endpoint changed"
             rc = self._client.loop(_LOOP_S)
             self._run_deferred()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:

@@ -27,6 +27,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "session_expiry_s": 7 * 24 * 3600,
         "backoff_min_s": 1.0,
         "backoff_max_s": 300.0,
+        "config_rollback_s": 120.0,
     },
     "obd": {"enabled": True, "port": "/dev/ttyUSB0", "baudrate": 0, "timeout_s": 2.0},
     "can": {"buses": []},

@@ -219,13 +219,19 @@ class Store:
             c.execute("INSERT OR REPLACE INTO downlink_seq(kind, seq) VALUES (?, ?)", (kind, seq))
 
     def save_config(self, doc: dict) -> None:
+        """Stores ``doc`` and makes it the active cloud config (also used to roll back)."""
         with self._txn() as c:
             c.execute("INSERT OR REPLACE INTO configs(version, doc, applied_ms) VALUES (?,?,?)",
                       (int(doc["version"]), json.dumps(doc), self._clock()))
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('active_config', ?)",
+                      (json.dumps(int(doc["version"])),))
 
     def active_config(self) -> dict | None:
+        version = self.get_meta("active_config")
+        if version is None:
+            return None
         with self._lock:
-            row = self._conn.execute("SELECT doc FROM configs ORDER BY version DESC LIMIT 1").fetchone()
+            row = self._conn.execute("SELECT doc FROM configs WHERE version=?", (version,)).fetchone()
         return json.loads(row[0]) if row else None
 
     def close(self) -> None:

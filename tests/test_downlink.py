@@ -1,0 +1,261 @@
+"""Downlink from the cloud against the real broker: genuine messages applied exactly once,
+everything forged, replayed, stale, misaddressed or malformed refused with a reason.
+
+The agent runs in-process here (its state is inspected directly); the cloud side is the
+reference console, sealing with its own keys through agent.protocol (whose byte-exactness is
+proven independently in test_protocol.py).
+"""
+from __future__ import annotations
+
+import time
+
+import cbor2
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent import protocol, settings
+from agent.app import Agent
+from agent.clock import now_ms
+
+DEV = "dl-0001"
+OTHER = "dl-0002"
+DAY = 86_400_000
+
+
+def _wait(pred, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    return None
+
+
+class Cloud:
+    """The fleet's console plus helpers to craft downlink for DEV."""
+
+    def __init__(self, fleet):
+        self.fleet = fleet
+        self.c = fleet.console
+        self.enc_pub = self.c.registry.get(DEV)[1]
+
+    def acks(self, kind=None):
+        return [r for r in self.c.records if r.get("kind") == "ack" and r["dev"] == DEV
+                and (kind is None or r["body"]["ref_kind"] == kind)]
+
+    def wait_ack(self, kind, seq, timeout=30):
+        rec = self.c.wait_for(lambda r: r.get("kind") == "ack" and r["body"]["ref_kind"] == kind
+                              and r["body"]["ref_seq"] == seq, timeout)
+        assert rec, f"no ack for {kind} seq={seq}"
+        return rec["body"]
+
+    def seal(self, kind, body, seq, *, signer=None, recipient=None, dev=DEV, exp_ms=None, check=True):
+        return protocol.seal(kind, body, dev=dev, seq=seq, signer=signer or self.c.sign_key,
+                             recipient=recipient or self.enc_pub, exp_ms=exp_ms, check_schema=check)
+
+    def send(self, kind, envelope, *, retain=False):
+        self.c.publish_raw(DEV, f"down/{kind}", envelope, retain=retain)
+
+
+@pytest.fixture
+def setup(fleet, tmp_path):
+    fleet.device(OTHER)
+    toml = fleet.device(DEV, extra_toml="[uplink]\nmax_inflight = 8\n")
+    agent = Agent(settings.load(toml))
+    agent.start()
+    cloud = Cloud(fleet)
+    assert agent.link.wait_connected(30)
+    assert cloud.c.wait_for(lambda r: r.get("topic") == "status" and r["dev"] == DEV
+                            and r["status"]["state"] == "online", 30)
+    state = {"agent": agent, "toml": toml}
+    yield cloud, state
+    state["agent"].stop()
+
+
+def _config(version, **extra):
+    doc = {"version": version, "upload": {"interval_s": 1},
+           "obd": {"pids": [{"name": "rpm", "pid": "RPM", "period_s": 1}], "dtc_period_s": 60},
+           "can": {"signals": [], "raw": {"enabled": False, "ids": []}}}
+    doc.update(extra)
+    return doc
+
+
+def _booking(bid="b-1", **kw):
+    body = {"op": "upsert", "booking_id": bid, "service": "inspection",
+            "scheduled_at": now_ms() + 3 * DAY,
+            "provider": {"name": "Garage Müller", "address": "Hauptstr. 1", "phone": "+49 30 1234",
+                         "lat": 52.52, "lon": 13.40}, "notes": "bring the spare key"}
+    body.update(kw)
+    return body
+
+
+def test_config_applied_once_duplicate_and_replay(setup):
+    cloud, st = setup
+    agent = st["agent"]
+    env5 = cloud.seal("config", _config(5, futurekey={"kept": True}), seq=10)
+    cloud.send("config", env5, retain=True)
+    ack = cloud.wait_ack("config", 10)
+    assert ack["status"] == "applied" and ack["config_version"] == 5
+    assert agent.config["version"] == 5 and agent.config["futurekey"] == {"kept": True}
+    status = cloud.c.wait_for(lambda r: r.get("topic") == "status" and r["status"]["config_version"] == 5, 20)
+    assert status, "status does not carry the active config_version"
+
+    # QoS 1 redelivery of the same envelope: answered duplicate, no second effect.
+    saved = agent.store.query("SELECT count(*) FROM configs")[0][0]
+    cloud.send("config", env5)
+    assert _wait(lambda: [a["body"]["status"] for a in cloud.acks("config")].count("duplicate") == 1)
+    assert agent.store.query("SELECT count(*) FROM configs")[0][0] == saved
+
+    # A replay of an older envelope (lower seq) is rejected as such.
+    cloud.send("config", cloud.seal("config", _config(4), seq=9))
+    ack = cloud.wait_ack("config", 9)
+    assert ack["status"] == "rejected" and ack["reason"].startswith("replay")
+    # A newer seq with a version not above the active one: duplicate / rejected by version.
+    cloud.send("config", cloud.seal("config", _config(5), seq=11))
+    assert cloud.wait_ack("config", 11)["status"] == "duplicate"
+    cloud.send("config", cloud.seal("config", _config(3), seq=12))
+    ack = cloud.wait_ack("config", 12)
+    assert ack["status"] == "rejected" and "not newer" in ack["reason"]
+    assert agent.config["version"] == 5
+
+
+def test_retained_config_redelivered_after_restart_has_no_second_effect(setup, fleet):
+    cloud, st = setup
+    cloud.send("config", cloud.seal("config", _config(7), seq=20), retain=True)
+    assert cloud.wait_ack("config", 20)["status"] == "applied"
+    st["agent"].stop()
+    before = len(cloud.acks("config"))
+    agent = st["agent"] = Agent(settings.load(st["toml"]))
+    agent.start()
+    assert agent.config["version"] == 7  # persisted
+    # The broker delivers the retained config again on subscribe: a duplicate, nothing re-applied.
+    assert _wait(lambda: len(cloud.acks("config")) > before)
+    assert cloud.acks("config")[-1]["body"]["status"] == "duplicate"
+    assert agent.store.last_downlink_seq("config") == 20
+
+
+def test_unauthenticated_envelopes_are_dropped_without_ack(setup, fleet):
+    cloud, st = setup
+    agent = st["agent"]
+    body = _config(30)
+    stranger = Ed25519PrivateKey.generate()
+    other_enc = cloud.c.registry.get(OTHER)[1]
+    good = cloud.seal("config", body, seq=30)
+    outer = cbor2.loads(good)
+    forged_sig = cbor2.dumps([outer[0], outer[1], bytes(64)])
+    hdr = cbor2.loads(outer[0])
+    hdr["seq"] = 31
+    tampered_header = cbor2.dumps([cbor2.dumps(hdr, canonical=True), outer[1], outer[2]])
+    ct = bytearray(outer[1])
+    ct[-1] ^= 1
+    tampered_ct = cbor2.dumps([outer[0], bytes(ct), outer[2]])
+    cases = {
+        "bad_signature": forged_sig,
+        "unknown_signer": cloud.seal("config", body, seq=30, signer=stranger),
+        "wrong_device": cloud.seal("config", body, seq=30, dev=OTHER),
+        "wrong_recipient": cloud.seal("config", body, seq=30, recipient=other_enc),
+        "malformed": b"\xa1\x61a\x01",
+        "oversize": bytes(protocol.MAX_ENVELOPE + 1),
+    }
+    for reason, env in cases.items():
+        cloud.send("config", env)
+    cloud.send("config", tampered_header)
+    cloud.send("config", tampered_ct)
+    expected = dict.fromkeys(cases, 1)
+    expected["bad_signature"] = 3  # forged, tampered header, tampered ciphertext (signature covers both)
+    assert _wait(lambda: dict(agent.downlink.unauthenticated) == expected, 30), dict(agent.downlink.unauthenticated)
+    # Then a genuine one still works, and none of the above produced an ack or an effect.
+    cloud.send("config", good)
+    assert cloud.wait_ack("config", 30)["status"] == "applied"
+    assert [a["body"]["ref_seq"] for a in cloud.acks()] == [30]
+
+
+def test_expired_and_schema_invalid_are_acked_rejected(setup):
+    cloud, st = setup
+    cloud.send("command", cloud.seal("command", {"op": "ping"}, seq=1, exp_ms=now_ms() - 1000))
+    ack = cloud.wait_ack("command", 1)
+    assert ack["status"] == "rejected" and ack["reason"].startswith("expired")
+    cloud.send("command", cloud.seal("command", {"op": "self_destruct"}, seq=2, check=False))
+    ack = cloud.wait_ack("command", 2)
+    assert ack["status"] == "rejected" and ack["reason"].startswith("schema")
+    cloud.send("config", cloud.seal("config", {"version": "seven"}, seq=3, check=False))
+    assert cloud.wait_ack("config", 3)["status"] == "rejected"
+    assert st["agent"].config.get("version", 0) == 0  # the last good one stays
+
+
+def test_bookings_upsert_cancel_and_validation(setup):
+    cloud, st = setup
+    bk = st["agent"].bookings
+    cloud.send("booking", cloud.seal("booking", _booking(notes="line1\x1b[31mred\x07"), seq=1))
+    assert cloud.wait_ack("booking", 1)["status"] == "accepted"
+    b = bk.get("b-1")
+    assert b["status"] == "scheduled" and b["notes"] == "line1\x1b[31mred\x07"  # stored as given
+    cloud.send("booking", cloud.seal("booking", _booking(), seq=1))  # redelivery
+    assert _wait(lambda: [a["body"]["status"] for a in cloud.acks("booking")] == ["accepted", "duplicate"])
+    bad = {
+        2: _booking("b-2", scheduled_at=now_ms() - 10 * DAY),
+        3: _booking("b-3", provider={"name": "X", "lat": 0.0, "lon": 0.0}),
+        4: _booking("b-4", notes="n" * 5000),
+        5: _booking("b-5", provider={"address": "nameless"}),
+        6: _booking("b-6", provider={"name": "X", "lat": 123.0, "lon": 13.0}),
+        7: {"op": "cancel", "booking_id": "unknown"},
+    }
+    for seq, body in bad.items():
+        cloud.send("booking", cloud.seal("booking", body, seq=seq, check=False))
+        ack = cloud.wait_ack("booking", seq)
+        assert ack["status"] == "rejected" and ack["reason"], (seq, ack)
+    cloud.send("booking", cloud.seal("booking", {"op": "cancel", "booking_id": "b-1"}, seq=8))
+    assert cloud.wait_ack("booking", 8)["status"] == "accepted"
+    assert [(x["booking_id"], x["status"]) for x in bk.list()] == [("b-1", "cancelled")]
+
+
+def test_commands(setup):
+    cloud, st = setup
+    agent = st["agent"]
+    cloud.send("command", cloud.seal("command", {"op": "ping", "request_id": "r1"}, seq=1))
+    ack = cloud.wait_ack("command", 1)
+    assert ack["status"] == "done" and ack["result"] == {"request_id": "r1"}
+    cloud.send("command", cloud.seal("command", {"op": "report"}, seq=2))
+    assert cloud.wait_ack("command", 2)["status"] == "done"
+    snap = cloud.c.wait_for(lambda r: r.get("kind") == "event" and r["body"]["type"] == "health", 20)
+    assert snap and snap["body"]["detail"]["config_version"] == 0
+    cloud.send("command", cloud.seal("command", {"op": "clear_dtc"}, seq=3))
+    assert cloud.wait_ack("command", 3)["status"] == "accepted"
+    assert agent.store.get_meta("pending_clear_dtc")["ref_seq"] == 3
+    cloud.send("command", cloud.seal("command", {"op": "delete_data", "categories": ["location"],
+                                                 "request_id": "del-1"}, seq=4))
+    ack = cloud.wait_ack("command", 4)
+    assert ack["status"] == "done" and ack["result"]["deleted"] == {"location": 0}
+    # read_dtc with no vehicle link: failed, with the reason, exactly one ack.
+    cloud.send("command", cloud.seal("command", {"op": "read_dtc"}, seq=5))
+    ack = cloud.wait_ack("command", 5)
+    assert ack["status"] == "failed" and "vehicle" in ack["reason"]
+    assert [a["body"]["ref_seq"] for a in cloud.acks("command")] == [1, 2, 3, 4, 5]
+
+
+def test_config_that_breaks_connectivity_rolls_back(fleet):
+    toml = fleet.device(DEV, extra_toml="")
+    text = toml.read_text().replace("backoff_max_s = 10.0", "backoff_max_s = 1.0\nconfig_rollback_s = 4.0")
+    toml.write_text(text)
+    agent = Agent(settings.load(toml))
+    agent.start()
+    try:
+        cloud = Cloud(fleet)
+        assert agent.link.wait_connected(30)
+        cloud.send("config", cloud.seal("config", _config(2), seq=1))
+        assert cloud.wait_ack("config", 1)["status"] == "applied"
+        # v3 moves the device to a broker that does not exist.
+        dead = _config(3, link={"broker_url": "mqtts://127.0.0.1:1"})
+        cloud.send("config", cloud.seal("config", dead, seq=2), retain=True)
+        ack = cloud.wait_ack("config", 2, timeout=60)
+        assert ack["status"] == "failed" and "rolled back to v2" in ack["reason"]
+        assert ack["config_version"] == 2
+        assert agent.config["version"] == 2 and agent.link.connected
+        assert agent.store.active_config()["version"] == 2
+        # A later good config applies normally.
+        cloud.send("config", cloud.seal("config", _config(4), seq=3), retain=True)
+        assert cloud.wait_ack("config", 3)["status"] == "applied"
+    finally:
+        agent.stop()
