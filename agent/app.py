@@ -99,6 +99,12 @@ class Agent:
             handlers={"config": self._handle_config, "booking": self.bookings.handle,
                       "command": self.commands.handle},
             on_ack=self.uplink.wake)
+        self.components: list = []  # features attached by their own modules (start/stop/status)
+
+    def add_component(self, name: str, component) -> None:
+        """Attaches a feature with ``start()``, ``stop()`` and ``status() -> dict``; started and
+        stopped with the agent, its status shown under ``name``."""
+        self.components.append((name, component))
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -113,6 +119,8 @@ class Agent:
             self.obd.start()
         if self.can:
             self.can.start()
+        for _, c in self.components:
+            c.start()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
         self.watchdog.start()
@@ -122,6 +130,11 @@ class Agent:
         log.info("agent stopping")
         systemd.notify_stopping()
         self._stop.set()
+        for name, c in reversed(self.components):
+            try:
+                c.stop()
+            except Exception:
+                log.exception("stopping %s failed", name)
         if self.obd:
             self.obd.stop()
         if self.can:
@@ -283,4 +296,5 @@ class Agent:
             "last_uplink_seq": self.store.last_uplink_seq,
             "downlink": {"unauthenticated": dict(self.downlink.unauthenticated),
                          "acks": dict(self.downlink.acks)},
+            **{name: c.status() for name, c in self.components},
         }

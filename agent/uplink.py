@@ -41,6 +41,11 @@ class Uplink:
                  batch_max_samples: int = 4000, batch_max_frames: int = 20000, max_inflight: int = 8,
                  heartbeat: Callable[[], None] | None = None):
         self.store = store
+        # Contributors to each telemetry body (e.g. GNSS positions): called inside the sealing
+        # transaction, so rows they take leave the store atomically with the envelope.
+        self.body_extras: list[Callable[[], dict]] = []
+        # Last look at every body before it is sealed (e.g. the privacy gate of PROTOCOL §6).
+        self.body_filters: list[Callable[[dict], dict]] = []
         self.link = link
         self.sealer = sealer
         self._interval_s = interval_s
@@ -125,7 +130,7 @@ class Uplink:
             try:
                 seq = self.store.seal_telemetry(
                     lambda seq, samples, frames: self.sealer.seal(
-                        "telemetry", telemetry_body(samples, frames), seq),
+                        "telemetry", self._finish_body(telemetry_body(samples, frames)), seq),
                     max_samples=max_s, max_frames=max_f)
             except protocol.EnvelopeTooLarge:
                 if max_s <= 1 and max_f <= 1:
@@ -136,6 +141,13 @@ class Uplink:
             if seq is None:
                 return seqs
             seqs.append(seq)
+
+    def _finish_body(self, body: dict) -> dict:
+        for extra in self.body_extras:
+            body.update(extra())
+        for f in self.body_filters:
+            body = f(body)
+        return body
 
     def publish_pending(self) -> int:
         if not self.link.connected:

@@ -40,9 +40,15 @@ from typing import Any, Callable, Iterable
 import obd
 from obd import OBDStatus
 
+from agent import vin as vin_check
 from agent.backoff import Backoff
 from agent.clock import now_ms
+from agent.dtc import DtcReading, DtcTracker, describe
 from agent.model import Sample
+from drivers import obd_diag
+from drivers.obd_multi import (CAN_PROTOCOL_IDS, MAX_PIDS_PER_REQUEST, MultiPidCommand,
+                               adapter_error, answers_to, frame_count, is_multi_capable)
+from drivers.obd_units import unit_text, value_and_unit  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -54,68 +60,10 @@ if getattr(obd, "console_handler", None) is not None:
 #: Seconds to let an adapter finish the ATZ that python-OBD's close() sends.
 ATZ_SETTLE_S = 1.0
 
-_UNIT_TEXT = {
-    "revolutions_per_minute": "rpm",
-    "kilometer_per_hour": "km/h",
-    "degree_Celsius": "degC",
-    "degree_Fahrenheit": "degF",
-    "percent": "%",
-    "volt": "V",
-    "millivolt": "mV",
-    "kilopascal": "kPa",
-    "pascal": "Pa",
-    "gps": "g/s",
-    "gram / second": "g/s",
-    "second": "s",
-    "minute": "min",
-    "kilometer": "km",
-    "lph": "L/h",
-    "liter / hour": "L/h",
-    "liters_per_hour": "L/h",
-    "degree": "deg",
-    "dimensionless": "",
-    "ratio": "",
-    "ppm": "ppm",
-    "milliampere": "mA",
-}
-
 _VIN_RE = re.compile(rb"[A-Z0-9]{17}")
-_VALID_VIN_RE = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
 
 _last_close: dict[str, float] = {}  # realpath -> monotonic time of our last close of it
 _last_close_lock = threading.Lock()
-
-
-def unit_text(unit: Any) -> str:
-    """Short unit text for a pint unit of python-OBD (``"rpm"``, ``"km/h"``, ``"degC"``, ...);
-    pint's own short form for units not in the table, ``""`` for none."""
-    if unit is None:
-        return ""
-    name = str(unit)
-    if name in _UNIT_TEXT:
-        return _UNIT_TEXT[name]
-    try:
-        return format(unit, "~")
-    except (TypeError, ValueError):
-        return name
-
-
-def value_and_unit(value: Any) -> tuple[float, str] | None:
-    """``(float, unit text)`` for a numeric python-OBD value; ``None`` for anything else
-    (status objects, strings, lists, NaN)."""
-    if isinstance(value, bool):
-        return (1.0 if value else 0.0), ""
-    if isinstance(value, (int, float)):
-        magnitude, unit = value, None
-    else:
-        magnitude = getattr(value, "magnitude", None)
-        unit = getattr(value, "units", None)
-        if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)):
-            return None
-    number = float(magnitude)
-    if not math.isfinite(number):
-        return None
-    return number, unit_text(unit)
 
 
 def decode_vin(data: bytes | bytearray) -> str | None:
@@ -127,9 +75,9 @@ def decode_vin(data: bytes | bytearray) -> str | None:
 
 
 def vin_is_valid(vin: str | None) -> bool:
-    """17 characters of the VIN alphabet (no I, O, Q). The check digit is not verified: it is
-    only mandatory for North American vehicles."""
-    return bool(vin) and _VALID_VIN_RE.fullmatch(vin) is not None
+    """:func:`agent.vin.validate`: 17 characters of the VIN alphabet (no I, O, Q), and the check
+    digit for North American vehicles (WMI 1-5), where it is mandatory."""
+    return vin_check.validate(vin)[0]
 
 
 def command_for(name: str) -> Any | None:
@@ -151,7 +99,17 @@ def _protocol_arg(protocol: str | int | None) -> str | None:
 
 
 class ObdReader:
-    """One connection to an ELM327 adapter. Not thread-safe: use it from one thread."""
+    """One connection to an ELM327 adapter. Not thread-safe: use it from one thread.
+
+    Multi-PID state (per connection, so a reconnect to another car starts afresh):
+    :attr:`multi_pid` is ``None`` until a multi-PID request was fully answered (``True``) or the
+    vehicle was seen to leave out PIDs it answers one at a time (``False``: one PID per request
+    from then on); :attr:`count_hint` likewise for the ELM327 response-count hint.
+    """
+
+    #: multi-PID requests whose answer lacked PIDs that single requests then got, before the
+    #: reader falls back to one PID per request
+    MULTI_MISS_LIMIT = 2
 
     def __init__(self, port: str, *, baudrate: int | None = None,
                  protocol: str | int | None = None, timeout_s: float = 2.0):
@@ -160,8 +118,13 @@ class ObdReader:
         self.protocol = _protocol_arg(protocol)
         self.timeout_s = timeout_s
         self.last_error: str | None = None
+        self.multi_pid: bool | None = None
+        self.count_hint: bool | None = None
         self._conn: Any | None = None
         self._device: str | None = None
+        self._frame_counts: dict[bytes, int] = {}
+        self._multi_misses = 0
+        self._freeze: obd_diag.FreezeFrameReader | None = None
 
     def connect(self) -> bool:
         """Opens the adapter and talks to the vehicle. ``False`` (logged, :attr:`last_error`)
@@ -192,6 +155,12 @@ class ObdReader:
         self._conn = conn
         self._device = device
         self.last_error = None
+        self.multi_pid = None
+        self.count_hint = None
+        self._frame_counts = {}
+        self._multi_misses = 0
+        self._freeze = obd_diag.FreezeFrameReader(self._send)
+        self._adapter_setting(b"ATAT1", "adaptive timing")
         log.info("OBD connected on %s (%s), protocol %s", self.port, device, self.protocol_name)
         return True
 
@@ -214,6 +183,27 @@ class ObdReader:
         except Exception:  # noqa: BLE001
             return None
 
+    @property
+    def protocol_id(self) -> str | None:
+        if self._conn is None:
+            return None
+        try:
+            return str(self._conn.protocol_id() or "") or None
+        except Exception:  # noqa: BLE001
+            return None
+
+    @property
+    def max_pids_per_request(self) -> int:
+        """6 on CAN protocols until the vehicle shows it does not take multi-PID requests; 1 on
+        the older protocols (J1850, ISO 9141, KWP2000), where J1979 has one PID per request."""
+        if self.multi_pid is False or self.protocol_id not in CAN_PROTOCOL_IDS:
+            return 1
+        return MAX_PIDS_PER_REQUEST
+
+    def can_group(self, command_name: str) -> bool:
+        """True when ``command_name`` may share a multi-PID request with others."""
+        return is_multi_capable(command_for(command_name))
+
     def supports(self, command_name: str) -> bool:
         cmd = command_for(command_name)
         if cmd is None or self._conn is None:
@@ -222,6 +212,16 @@ class ObdReader:
             return bool(self._conn.supports(cmd))
         except Exception:  # noqa: BLE001
             return False
+
+    def supported_pids(self) -> set[str]:
+        """python-OBD names of the commands the vehicle's supported-PID bitmaps (01 00, 01 20,
+        ..., 09 00) and the adapter offer; empty when not connected."""
+        if self._conn is None:
+            return set()
+        try:
+            return {c.name for c in self._conn.supported_commands}
+        except Exception:  # noqa: BLE001
+            return set()
 
     def query(self, command_name: str) -> tuple[float, str] | None:
         """``(value, unit text)``; ``None`` for an unknown or unsupported command, NO DATA, an
@@ -238,6 +238,44 @@ class ObdReader:
             log.debug("OBD %s: not a numeric answer: %r", command_name, response.value)
         return result
 
+    def read_pids(self, command_names: Iterable[str]) -> dict[str, tuple[float, str]]:
+        """``{name: (value, unit text)}`` for the PIDs that answered, asking up to
+        :attr:`max_pids_per_request` PIDs in one mode 01 request (callers pass at most that
+        many). Missing from the result: PIDs without an answer (see :attr:`last_error`)."""
+        names = list(dict.fromkeys(command_names))
+        results: dict[str, tuple[float, str]] = {}
+        groupable = [n for n in names if self.can_group(n) and self.supports(n)]
+        singles = [n for n in names if n not in groupable]
+        if self.max_pids_per_request > 1 and len(groupable) >= 2:
+            group = groupable[:self.max_pids_per_request]
+            singles += groupable[len(group):]
+            got, answered = self._query_group(group)
+            results.update(got)
+            missing = [n for n in group if n not in got]
+            if not missing:
+                self._multi_misses = 0
+                if self.multi_pid is None:
+                    self.multi_pid = True
+                    log.info("OBD: the vehicle answers multi-PID requests")
+            elif answered or self.multi_pid is None:
+                retried = {n: v for n in missing if (v := self._query_single(n)) is not None}
+                results.update(retried)
+                if retried:
+                    self._multi_misses += 1
+                    log.info("OBD: a multi-PID answer lacked %s, which single requests got",
+                             ", ".join(sorted(retried)))
+                    if self._multi_misses >= self.MULTI_MISS_LIMIT:
+                        self.multi_pid = False
+                        log.warning("OBD: the vehicle does not answer multi-PID requests in "
+                                    "full; falling back to one PID per request")
+        else:
+            singles = names
+        for n in singles:
+            value = self._query_single(n)
+            if value is not None:
+                results[n] = value
+        return results
+
     def read_vin(self) -> str | None:
         response = self._query("VIN")
         if response is None:
@@ -253,20 +291,96 @@ class ObdReader:
         return None
 
     def read_dtcs(self, command_name: str = "GET_DTC") -> list[tuple[str, str]] | None:
-        """Trouble codes as ``[(code, description)]`` from ``GET_DTC`` (stored) or
-        ``GET_CURRENT_DTC`` (pending); ``[]`` when none, ``None`` when there is no answer."""
-        response = self._query(command_name)
-        if response is None:
+        """Trouble codes as ``[(code, description)]`` from ``GET_DTC`` (stored, mode 03),
+        ``GET_CURRENT_DTC`` (pending, 07) or ``GET_PERMANENT_DTC`` (permanent, 0A); ``[]`` when
+        none, ``None`` when there is no answer. Descriptions: :func:`agent.dtc.describe`."""
+        state = {"GET_DTC": "stored", "GET_CURRENT_DTC": "pending",
+                 "GET_PERMANENT_DTC": "permanent"}.get(command_name)
+        if state is None:
+            self.last_error = f"{command_name}: not a trouble code command"
             return None
-        value = response.value
-        if not isinstance(value, list):
+        codes = obd_diag.read_codes(self._send, state)
+        return None if codes is None else [(c, describe(c)) for c in codes]
+
+    def read_status(self) -> dict[str, Any] | None:
+        """PID 01 01: MIL, number of stored codes, readiness monitors (see
+        :func:`drivers.obd_diag.read_status`)."""
+        return obd_diag.read_status(self._send)
+
+    def read_freeze_frame(self) -> dict[str, Any] | None:
+        """Freeze frame 00 (mode 02): the code that stored it and the values it holds."""
+        if self._freeze is None:
             return None
-        try:
-            return [(str(code), str(desc or "")) for code, desc in value]
-        except (TypeError, ValueError):
-            return None
+        return self._freeze.read(self.supported_pids())
+
+    def read_dtc_reading(self, *, freeze: bool = False) -> DtcReading:
+        """Stored, pending and permanent codes, MIL and readiness (and the freeze frame when
+        ``freeze`` and a code is stored). Parts the vehicle does not answer are ``None``."""
+        reading = DtcReading()
+        status = self.read_status()
+        if status is not None:
+            reading.mil = status["mil"]
+            reading.monitors = status["monitors"]
+        for state in ("stored", "pending", "permanent"):
+            setattr(reading, state, obd_diag.read_codes(self._send, state))
+        if freeze and reading.stored:
+            reading.freeze = self.read_freeze_frame()
+        return reading
+
+    def clear_dtcs(self) -> bool:
+        """Mode 04: clears the codes, freeze frame and readiness. True when an ECU confirmed.
+        Only for a confirmed technician request (PROTOCOL §4 ``clear_dtc``)."""
+        ok = obd_diag.clear_codes(self._send)
+        log.warning("OBD: trouble codes %s", "cleared (mode 04)" if ok else "NOT cleared: "
+                    f"{self.last_error or 'no confirmation'}")
+        return ok
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _query_single(self, command_name: str) -> tuple[float, str] | None:
+        """One PID in one request; with the response-count hint for mode 01 PIDs on CAN."""
+        if self.protocol_id in CAN_PROTOCOL_IDS and self.can_group(command_name) \
+                and self.supports(command_name):
+            got, _ = self._query_group([command_name])
+            return got.get(command_name)
+        return self.query(command_name)
+
+    def _query_group(self, command_names: list[str]) -> tuple[dict[str, tuple[float, str]], bool]:
+        """One mode 01 request for ``command_names``; ``({name: value}, answered)``."""
+        base = MultiPidCommand([command_for(n) for n in command_names])
+        hint = self._frame_counts.get(base.request) if self.count_hint is not False else None
+        messages = self._send(MultiPidCommand(base.commands, hint) if hint else base)
+        if messages is None and hint:
+            error = self.last_error
+            messages = self._send(base)
+            if messages is not None:
+                self.count_hint = False
+                log.info("OBD: the adapter does not take the response-count hint (%s); "
+                         "requests go without it", error)
+        if messages is None:
+            return {}, False
+        if hint:
+            if self.count_hint is None:
+                self.count_hint = True
+                log.info("OBD: the adapter takes the response-count hint")
+        else:
+            frames = frame_count(messages)
+            if 1 <= frames <= 15:
+                self._frame_counts[base.request] = frames
+        try:
+            decoded = base(messages).value or {}
+        except Exception:  # noqa: BLE001
+            log.debug("OBD multi-PID answer not understood", exc_info=True)
+            decoded = {}
+        values: dict[str, tuple[float, str]] = {}
+        for name, response in decoded.items():
+            number = value_and_unit(response.value)
+            if number is not None:
+                values[name] = number
+        missing = [n for n in command_names if n not in values]
+        if missing:
+            self.last_error = f"{', '.join(missing)}: no answer"
+        return values, True
 
     def _query(self, command_name: str) -> Any | None:
         cmd = command_for(command_name)
@@ -280,16 +394,67 @@ class ObdReader:
             if not self._conn.supports(cmd):
                 self.last_error = f"{command_name}: not supported by the vehicle"
                 return None
-            response = self._conn.query(cmd)
         except Exception as e:  # noqa: BLE001
             self.last_error = f"{command_name}: query failed: {e!r}"
-            log.debug("OBD query %s failed", command_name, exc_info=True)
+            return None
+        messages = self._send(cmd)
+        if messages is None:
+            return None
+        try:
+            response = cmd(messages)
+        except Exception as e:  # noqa: BLE001
+            self.last_error = f"{command_name}: answer not understood: {e!r}"
+            log.debug("OBD answer to %s not understood", command_name, exc_info=True)
             return None
         if response is None or response.is_null():
-            self.last_error = (f"{command_name}: no answer" if self.connected
-                               else f"adapter on {self.port} lost")
+            self.last_error = f"{command_name}: no answer"
             return None
         return response
+
+    def _send(self, cmd: Any) -> list[Any] | None:
+        """Sends ``cmd`` (python-OBD, unchecked) and returns the messages that answer it; ``None``
+        (with :attr:`last_error`) for no answer, an ELM error text, a negative response, an
+        answer to another request (a late answer) or a lost adapter."""
+        name = getattr(cmd, "name", "?")
+        if self._conn is None:
+            self.last_error = "not connected"
+            return None
+        try:
+            response = self._conn.query(cmd, force=True)
+        except Exception as e:  # noqa: BLE001 - python-OBD raises odd things on odd answers
+            self.last_error = f"{name}: query failed: {e!r}"
+            log.debug("OBD query %s failed", name, exc_info=True)
+            return None
+        messages = list(getattr(response, "messages", None) or [])
+        good = answers_to(cmd, messages, bytes(cmd.command))
+        others = [m for m in messages if m.parsed() and m not in good]
+        if others:
+            log.info("OBD %s: ignored %d message(s) that do not answer it (late answer or "
+                     "negative response): %s", name, len(others),
+                     "; ".join(bytes(m.data).hex(" ") for m in others))
+        if good:
+            return good
+        error = adapter_error(messages)
+        if error is not None:
+            self.last_error = f"{name}: adapter says {error!r}"
+        elif others:
+            self.last_error = f"{name}: no matching answer"
+        elif not messages:
+            self.last_error = (f"{name}: no answer" if self.connected
+                               else f"adapter on {self.port} lost")
+        else:
+            self.last_error = f"{name}: no answer"
+        log.debug("OBD %s", self.last_error)
+        return None
+
+    def _adapter_setting(self, command: bytes, what: str) -> None:
+        """An AT setting that helps but is not essential (clones answer ``?`` to some)."""
+        try:
+            lines = [m.raw() for m in self._conn.interface.send_and_parse(command) or []]
+        except Exception as e:  # noqa: BLE001
+            lines = [repr(e)]
+        if "OK" not in lines:
+            log.info("OBD adapter: %s (%s) not set: %s", what, command.decode(), lines or "silence")
 
     def _fail(self, message: str) -> bool:
         self.last_error = message
