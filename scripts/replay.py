@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import signal
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interface", default="virtual", help="python-can interface (default virtual)")
     p.add_argument("--channel", required=True, help="channel of that interface, e.g. vcan0")
     p.add_argument("--bitrate", type=int, default=None)
+    p.add_argument("--port", type=int, default=None, help="udp_multicast: UDP port")
     p.add_argument("--speed", type=float, default=1.0, help="1 = recorded pace, 0 = as fast as possible")
     p.add_argument("--loop", action="store_true", help="start over at the end, until interrupted")
     p.add_argument("--only", action="append", metavar="CHANNEL",
@@ -110,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"interface": args.interface, "channel": args.channel}
     if args.bitrate:
         kwargs["bitrate"] = args.bitrate
+    if args.port:
+        kwargs["port"] = args.port
     stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with can.Bus(**kwargs) as bus:
         try:
             stats = replay(args.file, bus, speed=args.speed,
