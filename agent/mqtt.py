@@ -96,6 +96,11 @@ class MqttLink:
         self._client.on_subscribe = self._on_subscribe_cb
         self._client.on_message = self._on_message_cb
         self._client.on_log = self._on_log_cb
+        # Only the network thread may touch the TLS socket: an SSL object is not safe for a read
+        # in one thread and a write in another ("[SSL: BAD_LENGTH]"). With a write-registration
+        # callback set, paho's publish() from any thread only queues the packet and wakes the
+        # network thread's select() through its socket pair; loop() then writes it.
+        self._client.on_socket_register_write = lambda client, userdata, sock: None
         self._tls_ready = False
 
         self._thread: threading.Thread | None = None

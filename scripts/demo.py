@@ -11,7 +11,8 @@ State is kept in ``run/demo`` so a second run continues the device's ``seq``.
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import random
 import signal
 import subprocess
 import sys
@@ -25,6 +26,49 @@ from scripts.elm_emulator import ElmEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "demo-0001"
+DBC = ROOT / "config" / "dbc" / "toyota_new_mc_pt_generated.dbc"
+RECORDING = "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
+
+# What the demo's cloud asks the dongle to collect: the default OBD PIDs plus real CAN signals
+# of the RAV4 recording and raw capture of its wheel-speed frames. Sent as a signed config.
+DEMO_CONFIG = {
+    "version": 1,
+    "upload": {"interval_s": 5},
+    "obd": {"pids": [{"name": "engine.rpm", "pid": "RPM", "period_s": 1},
+                     {"name": "vehicle.speed", "pid": "SPEED", "period_s": 1},
+                     {"name": "engine.coolant_temp", "pid": "COOLANT_TEMP", "period_s": 1},
+                     {"name": "engine.load", "pid": "ENGINE_LOAD", "period_s": 1}],
+            "dtc_period_s": 60},
+    "can": {"signals": [
+        {"name": "can.wheel_speed_fl", "message": "WHEEL_SPEEDS", "signal": "WHEEL_SPEED_FL", "period_s": 1},
+        {"name": "can.wheel_speed_rr", "message": "WHEEL_SPEEDS", "signal": "WHEEL_SPEED_RR", "period_s": 1},
+        {"name": "can.steer_angle", "message": "STEER_ANGLE_SENSOR", "signal": "STEER_ANGLE", "period_s": 1},
+        {"name": "can.gas_pedal", "message": "GAS_PEDAL", "signal": "GAS_PEDAL", "period_s": 1}],
+        "raw": {"enabled": True, "ids": [0xAA]}},
+}
+
+
+def _find_recording() -> Path | None:
+    for base in (ROOT.parent / "shared" / "data", ROOT / "data"):
+        if (base / RECORDING).exists():
+            return base / RECORDING
+    return None
+
+
+def _active_version(toml: Path) -> int:
+    """The device's active config version (a second demo run must send a newer one)."""
+    import sqlite3
+    db = toml.parent / "data" / "agent.db"
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key='active_config'").fetchone()
+        return int(json.loads(row[0])) if row else 0
+    except sqlite3.Error:
+        return 0
+    finally:
+        con.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +94,24 @@ def main(argv: list[str] | None = None) -> int:
         started.append(("ELM327 emulator", emulator.stop))
         print(f"demo: ELM327-emulator (scenario car) on {port}")
 
-        toml = devenv.make_device(run_dir, ca, DEVICE, broker_port=broker.port, obd_port=port)
+        recording = _find_recording()
+        can_toml = ""
+        if recording:
+            group = f"239.74.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
+            mport = random.randrange(20000, 60000)
+            replay = subprocess.Popen(
+                [sys.executable, "-m", "scripts.replay", str(recording), "--interface", "udp_multicast",
+                 "--channel", group, "--port", str(mport), "--only", "can0", "--loop"],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(run_dir / "replay.log", "a"))
+            started.append(("CAN replay", lambda: (replay.terminate(), replay.wait(10))))
+            can_toml = (f'[[can.buses]]\nname = "can0"\ninterface = "udp_multicast"\n'
+                        f'channel = "{group}"\nport = {mport}\ndbc = "{DBC}"\n')
+            print(f"demo: replaying the real RAV4 drive ({recording.name}) on CAN bus can0 (udp_multicast)")
+        else:
+            print("demo: the RAV4 recording (../shared/data) is not here; CAN replay skipped")
+
+        toml = devenv.make_device(run_dir, ca, DEVICE, broker_port=broker.port, obd_port=port,
+                                  extra_toml=can_toml)
         console = CloudConsole(run_dir, on_record=lambda r: print(format_record(r), flush=True))
         console.start()
         started.append(("console", console.stop))
@@ -71,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         started.append(("agent", stop_agent))
         print(f"demo: dongle-agent for {DEVICE} started (log: {log_path})")
         print("demo: what the cloud receives, verified and decrypted (Ctrl-C to stop):", flush=True)
+        if console.connected.wait(15):
+            config = dict(DEMO_CONFIG, version=max(DEMO_CONFIG["version"], _active_version(toml) + 1))
+            seq, _ = console.publish(DEVICE, "config", config)
+            print(f"demo: cloud published config v{config['version']} (seq {seq}): OBD PIDs, CAN signals, raw 0xAA",
+                  flush=True)
 
         deadline = time.monotonic() + args.seconds if args.seconds else None
         while not stop.wait(0.5):
