@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -483,3 +484,49 @@ def test_devca_reuses_an_existing_ca_and_keeps_keys_private(pki: Pki) -> None:
     assert again.certificate == pki.ca.certificate
     assert (pki.ca.directory / "ca.key").stat().st_mode & 0o777 == 0o600
     assert pki.cloud.key.stat().st_mode & 0o777 == 0o600
+
+
+# --------------------------------------------------------------------------------------------
+# Threads: the uplink publishes from its own thread while downlink arrives on the network thread
+# --------------------------------------------------------------------------------------------
+
+def test_publishing_from_many_threads_during_downlink_never_breaks_the_tls_session(
+        make_link: Callable[..., Harness], cloud_peer: MqttPeer) -> None:
+    """Regression: paho used to write the TLS socket from the publishing thread while the
+    network thread read it, which broke the session with ``[SSL: BAD_LENGTH]``."""
+    acked = []
+    lock = threading.Lock()
+    cloud_peer.subscribe(f"{PREFIX}/conc-0001/status")
+    h = make_link("conc-0001", max_inflight=1000)
+    assert h.link.wait_connected(10)
+    cloud_peer.expect(f"{PREFIX}/conc-0001/status")  # subscribed to its downlink by now
+
+    def pump(n: int) -> None:
+        sent = 0
+        while sent < n:
+            if h.link.publish("up/telemetry", os.urandom(20000),
+                              on_ack=lambda: (lock.acquire(), acked.append(1), lock.release())):
+                sent += 1
+            else:
+                time.sleep(0.001)
+
+    threads = [threading.Thread(target=pump, args=(150,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(150):
+        cloud_peer.publish(f"{PREFIX}/conc-0001/down/command", os.urandom(60000))
+    for t in threads:
+        t.join(60)
+    deadline = time.monotonic() + 30
+    while len(acked) < 450 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(acked) == 450
+    assert h.link.stats["disconnects"] == 0, h.link.stats["last_error"]
+    got = 0
+    while True:
+        try:
+            h.received.get(timeout=5 if got < 150 else 0.1)
+            got += 1
+        except queue.Empty:
+            break
+    assert got == 150
