@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         agent = Agent(settings)
     except KeyFileError as e:
-        log.error("%s (named in %s)", e, settings.path)
+        print(f"dongle-agent: {e} (named in {settings.path})", file=sys.stderr)
         return 2
 
     stop = threading.Event()

@@ -88,3 +88,13 @@ def test_daemon_exits_2_with_one_message_and_starts_nothing(tmp_path, capsys):
 def test_missing_settings_file(tmp_path, capsys):
     assert daemon_main(["--config", str(tmp_path / "absent.toml")]) == 2
     assert "absent.toml" in capsys.readouterr().err
+
+
+def test_corrupt_key_file_is_named_and_exits_2(tmp_path, capsys):
+    """A key file that exists but is not a key: one clear line naming it, exit 2, no store."""
+    p = _write(tmp_path, GOOD)
+    (tmp_path / "device_sign.key").write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    assert daemon_main(["--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "device_sign.key" in err and str(p) in err
+    assert not (tmp_path / "data" / "agent.db").exists()
