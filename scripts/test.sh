@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
-# One command for the whole test suite: set everything up, then run pytest.
+# One command for the whole test suite: set everything up, run pytest, then the real-SocketCAN
+# suite in the User-Mode Linux VM (make test-socketcan) where this machine can run it.
+# Arguments are passed to pytest and skip the VM part (e.g. ./scripts/test.sh tests/test_store.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+if [ $# -eq 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && [ "$(uname -m)" = x86_64 ]; then
+        echo "== SocketCAN suite in the CAN VM (make test-socketcan)"
+        make --no-print-directory test-socketcan
+    else
+        echo "== SocketCAN VM suite skipped: it needs root on x86_64 (run: sudo make test-socketcan)"
+    fi
+fi
