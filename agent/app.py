@@ -98,8 +98,11 @@ class Agent:
             trusted_signers=lambda: self.trusted_signers,
             handlers={"config": self._handle_config, "booking": self.bookings.handle,
                       "command": self.commands.handle},
-            on_ack=self.uplink.wake)
+            on_ack=self.uplink.wake, config_version=lambda: int(self.config.get("version", 0)))
         self.components: list = []  # features attached by their own modules (start/stop/status)
+        from agent import technician; technician.attach(self)
+        from agent.health import monitor; monitor.attach(self)
+        from drivers import gpio; gpio.attach(self)
 
     def add_component(self, name: str, component) -> None:
         """Attaches a feature with ``start()``, ``stop()`` and ``status() -> dict``; started and
@@ -121,6 +124,10 @@ class Agent:
             self.can.start()
         for _, c in self.components:
             c.start()
+        pending = self.store.get_meta("config_probation")
+        if pending:  # the agent stopped while a link-moving config was on probation
+            log.warning("resuming the probation of config v%s", pending["doc"]["version"])
+            self._start_probation(pending["doc"], pending["previous"], pending["ref_seq"])
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
         self.watchdog.start()
@@ -196,7 +203,8 @@ class Agent:
         url = (doc.get("link") or {}).get("broker_url")
         if url:
             u = urlsplit(url)
-            return u.hostname or "", u.port or 8883
+            port = u.port  # raises ValueError when out of range
+            return u.hostname or "", 8883 if port is None else port
         return self.settings.mqtt_host_port
 
     def apply_config(self, doc: dict) -> list[str]:
@@ -232,8 +240,14 @@ class Agent:
         if version < current:
             return Outcome("rejected", reason=f"version {version} is not newer than the active {current}",
                            config_version=current)
+        try:
+            endpoint = self._endpoint(doc)
+            if not 0 < endpoint[1] < 65536:
+                raise ValueError("port out of range")
+        except ValueError as e:
+            return Outcome("rejected", reason=f"link.broker_url: {e}", config_version=current)
         previous = copy.deepcopy(self.config)
-        if self._endpoint(doc) != self._endpoint(previous):
+        if endpoint != self._endpoint(previous):
             # The new document moves the link: acknowledge only once the device is connected with
             # it, or roll back to the last good document if it cannot be reached in time.
             self.store.save_config(doc)
@@ -245,6 +259,8 @@ class Agent:
     def _start_probation(self, doc: dict, previous: dict, ref_seq: int) -> None:
         timeout = self.settings.data["mqtt"]["config_rollback_s"]
         with self._config_lock:
+            # Persisted: a restart during probation resumes it (and still acks exactly once).
+            self.store.set_meta("config_probation", {"doc": doc, "previous": previous, "ref_seq": ref_seq})
             self._probation = {"doc": doc, "previous": previous, "ref_seq": ref_seq,
                                "deadline": time.monotonic() + timeout, "timeout": timeout,
                                "connects_before": self.link.stats["connects"]}
@@ -260,6 +276,7 @@ class Agent:
             # Connected again after the switch: a session to the new endpoint has been accepted.
             if self.link.connected and self.link.stats["connects"] > p["connects_before"]:
                 self._probation = None
+                self.store.set_meta("config_probation", None)
                 self.downlink.send_ack("config", p["ref_seq"], "applied", config_version=p["doc"]["version"],
                                        result={"problems": p["problems"]} if p["problems"] else None)
                 log.info("config v%s: broker reachable, applied", p["doc"]["version"])
@@ -267,6 +284,7 @@ class Agent:
             if time.monotonic() < p["deadline"]:
                 return
             self._probation = None
+            self.store.set_meta("config_probation", None)
             bad, good = p["doc"], p["previous"]
             log.error("config v%s: broker not reachable within %ss; rolling back to v%s",
                       bad["version"], p["timeout"], good.get("version"))
@@ -298,3 +316,56 @@ class Agent:
                          "acks": dict(self.downlink.acks)},
             **{name: c.status() for name, c in self.components},
         }
+
+    # -- hooks for features attached by their own modules (issue 6) -------------------------
+    def add_sample_listener(self, listener) -> None:
+        """``listener(list[Sample])`` sees every batch the drivers deliver, on the driver's thread
+        (so it must only queue them). Until ``Ingest`` has listeners of its own, this wraps its
+        queueing step."""
+        listeners = self.__dict__.setdefault("_sample_listeners", [])
+        if not listeners:
+            inner = self.ingest._put
+
+            def put(kind: str, items: list) -> None:
+                inner(kind, items)
+                if kind == "samples" and items:
+                    for fn in list(listeners):
+                        try:
+                            fn(items)
+                        except Exception:
+                            log.exception("sample listener failed")
+            self.ingest._put = put
+        listeners.append(listener)
+
+    def add_frame_listener(self, listener):
+        """``listener(list[Frame])`` sees every frame the CAN buses receive; the acceptance filters
+        are lifted while any listener is attached (raw capture for the technician). Returns a
+        function that removes it. Raises RuntimeError without CAN buses."""
+        if self.can is None:
+            raise RuntimeError("no CAN bus is configured in the local settings")
+        pipeline, reader = self.can, self.can.reader
+        listeners = self.__dict__.setdefault("_frame_listeners", [])
+        if not listeners:
+            def fan_out(frames: list) -> None:
+                pipeline._on_frames(frames)
+                for fn in list(listeners):
+                    try:
+                        fn(frames)
+                    except Exception:
+                        log.exception("frame listener failed")
+            reader._on_frames = fan_out
+            reader.set_filters(None)
+        listeners.append(listener)
+
+        def remove() -> None:
+            if listener in listeners:
+                listeners.remove(listener)
+            if not listeners:
+                reader._on_frames = pipeline._on_frames
+                pipeline.apply_can_config(self.config.get("can"))
+        return remove
+
+    def add_snapshot_part(self, name: str, part) -> None:
+        """``part() -> dict`` is added under ``name`` to :meth:`health_snapshot` (the ``report``
+        command) — once health_snapshot merges ``self.snapshot_parts``."""
+        self.__dict__.setdefault("snapshot_parts", []).append((name, part))

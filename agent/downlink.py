@@ -55,7 +55,8 @@ class Downlink:
     def __init__(self, store: Store, seal: Callable[[str, dict, int], bytes], *, device_id: str,
                  recipient_key, trusted_signers: Callable[[], Mapping],
                  handlers: Mapping[str, Handler], on_ack: Callable[[], None] = lambda: None,
-                 now_ms: Callable[[], int | None] = synced_now_ms):
+                 now_ms: Callable[[], int | None] = synced_now_ms,
+                 config_version: Callable[[], int] | None = None):
         self.store = store
         self._seal = seal
         self.device_id = device_id
@@ -64,10 +65,13 @@ class Downlink:
         self.handlers = dict(handlers)
         self._on_ack = on_ack
         self._now_ms = now_ms
+        self._config_version = config_version
         self.unauthenticated: Counter[str] = Counter()   # reason -> count (no ack sent)
         self.acks: Counter[str] = Counter()              # ack status -> count
 
     def send_ack(self, ref_kind: str, ref_seq: int, status: str, **kw) -> int:
+        if ref_kind == "config" and kw.get("config_version") is None and self._config_version:
+            kw["config_version"] = self._config_version()  # which config the device kept
         body = ack_body(ref_kind, ref_seq, status, **kw)
         seq = self.store.enqueue(lambda seq: self._seal("ack", body, seq), "up/ack", PRIO_CONTROL)
         self.acks[status] += 1

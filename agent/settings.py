@@ -137,6 +137,12 @@ def load(path: str | os.PathLike) -> Settings:
             raise SettingsError(f"{path}: key '{_key_path(key_path)}': file not readable: {resolved}")
 
     m = merged["mqtt"]
+    try:
+        port = urlsplit(m["url"]).port
+    except ValueError:
+        port = None
+    if port == 0 or (port is None and ":" in m["url"].removeprefix("mqtts://")):
+        raise SettingsError(f"{path}: key 'mqtt.url': port must be 1-65535")
     if m["backoff_max_s"] < m["backoff_min_s"]:
         raise SettingsError(f"{path}: key 'mqtt.backoff_max_s': must be >= mqtt.backoff_min_s")
     names = [b["name"] for b in merged["can"]["buses"]]

@@ -200,6 +200,9 @@ certfile {self._cert_path}
 keyfile {self._key_path}
 require_certificate true
 use_identity_as_username true
+# The client id must be the certificate identity: otherwise another device could connect with
+# this one's client id and take its session over (MQTT session takeover).
+use_username_as_clientid true
 
 persistence true
 persistence_location {self.workdir}/

@@ -259,3 +259,43 @@ def test_config_that_breaks_connectivity_rolls_back(fleet):
         assert cloud.wait_ack("config", 3)["status"] == "applied"
     finally:
         agent.stop()
+
+
+def test_restart_during_probation_still_rolls_back_and_acks_once(fleet):
+    toml = fleet.device(DEV)
+    toml.write_text(toml.read_text().replace("backoff_max_s = 10.0", "backoff_max_s = 1.0\nconfig_rollback_s = 4.0"))
+    agent = Agent(settings.load(toml))
+    agent.start()
+    cloud = Cloud(fleet)
+    try:
+        assert agent.link.wait_connected(30)
+        cloud.send("config", cloud.seal("config", _config(2), seq=1))
+        assert cloud.wait_ack("config", 1)["status"] == "applied"
+        cloud.send("config", cloud.seal("config", _config(3, link={"broker_url": "mqtts://127.0.0.1:1"}), seq=2))
+        assert _wait(lambda: agent.store.get_meta("config_probation"), 20)
+    finally:
+        agent.stop()  # "power cut" in the middle of the probation
+    agent = Agent(settings.load(toml))
+    agent.start()
+    try:
+        ack = cloud.wait_ack("config", 2, timeout=60)
+        assert ack["status"] == "failed" and ack["config_version"] == 2
+        assert agent.config["version"] == 2 and agent.store.get_meta("config_probation") is None
+        assert _wait(lambda: agent.link.connected, 30)
+        assert [a["body"]["ref_seq"] for a in cloud.acks("config")].count(2) == 1
+    finally:
+        agent.stop()
+
+
+def test_config_acks_always_name_the_config_the_device_keeps(setup):
+    cloud, st = setup
+    cloud.send("config", cloud.seal("config", _config(6), seq=5))
+    assert cloud.wait_ack("config", 5)["config_version"] == 6
+    cloud.send("config", cloud.seal("config", _config(6), seq=5))       # duplicate seq
+    cloud.send("config", cloud.seal("config", _config(9), seq=4))       # replay
+    cloud.send("config", cloud.seal("config", _config(9, link={"broker_url": "mqtts://h:99999"}), seq=6))
+    assert _wait(lambda: len(cloud.acks("config")) == 4)
+    acks = [a["body"] for a in cloud.acks("config")]
+    assert [a["status"] for a in acks] == ["applied", "duplicate", "rejected", "rejected"]
+    assert all(a["config_version"] == 6 for a in acks)
+    assert "port" in acks[3]["reason"].lower()

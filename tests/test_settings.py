@@ -98,3 +98,23 @@ def test_corrupt_key_file_is_named_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "device_sign.key" in err and str(p) in err
     assert not (tmp_path / "data" / "agent.db").exists()
+
+
+@pytest.mark.parametrize("patch, expected", [
+    (GOOD.replace(":8884", ":99999"), "key 'mqtt.url'"),
+    (GOOD.replace(":8884", ":0"), "key 'mqtt.url'"),
+    (GOOD + '[mqtt.x]\n', "unknown key"),
+])
+def test_url_ports_out_of_range_are_refused(tmp_path, patch, expected):
+    with pytest.raises(settings.SettingsError) as e:
+        settings.load(_write(tmp_path, patch))
+    assert expected in str(e.value)
+
+
+def test_mqtt_settings_that_would_break_protocol_section_2(tmp_path):
+    text = GOOD.replace('key_file = "tls.key"', 'key_file = "tls.key"\nsession_expiry_s = 0')
+    with pytest.raises(settings.SettingsError, match="session_expiry_s"):
+        settings.load(_write(tmp_path, text))
+    text = GOOD.replace('key_file = "tls.key"', 'key_file = "tls.key"\ntopic_prefix = "fleet/"')
+    with pytest.raises(settings.SettingsError, match="topic_prefix"):
+        settings.load(_write(tmp_path, text))
