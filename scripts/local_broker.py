@@ -13,6 +13,11 @@ topics (PROTOCOL §2):
 
 CLI (demo): ``python -m scripts.local_broker --dir DIR [--port N]`` prints the port and runs
 until SIGINT/SIGTERM.
+
+Not bound here: the MQTT client id to the certificate identity. Several cloud-side test clients
+share one certificate, and mosquitto's ``use_username_as_clientid`` is all or nothing. A
+production broker must bind them (that option, or an auth plugin): otherwise one device's
+certificate can connect under another device's client id and take its session over.
 """
 from __future__ import annotations
 
@@ -200,9 +205,6 @@ certfile {self._cert_path}
 keyfile {self._key_path}
 require_certificate true
 use_identity_as_username true
-# The client id must be the certificate identity: otherwise another device could connect with
-# this one's client id and take its session over (MQTT session takeover).
-use_username_as_clientid true
 
 persistence true
 persistence_location {self.workdir}/
