@@ -76,6 +76,7 @@ class Ledger:
         self.db.execute("CREATE TABLE IF NOT EXISTS seen(dev TEXT, seq INTEGER, kind TEXT, ts INTEGER, "
                         "PRIMARY KEY(dev, seq))")
         self.db.execute("CREATE TABLE IF NOT EXISTS down_seq(dev TEXT PRIMARY KEY, seq INTEGER)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS evicted(dev TEXT, from_seq INTEGER, to_seq INTEGER)")
         self.lock = threading.Lock()
 
     def first_time(self, dev: str, seq: int, kind: str) -> bool:
@@ -86,14 +87,25 @@ class Ledger:
             except sqlite3.IntegrityError:
                 return False
 
+    def record_eviction(self, dev: str, from_seq: int, to_seq: int) -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO evicted VALUES (?,?,?)", (dev, from_seq, to_seq))
+
     def missing(self, dev: str) -> list[int]:
-        """Seqs below the highest seen that never arrived (a gap is loss unless an eviction explains it)."""
+        """Seqs below the highest seen that never arrived and that no ``buffer_evicted`` event
+        explains: data loss (or envelopes still on their way — events overtake telemetry)."""
         with self.lock:
             rows = [r[0] for r in self.db.execute("SELECT seq FROM seen WHERE dev=? ORDER BY seq", (dev,))]
+            explained = self.db.execute("SELECT from_seq, to_seq FROM evicted WHERE dev=?", (dev,)).fetchall()
         if not rows:
             return []
         have = set(rows)
-        return [s for s in range(1, rows[-1] + 1) if s not in have]
+        return [s for s in range(1, rows[-1] + 1)
+                if s not in have and not any(a <= s <= b for a, b in explained)]
+
+    def devices(self) -> list[str]:
+        with self.lock:
+            return [r[0] for r in self.db.execute("SELECT DISTINCT dev FROM seen")]
 
     def next_down_seq(self, dev: str) -> int:
         with self.lock:
@@ -183,6 +195,10 @@ class CloudConsole:
             return
         seq = opened.header["seq"]
         fresh = self.ledger.first_time(dev, seq, kind)
+        body = opened.body
+        if fresh and kind == "event" and body.get("type") == "buffer_evicted" \
+                and isinstance(body.get("from_seq"), int) and isinstance(body.get("to_seq"), int):
+            self.ledger.record_eviction(dev, body["from_seq"], body["to_seq"])
         self._record({"dev": dev, "topic": suffix, "kind": kind, "seq": seq, "duplicate": not fresh,
                       "header": opened.header, "body": opened.body})
 
@@ -240,6 +256,19 @@ def format_record(rec: dict) -> str:
     return f"[{dev}] seq={seq:<6} {kind}: {_safe(json.dumps(body, default=str), 300)}{dup}"
 
 
+def _ranges(seqs: list[int]) -> str:
+    out, start, prev = [], None, None
+    for s in seqs + [None]:
+        if start is None:
+            start = prev = s
+        elif s is not None and s == prev + 1:
+            prev = s
+        else:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = s
+    return ", ".join(out)
+
+
 def _cmd_listen(args) -> int:
     out = open(args.jsonl, "a") if args.jsonl else None
 
@@ -255,7 +284,16 @@ def _cmd_listen(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     console.start()
     print(f"cloud console: listening on {console.host}:{console.port} for {PREFIX_ROOT}/+/up/#", flush=True)
-    stop.wait()
+    reported: dict[str, list[int]] = {}
+    while not stop.wait(30):
+        for dev in console.ledger.devices():
+            # Report a gap once it has lasted a whole round (envelopes overtake each other briefly).
+            gaps = console.ledger.missing(dev)
+            lasting = [s for s in gaps if s in reported.get(dev, [])]
+            if lasting:
+                print(f"[{_safe(dev, 64)}] GAP: seq {_ranges(lasting)} missing and not explained by an eviction",
+                      flush=True)
+            reported[dev] = gaps
     console.stop()
     return 0
 
