@@ -19,6 +19,7 @@ setup(
         "console_scripts": [
             "dongle-agent=agent.daemon:main",
             "dongle=agent.cli:main",
+            "dongle-update=agent.update.cli:main",
         ],
     },
 )

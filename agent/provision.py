@@ -15,6 +15,8 @@ cloud_sign.pub         the cloud's keys the device trusts / encrypts to      064
 cloud_enc.pub
 registration.json      device id, key ids, public PEMs and the CSR: what     0644
                        the backend registers (and its CA signs)
+tuf_root.json          with ``tuf_root``: the pinned TUF root metadata that   0644
+                       anchors software updates (PROTOCOL §7, docs/updates.md)
 =====================  ===================================================  =====
 
 It refuses to overwrite anything that exists unless ``force`` is given, and then writes nothing.
@@ -43,6 +45,7 @@ PRIVATE_FILES = ("device_sign.key", "device_enc.key", "tls.key")
 PUBLIC_FILES = ("device_sign.pub", "device_enc.pub", "cloud_sign.pub", "cloud_enc.pub")
 OTHER_FILES = ("tls.csr", "registration.json")
 ALL_FILES = PRIVATE_FILES + PUBLIC_FILES + OTHER_FILES
+TUF_ROOT_FILE = "tuf_root.json"
 
 
 class ProvisionError(Exception):
@@ -75,21 +78,42 @@ def make_csr(device_id: str, tls_key: ec.EllipticCurvePrivateKey) -> x509.Certif
     return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(tls_key, hashes.SHA256())
 
 
+def load_tuf_root(path: str | os.PathLike[str]) -> bytes:
+    """Reads TUF root metadata and checks that it is one and signed by its own root keys."""
+    from tuf.api.metadata import Metadata, Root
+
+    try:
+        data = Path(path).read_bytes()
+        md = Metadata[Root].from_bytes(data)
+        if not isinstance(md.signed, Root):
+            raise ValueError(f"a {md.signed.type} role, not root")
+        md.verify_delegate(Root.type, md)
+    except OSError as e:
+        raise InvalidInput(f"--tuf-root: {e}") from None
+    except Exception as e:  # noqa: BLE001 - tuf raises several types for bad metadata
+        raise InvalidInput(f"--tuf-root {path}: not valid TUF root metadata ({e})") from None
+    return data
+
+
 def provision(device_id: str, cloud_sign_pub: str | os.PathLike[str], cloud_enc_pub: str | os.PathLike[str],
-              out_dir: str | os.PathLike[str], force: bool = False) -> dict[str, Any]:
+              out_dir: str | os.PathLike[str], force: bool = False,
+              tuf_root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Creates the device's keys in ``out_dir``; returns the key ids and the paths written.
 
     ``cloud_sign_pub`` / ``cloud_enc_pub`` are PEM files of the cloud's Ed25519 / X25519 public
-    keys. Raises :class:`InvalidInput` or :class:`AlreadyProvisioned` before writing anything.
+    keys; ``tuf_root`` (optional) the update repository's root metadata to pin. Raises
+    :class:`InvalidInput` or :class:`AlreadyProvisioned` before writing anything.
     """
     if not valid_device_id(device_id):
         raise InvalidInput(f"invalid device id {device_id!r}: 4-64 characters of [a-z0-9-]")
     cloud_sign = _load_cloud_key(cloud_sign_pub, Ed25519PublicKey, "--cloud-sign-pub")
     cloud_enc = _load_cloud_key(cloud_enc_pub, X25519PublicKey, "--cloud-enc-pub")
+    tuf_root_data = load_tuf_root(tuf_root) if tuf_root is not None else None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"{out}: not a directory")
-    paths = {name: out / name for name in ALL_FILES}
+    names = ALL_FILES + ((TUF_ROOT_FILE,) if tuf_root_data is not None else ())
+    paths = {name: out / name for name in names}
     existing = [str(p) for p in paths.values() if p.exists() or p.is_symlink()]
     if existing and not force:
         raise AlreadyProvisioned("refusing to overwrite existing files (use --force): " + ", ".join(existing))
@@ -129,5 +153,9 @@ def provision(device_id: str, cloud_sign_pub: str | os.PathLike[str], cloud_enc_
     }
     paths["registration.json"].write_text(json.dumps(registration, indent=2) + "\n", encoding="utf-8")
     paths["registration.json"].chmod(0o644)
+    if tuf_root_data is not None:
+        paths[TUF_ROOT_FILE].write_bytes(tuf_root_data)
+        paths[TUF_ROOT_FILE].chmod(0o644)
+        result["tuf_root"] = str(paths[TUF_ROOT_FILE])
     log.info("provisioned %s in %s (kid_sign %s, kid_enc %s)", device_id, out, result["kid_sign"], result["kid_enc"])
     return {**result, "paths": paths}

@@ -1,0 +1,143 @@
+"""Agent bundles: a deterministic tar of the agent's environment, zstd-compressed.
+
+A bundle holds one slot's tree relative to the slot directory (``lib/python3.X/site-packages/...``,
+``bin/dongle-agent``, ``bin/dongle-update``, ``MANIFEST.json``) without bytecode: ``.pyc`` files and
+``__pycache__`` directories are left out and compiled on the device at install time. The same tree
+always gives the same bytes (sorted names, mtime 0, uid/gid 0, no user names, modes normalised to
+0644/0755), so a delta between two bundles only carries what changed.
+
+The tar carries no links and no absolute paths; :func:`extract` uses tarfile's ``data`` filter
+anyway (defence in depth behind TUF) and refuses anything else.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import zstandard
+
+log = logging.getLogger(__name__)
+
+
+class _Params:
+    """Frame parameters with ``content_size`` None when the frame does not say."""
+
+    def __init__(self, content_size: int | None):
+        self.content_size = content_size
+
+    @classmethod
+    def of(cls, data: bytes) -> _Params:
+        size = zstandard.get_frame_parameters(data).content_size
+        return cls(None if size >= zstandard.CONTENTSIZE_ERROR else size)
+
+MANIFEST = "MANIFEST.json"
+SKIP_DIRS = frozenset({"__pycache__"})
+SKIP_SUFFIXES = (".pyc", ".pyo")
+LEVEL = 19
+MAX_TAR = 512 * 1024 * 1024  # the largest uncompressed bundle a device accepts
+
+
+class BundleError(Exception):
+    """A bundle that cannot be built, read or extracted."""
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        base = Path(dirpath)
+        if base != root:
+            yield base
+        for name in sorted(filenames):
+            if not name.endswith(SKIP_SUFFIXES):
+                yield base / name
+
+
+def build_tar(tree: Path, manifest: dict | None = None) -> bytes:
+    """The deterministic tar of ``tree``; ``manifest`` (if given) is written as MANIFEST.json."""
+    tree = Path(tree)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        entries: list[tuple[str, Path | bytes]] = []
+        for path in _walk(tree):
+            rel = path.relative_to(tree).as_posix()
+            if rel == MANIFEST and manifest is not None:
+                continue
+            entries.append((rel, path))
+        if manifest is not None:
+            entries.append((MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode()))
+        for rel, src in sorted(entries, key=lambda e: e[0]):
+            info = tarfile.TarInfo(rel)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if isinstance(src, bytes):
+                info.size, info.mode = len(src), 0o644
+                tar.addfile(info, io.BytesIO(src))
+                continue
+            st = src.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                raise BundleError(f"{src}: symbolic links are not allowed in a bundle")
+            if stat.S_ISDIR(st.st_mode):
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                info.size = st.st_size
+                info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+                with open(src, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                raise BundleError(f"{src}: not a regular file or directory")
+    return buf.getvalue()
+
+
+def compress(tar: bytes, level: int = LEVEL) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(tar)
+
+
+def decompress(data: bytes, max_size: int = MAX_TAR) -> bytes:
+    """Decompresses one bundle; refuses one that claims or grows beyond ``max_size``."""
+    try:
+        params = _Params.of(data)
+        if params.content_size and params.content_size > max_size:
+            raise BundleError(f"bundle claims {params.content_size} bytes, over {max_size}")
+        out = io.BytesIO()
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
+            while chunk := r.read(1 << 20):
+                out.write(chunk)
+                if out.tell() > max_size:
+                    raise BundleError(f"bundle grows beyond {max_size} bytes")
+        if params.content_size and out.tell() != params.content_size:
+            raise BundleError(f"truncated: {out.tell()} of {params.content_size} bytes")
+        return out.getvalue()
+    except zstandard.ZstdError as e:
+        raise BundleError(f"not a zstd bundle: {e}") from e
+
+
+def read_manifest(tar: bytes) -> dict:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as t:
+            f = t.extractfile(MANIFEST)
+            if f is None:
+                raise BundleError("MANIFEST.json is not a file")
+            return json.loads(f.read())
+    except (tarfile.TarError, KeyError, ValueError) as e:
+        raise BundleError(f"bundle has no readable {MANIFEST}: {e}") from e
+
+
+def extract(tar: bytes, dest: Path) -> None:
+    """Extracts into ``dest`` (which must exist); only regular files and directories."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as t:
+            members = t.getmembers()
+            for m in members:
+                if not (m.isfile() or m.isdir()):
+                    raise BundleError(f"bundle member {m.name!r} is not a file or directory")
+            t.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise BundleError(f"extracting the bundle: {e}") from e

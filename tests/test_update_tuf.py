@@ -1,0 +1,259 @@
+"""Agent updates through a real TUF repository (scripts/release.py) served over HTTPS with the
+dev CA (scripts/tuf_server.py): the Updater's down/release handler, delta and full bundles,
+Range resume, and every rejection with its named reason."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from agent import schemas
+from agent.update import state
+from agent.update.tuf_client import TufError
+from agent.update.updater import UpdateSettings, Updater
+from scripts.cloud_keys import generate_cloud_keys
+from scripts.devca import DevCA
+from scripts.release import PYVER, signer_for
+from scripts.tuf_server import TufServer
+from tests.update_support import HW, Env, build_repo, layout_for, make_tree, opened
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    repo = build_repo(tmp_path, [("1.0.0", 1), ("1.1.0", 2)])
+    ca = DevCA(tmp_path / "pki")
+    with TufServer(repo.repo, ca) as srv:
+        yield Env(tmp_path, repo, srv, ca, layout_for(tmp_path))
+
+
+class Harness:
+    def __init__(self, env: Env, **settings):
+        self.env = env
+        self.events: list[dict] = []
+        self.restarts = 0
+        self.parked: bool | None = True
+        self.volts: float | None = 12.6
+        s = UpdateSettings(root=env.layout.root, tuf_root=env.repo.root_path,
+                           metadata_dir=env.tmp / "device-meta", ca_file=env.ca.ca_cert_path,
+                           python=env.layout.python, rate_bps=None, compile_bytecode=False,
+                           **settings)
+        self.updater = Updater(s, emit_event=self._emit, parked=lambda: self.parked,
+                               supply_v=lambda: self.volts, restart=self._restart,
+                               health=lambda: {"store": True, "broker": True},
+                               clock_synced=lambda: True)
+
+    def _emit(self, body: dict) -> None:
+        schemas.validate("event", body)   # every event body is a valid PROTOCOL §4 event
+        self.events.append(body)
+
+    def _restart(self) -> None:
+        self.restarts += 1
+
+    def send(self, body: dict, seq: int = 1):
+        out = self.updater.handle_release(opened(body, seq))
+        if out.after_commit:
+            out.after_commit()
+        return out
+
+    def states(self) -> list[str]:
+        """States without the progress events (``downloading`` with ``bytes_done``)."""
+        return [e["state"] for e in self.events if "bytes_done" not in e]
+
+    def rejection(self) -> str:
+        rejected = [e for e in self.events if e["state"] == "rejected"]
+        assert len(rejected) == 1, self.events
+        return rejected[0]["reason"]
+
+
+def install(h: Harness, version: str, counter: int, **kw) -> list[str]:
+    assert h.send(h.env.release(version, counter, **kw)).status == "accepted"
+    return h.updater.step()
+
+
+def test_full_install_then_delta_update(env: Env) -> None:
+    h = Harness(env)
+    assert install(h, "1.0.0", 1) == ["agent:trial"]
+    assert env.layout.current_version() == "1.0.0"
+    assert h.states() == ["downloading", "installed", "trial"]
+    progress = [e for e in h.events if "bytes_done" in e]
+    assert progress and all(0 < e["bytes_done"] <= e["bytes_total"] for e in progress)
+    assert h.restarts == 1
+    env.server.reset_counters()
+    assert install(h, "1.1.0", 2, delta_from="1.0.0") == ["agent:trial"]
+    fetched = [p for p, status, n, _ in env.server.requests if p.startswith("/targets/")]
+    assert len(fetched) == 1 and "delta-from-1.0.0" in fetched[0]
+    assert env.layout.current_version() == "1.1.0"
+    assert env.layout.previous_version() == "1.0.0"
+    slot = env.layout.slot("1.1.0")
+    assert "1.1.0" in (slot / f"lib/{PYVER}/site-packages/stubagent/__init__.py").read_text()
+    assert not list(slot.rglob("*.pyc"))  # compile_bytecode=False here; bundles carry none
+    manifest = json.loads((slot / "MANIFEST.json").read_text())
+    assert manifest["version"] == "1.1.0" and manifest["release_counter"] == 2
+    installed = [e for e in h.events if e["state"] == "installed"]
+    assert [e["via"] for e in installed] == ["full", "delta"]
+    st = state.load(env.layout)
+    assert st["trial"]["version"] == "1.1.0" and st["trial"]["from"] == "1.0.0"
+
+
+def test_delta_falls_back_to_the_full_bundle(env: Env) -> None:
+    h = Harness(env)
+    install(h, "1.0.0", 1)
+    (env.layout.slot("1.0.0") / ".bundle.tar.zst").unlink()   # no base to patch
+    env.server.reset_counters()
+    assert install(h, "1.1.0", 2, delta_from="1.0.0") == ["agent:trial"]
+    fetched = [p for p, *_ in env.server.requests if p.startswith("/targets/")]
+    assert len(fetched) == 1 and fetched[0].endswith("bundle.tar.zst")
+    assert [e["via"] for e in h.events if e["state"] == "installed"] == ["full", "full"]
+
+
+def test_download_resumes_with_range(env: Env) -> None:
+    tuf = env.tuf(chunk=4096)
+    info, url = tuf.target_info(env.url, "agent/1.0.0/bundle.tar.zst")
+    part = env.tmp / "dl.part"
+    seen = []
+
+    def interrupt(done: int, total: int) -> None:
+        seen.append(done)
+        if len(seen) == 2:
+            raise ConnectionResetError("link lost")
+
+    with pytest.raises(TufError) as e:
+        tuf.download(info, url, part, interrupt)
+    assert e.value.retryable and part.stat().st_size == seen[-1] < info.length
+    env.server.reset_counters()
+    data = tuf.download(info, url, part)
+    assert len(data) == info.length
+    [(path, status, sent, ranged)] = [r for r in env.server.requests if r[0].startswith("/targets/")]
+    assert status == 206 and ranged and sent == info.length - seen[-1]
+
+
+def test_conditions_wait_for_parked_and_supply(env: Env) -> None:
+    h = Harness(env)
+    h.parked, h.volts = False, 11.0
+    assert h.send(env.release("1.0.0", 1, parked=True, min_supply_v=12.0)).status == "accepted"
+    assert h.updater.step() == ["agent:waiting (parked)"]
+    assert env.layout.current_version() is None and env.layout.slot("1.0.0").is_dir()
+    assert h.updater.status()["activity"]["waiting_for"] == "parked"
+    h.parked = True
+    assert h.updater.step()[0].startswith("agent:waiting (supply")
+    env.server.reset_counters()
+    h.volts = 12.4
+    assert h.updater.step() == ["agent:trial"]
+    assert not [r for r in env.server.requests if r[0].startswith("/targets/")]  # not fetched again
+    assert env.layout.current_version() == "1.0.0"
+
+
+# --- rejections, each with its named reason -------------------------------------------------------
+
+def _assert_untouched(env: Env) -> None:
+    assert env.layout.current_version() is None
+    assert env.layout.installed() == []
+    assert state.load(env.layout)["pending"] == {}
+
+
+def test_flipped_bits_are_rejected(env: Env) -> None:
+    f = env.repo.target_file("agent/1.0.0/bundle.tar.zst")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+    h = Harness(env)
+    assert install(h, "1.0.0", 1) == ["agent:rejected (hash_mismatch)"]
+    assert h.rejection().startswith("hash_mismatch")
+    assert not list(env.layout.downloads.glob("*.part"))  # bad bytes are never resumed from
+    _assert_untouched(env)
+
+
+def test_wrong_hardware_id_is_rejected(env: Env) -> None:
+    tree = make_tree(env.tmp / "trees", "2.0.0")
+    env.repo.add_agent_release("2.0.0", 3, tree, hardware_ids=["other-product-v2"])
+    env.repo.publish()
+    h = Harness(env)
+    assert install(h, "2.0.0", 3) == ["agent:rejected (wrong_hardware)"]
+    assert HW in h.rejection() and "other-product-v2" in h.rejection()
+    _assert_untouched(env)
+
+
+def test_older_or_equal_release_counter_is_rejected(env: Env) -> None:
+    h = Harness(env)
+    install(h, "1.1.0", 2)
+    with state.locked(env.layout) as st:   # as if the trial had ended good
+        state.raise_counter(st, "agent", 2, "1.1.0")
+        st["trial"] = None
+    for version, counter in (("1.1.0", 2), ("1.0.0", 1)):
+        out = h.send(env.release(version, counter))
+        assert out.status == "rejected" and out.reason.startswith("stale_counter"), out
+    assert state.load(env.layout)["agent"]["release_counter"] == 2
+
+
+def test_signed_counter_must_match_the_release(env: Env) -> None:
+    h = Harness(env)   # the cloud claims counter 7 for a target signed with counter 1
+    assert install(h, "1.0.0", 7) == ["agent:rejected (target_mismatch)"]
+    assert "release_counter" in h.rejection()
+
+
+def test_expired_timestamp_is_rejected(env: Env) -> None:
+    env.repo.refresh_timestamp(dt.timedelta(seconds=-60))
+    h = Harness(env)
+    assert install(h, "1.0.0", 1) == ["agent:rejected (expired_metadata)"]
+    assert "timestamp" in h.rejection()
+    _assert_untouched(env)
+
+
+def test_target_missing_from_metadata_is_rejected(env: Env) -> None:
+    h = Harness(env)
+    shutil.copy(env.repo.target_file("agent/1.1.0/bundle.tar.zst"),
+                env.repo.targets_dir / "agent" / "evil.bundle.tar.zst")   # on the server, unsigned
+    assert install(h, "1.0.0", 1, target="agent/evil.bundle.tar.zst") == \
+        ["agent:rejected (target_missing)"]
+    _assert_untouched(env)
+
+
+def test_mixed_metadata_versions_are_rejected(env: Env) -> None:
+    md = env.repo.metadata_dir
+    v = env.repo.targets.signed.version
+    # The server hands out an older targets file under the name of the newest one.
+    shutil.copy(md / f"{v - 1}.targets.json", md / f"{v}.targets.json")
+    h = Harness(env)
+    assert install(h, "1.0.0", 1) == ["agent:rejected (metadata_mismatch)"]
+    _assert_untouched(env)
+
+
+def test_oversize_download_is_cut_at_the_signed_length(env: Env) -> None:
+    f = env.repo.target_file("agent/1.0.0/bundle.tar.zst")
+    with open(f, "ab") as out:
+        out.write(b"\0" * 32_000_000)   # endless data, as far as the device should care
+    h = Harness(env)
+    assert install(h, "1.0.0", 1) == ["agent:rejected (oversize)"]
+    served = [n for p, _, n, _ in env.server.requests if p.startswith("/targets/")]
+    # The client stopped reading at the signed length and hung up (socket buffers hold a few MB).
+    assert served and served[0] < f.stat().st_size // 2
+    _assert_untouched(env)
+
+
+def test_release_signed_with_the_cloud_envelope_key_is_rejected(env: Env) -> None:
+    """A compromised backend holds the envelope key, not the offline release key."""
+    cloud = generate_cloud_keys(env.tmp / "cloud")
+    envelope_key = serialization.load_pem_private_key(
+        Path(cloud["paths"]["cloud_sign.key"]).read_bytes(), None)
+    tree = make_tree(env.tmp / "trees", "6.6.6", extra={"stubagent/backdoor.py": "EVIL = 1\n"})
+    env.repo.add_agent_release("6.6.6", 9, tree, hardware_ids=[HW])
+    env.repo.publish(targets_signer=signer_for(envelope_key))
+    h = Harness(env)
+    assert install(h, "6.6.6", 9) == ["agent:rejected (untrusted_signature)"]
+    assert "targets" in h.rejection()
+    _assert_untouched(env)
+
+
+def test_rejected_release_can_come_again_and_status_shows_it(env: Env) -> None:
+    env.repo.refresh_timestamp(dt.timedelta(seconds=-60))
+    h = Harness(env)
+    install(h, "1.0.0", 1)
+    assert h.updater.status()["activity"]["reason"] == "expired_metadata"
+    env.repo.refresh_timestamp()   # the repository host re-signs
+    assert install(h, "1.0.0", 1) == ["agent:trial"]
