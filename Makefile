@@ -13,7 +13,7 @@ export CANVM_DIR
 # python-can's virtual bus.
 SOCKETCAN_TESTS := tests/socketcan tests/test_can.py tests/test_can_replay.py
 
-.PHONY: help test-socketcan test-install
+.PHONY: help test-socketcan test-install soak bench-store bench-memory
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -29,3 +29,14 @@ test-install: ## run scripts/install.sh for real in the CAN VM (throwaway root f
 	  -r requirements.txt setuptools wheel
 	DONGLE_WHEELHOUSE=$(CANVM_DIR)/wheelhouse \
 	  $(CANVM) $(VENV)/bin/pytest -q -p no:cacheprovider tests/socketcan/test_install_in_vm.py
+
+# Store and forward (docs/store.md): the 50-cut power-cut run and other long tests (pytest marker
+# `soak`, excluded from the default suite by pytest.ini).
+soak: ## run the soak tests (50 SIGKILL power cuts during heavy ingest; several minutes)
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m soak --timeout=1800 -s tests/
+
+bench-store: ## wire bytes per frame / sample / vehicle-day and the 24 h backlog drain (bench/bench_store.py)
+	$(VENV)/bin/python bench/bench_store.py
+
+bench-memory: ## agent RSS over 10 minutes at 10,000 frames/s (bench/bench_memory.py)
+	$(VENV)/bin/python bench/bench_memory.py --duration 600 --rate 10000

@@ -1,33 +1,141 @@
-"""The agent's one source of wall-clock time (ms since the Unix epoch).
+"""The agent's one source of wall-clock time (ms / µs since the Unix epoch).
 
-Everything that stamps data takes a ``clock`` callable defaulting to :func:`now_ms`, so tests
-can inject time and a later change (monotonic time plus an offset learnt once the clock is
-synchronised) happens in one place.
+A Raspberry Pi has no real-time clock: it boots at 1970 (or at a stale saved time) until NTP,
+GNSS or the MCU sets it. Data taken before then must still get correct timestamps, so:
+
+* while the clock is **synchronised**, :func:`now_ms` is the system wall clock;
+* before that, :func:`now_ms` returns a **provisional** stamp: monotonic milliseconds since boot,
+  always below :data:`PLAUSIBLE_AFTER_MS` and so never mistaken for a real time. The store keeps
+  such rows unsealed (nothing provisional is ever sent) and, once the clock is synchronised,
+  adds the offset ``true time - monotonic time`` learnt at that moment
+  (:meth:`Clock.offset_ms`), giving every row the time it was really taken. The offset is only
+  valid within one boot (the monotonic clock restarts at 0), so rows carry the boot they were
+  stamped in: see ``Store.fix_times``.
+
+Synchronised means: the system wall clock reads a plausible time (after 2025-01-01), or an
+external source (GNSS, the MCU) has told us the true time with :meth:`Clock.sync`.
+
+Everything that stamps data calls the module functions (:func:`now_ms`, :func:`now_us`), which
+delegate to one process-wide :class:`Clock`; tests install their own with :func:`set_clock`
+(e.g. a wall clock stuck in 1970 that is "set by NTP" later).
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def now_us() -> int:
-    return time.time_ns() // 1_000
-
+log = logging.getLogger(__name__)
 
 # No clock we run on can legitimately be earlier than this (2025-01-01): a Pi without a
 # real-time clock boots at its last saved time or 1970 until NTP or GNSS sets it.
-_PLAUSIBLE_AFTER_MS = 1_735_689_600_000
+PLAUSIBLE_AFTER_MS = 1_735_689_600_000
+PLAUSIBLE_AFTER_US = PLAUSIBLE_AFTER_MS * 1000
+_PLAUSIBLE_AFTER_MS = PLAUSIBLE_AFTER_MS  # older name, kept for callers
+
+
+def _read_boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux: one id per process is the safe approximation
+        return f"process-{uuid.uuid4()}"
+
+
+class Clock:
+    """Wall time from the system clock once plausible, provisional monotonic time before.
+
+    ``wall_ns`` / ``mono_ns`` default to ``time.time_ns`` / ``time.monotonic_ns``; ``boot_id``
+    names the current boot (the kernel's, by default) so provisional stamps from an earlier boot
+    are never shifted by this boot's offset.
+    """
+
+    def __init__(self, *, wall_ns: Callable[[], int] = time.time_ns,
+                 mono_ns: Callable[[], int] = time.monotonic_ns, boot_id: str | None = None):
+        self._wall_ns = wall_ns
+        self._mono_ns = mono_ns
+        self.boot_id = boot_id or _read_boot_id()
+        self._external_offset_ns: int | None = None  # true - monotonic, from sync()
+        self._lock = threading.Lock()
+
+    # -- reading --------------------------------------------------------------------------
+    def mono_ms(self) -> int:
+        return self._mono_ns() // 1_000_000
+
+    def _true_ns(self) -> int | None:
+        wall = self._wall_ns()
+        if wall >= PLAUSIBLE_AFTER_MS * 1_000_000:
+            return wall
+        with self._lock:
+            off = self._external_offset_ns
+        return None if off is None else self._mono_ns() + off
+
+    def now_ns(self) -> int:
+        true = self._true_ns()
+        return true if true is not None else self._mono_ns()
+
+    def now_ms(self) -> int:
+        return self.now_ns() // 1_000_000
+
+    def now_us(self) -> int:
+        return self.now_ns() // 1_000
+
+    def is_synced(self) -> bool:
+        return self._true_ns() is not None
+
+    def offset_ms(self) -> int | None:
+        """``true time - monotonic time`` in ms now, or None while not synchronised."""
+        mono = self._mono_ns()
+        true = self._true_ns()
+        return None if true is None else (true - mono) // 1_000_000
+
+    # -- setting --------------------------------------------------------------------------
+    def sync(self, true_ms: int) -> None:
+        """An external source (GNSS fix, MCU RTC) says it is ``true_ms`` now.
+
+        Used only while the system clock is not plausible; setting the system clock itself is
+        the OS's job (chrony/timesyncd, gpsd).
+        """
+        if true_ms < PLAUSIBLE_AFTER_MS:
+            raise ValueError(f"implausible time {true_ms}")
+        with self._lock:
+            self._external_offset_ns = true_ms * 1_000_000 - self._mono_ns()
+        log.info("clock: synchronised from an external source")
+
+
+_clock = Clock()
+
+
+def get_clock() -> Clock:
+    return _clock
+
+
+def set_clock(clock: Clock) -> Clock:
+    """Installs ``clock`` as the process-wide source (tests); returns the previous one."""
+    global _clock
+    previous, _clock = _clock, clock
+    return previous
+
+
+def now_ms() -> int:
+    return _clock.now_ms()
+
+
+def now_us() -> int:
+    return _clock.now_us()
+
+
+def is_provisional_ms(t_ms: int) -> bool:
+    return t_ms < PLAUSIBLE_AFTER_MS
 
 
 def is_synced(now: int | None = None) -> bool:
-    """True once the wall clock is plausible (set by NTP, GNSS or the MCU)."""
-    return (now_ms() if now is None else now) >= _PLAUSIBLE_AFTER_MS
+    """True once the clock is synchronised (with ``now``: whether that ms time is plausible)."""
+    return _clock.is_synced() if now is None else now >= PLAUSIBLE_AFTER_MS
 
 
 def synced_now_ms() -> int | None:
     """``now_ms()``, or None while the clock is not synchronised (PROTOCOL §3 skips ``exp`` then)."""
-    now = now_ms()
-    return now if is_synced(now) else None
+    return _clock.now_ms() if _clock.is_synced() else None
