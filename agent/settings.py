@@ -32,6 +32,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "obd": {"enabled": True, "port": "/dev/ttyUSB0", "baudrate": 0, "timeout_s": 2.0},
     "can": {"buses": []},
     "uplink": {"batch_max_samples": 4000, "max_inflight": 8},
+    "store": {"budget_mb": 512},
     "log": {"level": "INFO"},
 }
 
