@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["agent", "agent.*", "drivers", "drivers.*",
                                     "firmware_bridge", "firmware_bridge.*", "config", "config.*"]),
-    package_data={"config": ["*.json", "*.toml", "schemas/*.json", "dbc/*.dbc", "dbc/*.txt", "dbc/*.md", "ev_profiles/*.json", "dtc/*"]},
+    package_data={"config": ["*.json", "*.toml", "schemas/*.json", "dbc/*.dbc", "dbc/*.txt", "dbc/*.md", "ev_profiles/*.json", "dtc/*.csv", "dtc/*.md", "dtc/*.txt"]},
     include_package_data=True,
     install_requires=install_requires,
     entry_points={

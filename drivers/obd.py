@@ -4,12 +4,29 @@
 port, a dead or babbling adapter, NO DATA), answers ``(value, unit_text)`` or ``None``.
 :class:`ObdPoller` owns a thread that keeps a reader connected (reconnecting with
 :class:`agent.backoff.Backoff`), polls the configured PIDs (PROTOCOL §4 ``obd.pids``) each on
-its own period and hands :class:`agent.model.Sample` lists to a sink.
+its own period and hands :class:`agent.model.Sample` lists to a sink; it also reads the trouble
+codes every ``obd.dtc_period_s`` and reports changes as ``dtc`` event bodies (agent/dtc.py).
 
 Ports: ``port`` may be a symlink (a udev name such as ``/dev/serial/by-id/...``, or the link
 ``scripts.elm_emulator.ElmEmulator(link=...)`` keeps); it is resolved again at every connect, so
 an adapter that comes back on another tty is found by the same name. :meth:`ObdPoller.set_port`
 re-points a running poller explicitly.
+
+Adapter bring-up is python-OBD's (``ATZ``, ``ATE0`` echo off, ``ATH1`` headers on, ``ATL0``,
+``ATSP0`` protocol auto-detect unless a protocol is given, supported-PID walk ``01 00``, ``01 20``,
+..., ``09 00``), plus ``ATAT1`` (adaptive timing; a clone answering ``?`` is logged and
+tolerated). Every request goes through :meth:`ObdReader._send`, which keeps only the messages
+that echo the request (``41 0C ..`` for ``01 0C``): ELM texts (``NO DATA``, ``?``,
+``BUS INIT: ...ERROR``, ``CAN ERROR``, ``STOPPED``, ``BUFFER FULL``, ...), negative responses
+and late answers to an earlier request are logged and give ``None``; dropped characters make
+python-OBD's frame parser drop the frame. None of it is fatal; ``fail_limit`` requests in a row
+without an answer make the poller reconnect.
+
+Multi-PID (drivers/obd_multi.py): PIDs due together go out as one mode 01 request of up to six
+PIDs on CAN protocols, with the ELM327 response-count hint (the frame count of the previous
+answer) once known. An adapter answering ``?`` to the hint gets requests without it; a vehicle
+whose multi-PID answers lack PIDs that single requests get (twice in a row) gets one PID per
+request for the rest of the connection. Non-CAN protocols get one PID per request.
 
 python-OBD notes (0.7.3) that shape this module:
 - ``obd.OBD()`` connects inside its constructor; ``fast=False`` avoids its response-count
@@ -24,7 +41,14 @@ python-OBD notes (0.7.3) that shape this module:
   adapter that sends just a prompt, or bytes that are not text) is read again up to ten times:
   up to 100 s per query. Once connected, the read timeout is lowered to ``timeout_s`` through
   the ELM327 object's private port attribute (python-OBD 0.7.x has no API for it; without the
-  attribute, the 10 s stays). Connect attempts keep the 10 s, as the protocol search needs it.
+  attribute, the 10 s stays). Connect attempts keep the 10 s, as the protocol search needs it:
+  an adapter that answers the connect's supported-PID walk with text-less bytes can make one
+  connect attempt take minutes (python-OBD offers no hook to shorten it).
+- Its ``OBDCommand`` cuts or pads every answer to the command's length in place while decoding;
+  commands whose answers need reshaping first (multi-PID, mode 02 with a frame number) are
+  sent with no fixed length (drivers/obd_multi.py, drivers/obd_diag.py).
+- Its DTC decoder reads an ELM text answer (``NO DATA``) as "no codes": the echo check above
+  keeps that from ever clearing a reported set.
 """
 from __future__ import annotations
 
@@ -34,7 +58,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import obd
@@ -426,6 +450,11 @@ class ObdReader:
             log.debug("OBD query %s failed", name, exc_info=True)
             return None
         messages = list(getattr(response, "messages", None) or [])
+        if cmd.mode is None:  # an adapter command (AT RV): its answer is text, not OBD data
+            if messages:
+                return messages
+            self.last_error = f"{name}: no answer"
+            return None
         good = answers_to(cmd, messages, bytes(cmd.command))
         others = [m for m in messages if m.parsed() and m not in good]
         if others:
@@ -501,6 +530,14 @@ class _Pid:
 Sink = Callable[[list[Sample]], None]
 
 
+@dataclass
+class _Request:
+    kind: str  # "read_dtc" | "clear_dtc"
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    cancelled: bool = False
+
+
 class ObdPoller:
     """Keeps an ELM327 connected and polls PIDs on their periods into ``sink``.
 
@@ -509,15 +546,26 @@ class ObdPoller:
     dropped. ``on_vehicle({"vin", "vin_valid", "protocol"})`` is called when a vehicle is first
     seen and whenever its VIN or protocol changes.
 
+    PIDs that are due together go out in one multi-PID request (up to 6, CAN only; see
+    :meth:`ObdReader.read_pids` for the fallback to one PID per request).
+
+    Trouble codes are read every ``dtc_period_s`` (and right after each connect):
+    ``on_dtc(body)`` gets a PROTOCOL §4 ``dtc`` event body whenever the set of codes or the MIL
+    changes (:class:`agent.dtc.DtcTracker`; ``dtc_store``, an ``agent.store.Store``, keeps the
+    last reported set across restarts). :meth:`read_dtcs_now` and :meth:`clear_dtcs` run on the
+    poller's thread, between requests.
+
     A connection is dropped and re-made (after a backoff wait) when the adapter is lost or
-    ``fail_limit`` queries in a row fail; the backoff is reset once a connection has delivered
-    ``stable_after`` samples. A PID whose every query fails keeps the poller reconnecting: that
-    is by design, as it cannot tell such a PID from a dead link.
+    ``fail_limit`` requests in a row get nothing; the backoff is reset once a connection has
+    delivered ``stable_after`` samples. A PID whose every query fails, polled alone, keeps the
+    poller reconnecting: that is by design, as it cannot tell such a PID from a dead link.
     """
 
     def __init__(self, port: str, pids: list[dict[str, Any]], sink: Sink, *,
                  clock: Callable[[], int] = now_ms, backoff: Backoff | None = None,
                  on_vehicle: Callable[[dict[str, Any]], None] | None = None,
+                 on_dtc: Callable[[dict[str, Any]], None] | None = None,
+                 dtc_period_s: float | None = 60.0, dtc_store: Any | None = None,
                  baudrate: int | None = None, protocol: str | int | None = None,
                  timeout_s: float = 2.0, fail_limit: int = 5, stable_after: int = 3,
                  batch_size: int = 16, batch_age_s: float = 0.5,
@@ -546,16 +594,24 @@ class ObdPoller:
         self._configured: list[_Pid] = []
         self._unsupported: set[str] = set()
         self._unsupported_logged: set[str] = set()
+        self._supported: set[str] | None = None  # from the last vehicle's PID bitmaps
         self._vehicle: tuple[str | None, str | None] | None = None
         self._reader: ObdReader | None = None
         self._batch: list[Sample] = []
         self._batch_started = 0.0
         self._good = 0  # samples on the current connection
-        self._failures = 0  # failed queries in a row
+        self._failures = 0  # failed requests in a row
+        self._tracker = DtcTracker(on_dtc, store=dtc_store, clock=clock)
+        self._dtc_period_s = self._check_period(dtc_period_s)
+        self._dtc_due = 0.0
+        self._freeze_for: tuple[str, ...] = ()
+        self._freeze: dict[str, Any] | None = None
+        self._requests: list[_Request] = []
         self._stats: dict[str, Any] = {
             "connected": False, "port": port, "protocol": None, "vin": None, "samples": 0,
             "errors": 0, "last_error": None, "connects": 0, "attempts": 0,
-            "sink_errors": 0}
+            "sink_errors": 0, "requests": 0, "multi_pid": None, "count_hint": None,
+            "dtc_reads": 0, "dtc": None}
         self.apply_pids(pids)
 
     # -- public API --------------------------------------------------------------------------
@@ -582,6 +638,96 @@ class ObdPoller:
         """Replaces the polled PIDs (thread-safe, effective at the next cycle, no reconnect).
         Entries naming a PID python-OBD does not know, and malformed entries, are logged,
         skipped and listed in :meth:`status` (``unknown_pids``, ``invalid_pids``); returns both."""
+        parsed, unknown, invalid = self._parse_pids(pids)
+        with self._lock:
+            self._pending_pids = parsed
+            self._unknown = unknown
+            self._invalid = invalid
+        self._wake.set()
+        return unknown + invalid
+
+    def apply_config(self, doc: dict[str, Any]) -> list[str]:
+        """Applies the ``obd`` part of a PROTOCOL §4 config document (``pids`` and
+        ``dtc_period_s``) at run time, without a reconnect. Returns what could not be applied:
+        unknown PIDs, malformed entries, and PIDs the vehicle does not support (as its
+        supported-PID bitmaps said at the last connect; unknown before the first one — those
+        show later in :meth:`status` ``unsupported_pids``)."""
+        problems: list[str] = []
+        section = doc.get("obd") if isinstance(doc, dict) else None
+        if not isinstance(section, dict):
+            return ["obd: missing or not an object; OBD settings unchanged"]
+        pids = section.get("pids", [])
+        if not isinstance(pids, list):
+            problems.append("obd.pids: not a list; PIDs unchanged")
+        else:
+            parsed, unknown, invalid = self._parse_pids(pids)
+            problems += [f"obd.pids: unknown PID {p!r}" for p in unknown]
+            problems += [f"obd.pids: malformed entry {p}" for p in invalid]
+            with self._lock:
+                supported = self._supported
+            if supported is not None:
+                problems += [f"obd.pids: {p.command} ({p.name}) is not supported by the vehicle"
+                             for p in parsed if p.command not in supported]
+            with self._lock:
+                self._pending_pids = parsed
+                self._unknown = unknown
+                self._invalid = invalid
+        if "dtc_period_s" in section:
+            period = self._check_period(section.get("dtc_period_s"))
+            if period is None:
+                problems.append(f"obd.dtc_period_s: bad value {section.get('dtc_period_s')!r}; "
+                                "DTC period unchanged")
+            else:
+                with self._lock:
+                    if period != self._dtc_period_s:
+                        self._dtc_period_s = period
+                        self._dtc_due = min(self._dtc_due, time.monotonic() + period)
+        self._wake.set()
+        for p in problems:
+            log.warning("OBD config: %s", p)
+        return problems
+
+    def set_port(self, port: str) -> None:
+        """Points the poller at another port; it reconnects there at the next cycle."""
+        with self._lock:
+            self._pending_port = port
+        self._wake.set()
+
+    def read_dtcs_now(self, timeout_s: float = 30.0) -> dict[str, Any] | None:
+        """Reads the trouble codes now (on the poller's thread) and returns the ``dtc`` event
+        body (also reported through ``on_dtc`` if the set changed); ``None`` when no vehicle is
+        connected or it does not answer within ``timeout_s``. Thread-safe."""
+        return self._request("read_dtc", timeout_s)
+
+    def clear_dtcs(self, timeout_s: float = 30.0) -> list[str] | None:
+        """Mode 04 (on the poller's thread), then a fresh read (so ``on_dtc`` reports the empty
+        set). Returns the codes that were set before, ``None`` if not connected, not confirmed
+        by an ECU or not done within ``timeout_s``. Only for a confirmed technician request."""
+        return self._request("clear_dtc", timeout_s)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            result = dict(self._stats)
+            result["unknown_pids"] = list(self._unknown)
+            result["invalid_pids"] = list(self._invalid)
+            result["unsupported_pids"] = sorted(self._unsupported)
+            result["polling"] = [p.command for p in self._active]
+            result["dtc_period_s"] = self._dtc_period_s
+            result["running"] = self._thread is not None and self._thread.is_alive()
+            return result
+
+    # -- config ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_period(period: Any) -> float | None:
+        if period is None:
+            return None
+        if isinstance(period, bool) or not isinstance(period, (int, float)) \
+                or not math.isfinite(period) or period <= 0:
+            return None
+        return float(period)
+
+    def _parse_pids(self, pids: Iterable[Any]) -> tuple[list[_Pid], list[str], list[str]]:
         parsed: list[_Pid] = []
         unknown: list[str] = []
         invalid: list[str] = []
@@ -593,30 +739,7 @@ class ObdPoller:
                 unknown.append(str(entry.get("pid")))
             else:
                 invalid.append(self._describe(entry))
-        with self._lock:
-            self._pending_pids = parsed
-            self._unknown = unknown
-            self._invalid = invalid
-        self._wake.set()
-        return unknown + invalid
-
-    def set_port(self, port: str) -> None:
-        """Points the poller at another port; it reconnects there at the next cycle."""
-        with self._lock:
-            self._pending_port = port
-        self._wake.set()
-
-    def status(self) -> dict[str, Any]:
-        with self._lock:
-            result = dict(self._stats)
-            result["unknown_pids"] = list(self._unknown)
-            result["invalid_pids"] = list(self._invalid)
-            result["unsupported_pids"] = sorted(self._unsupported)
-            result["polling"] = [p.command for p in self._active]
-            result["running"] = self._thread is not None and self._thread.is_alive()
-            return result
-
-    # -- config ------------------------------------------------------------------------------
+        return parsed, unknown, invalid
 
     @staticmethod
     def _describe(entry: Any) -> str:
@@ -676,6 +799,44 @@ class ObdPoller:
             if reader is not None:
                 self._unsupported = unsupported
 
+    # -- requests from other threads ---------------------------------------------------------
+
+    def _request(self, kind: str, timeout_s: float) -> Any:
+        thread = self._thread
+        if thread is None or not thread.is_alive() or not self.status()["connected"]:
+            return None
+        request = _Request(kind)
+        with self._lock:
+            self._requests.append(request)
+        self._wake.set()
+        if not request.done.wait(timeout_s):
+            with self._lock:
+                request.cancelled = True
+                if request in self._requests:
+                    self._requests.remove(request)
+            return None
+        return request.result
+
+    def _serve_requests(self) -> None:
+        while True:
+            with self._lock:
+                if not self._requests:
+                    return
+                request = self._requests.pop(0)
+            try:
+                if request.kind == "read_dtc":
+                    request.result = self._poll_dtcs()
+                elif request.kind == "clear_dtc":
+                    request.result = self._clear_dtcs()
+            finally:
+                request.done.set()
+
+    def _fail_requests(self) -> None:
+        with self._lock:
+            requests, self._requests = self._requests, []
+        for request in requests:
+            request.done.set()
+
     # -- thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -691,6 +852,7 @@ class ObdPoller:
         finally:
             self._flush(force=True)
             self._disconnect()
+            self._fail_requests()
 
     def _cycle(self) -> None:
         with self._lock:
@@ -702,42 +864,123 @@ class ObdPoller:
                 self._stats["port"] = new_port
             self._disconnect()
         if self._reader is None:
+            self._fail_requests()
             self._take_pending()
             if not self._connect():
                 self._flush(force=True)
                 self._pause(self._backoff.next())
             return
         self._take_pending()
+        self._serve_requests()
+        if self._reader is None:
+            return
         now = time.monotonic()
+        with self._lock:
+            dtc_period = self._dtc_period_s
+            dtc_due = self._dtc_due
+        if dtc_period is not None and dtc_due <= now:
+            with self._lock:
+                self._dtc_due = now + dtc_period
+            self._poll_dtcs()
+            return
         due = [p for p in self._active if p.next_due <= now]
         if not due:
             self._flush(force=False)
             wait = min((p.next_due for p in self._active), default=now + 0.25) - now
+            if dtc_period is not None:
+                wait = min(wait, dtc_due - now)
             if self._batch:
                 wait = min(wait, max(0.0, self._batch_started + self._batch_age_s - now))
             if self._wake.wait(min(max(wait, 0.0), 0.25)):
                 self._wake.clear()
             return
-        pid = min(due, key=lambda p: p.next_due)
-        result = self._reader.query(pid.command)
+        group = self._next_group(due)
+        commands = list(dict.fromkeys(p.command for p in group))
+        results = self._reader.read_pids(commands)
         t_ms = self._clock()
-        pid.next_due += pid.period_s
-        if pid.next_due < now:  # fell behind: don't burst to catch up
-            pid.next_due = now + pid.period_s
-        if result is None:
-            self._on_query_failure(pid)
+        with self._lock:
+            self._stats["requests"] += 1
+            self._stats["multi_pid"] = self._reader.multi_pid
+            self._stats["count_hint"] = self._reader.count_hint
+        for pid in group:
+            pid.next_due += pid.period_s
+            if pid.next_due < now:  # fell behind: don't burst to catch up
+                pid.next_due = now + pid.period_s
+        if not results:
+            self._on_query_failure(group[0])
             return
-        value, unit = result
+        if len(results) < len(commands):
+            self._record_error(self._reader.last_error or "some PIDs got no answer")
         if not self._batch:
             self._batch_started = time.monotonic()
-        self._batch.append(Sample(name=pid.name, unit=unit, t_ms=t_ms, value=value))
-        self._good += 1
+        delivered = 0
+        for pid in group:
+            result = results.get(pid.command)
+            if result is not None:
+                self._batch.append(Sample(name=pid.name, unit=result[1], t_ms=t_ms,
+                                          value=result[0]))
+                delivered += 1
+        before = self._good
+        self._good += delivered
         self._failures = 0
         with self._lock:
-            self._stats["samples"] += 1
-        if self._good == self._stable_after:
+            self._stats["samples"] += delivered
+        if before < self._stable_after <= self._good:
             self._backoff.reset()
         self._flush(force=False)
+
+    def _next_group(self, due: list[_Pid]) -> list[_Pid]:
+        """The PIDs of the next request: the most overdue one and, when it can share a request,
+        the other due PIDs that can (up to the reader's limit of distinct PIDs)."""
+        reader = self._reader
+        assert reader is not None
+        ordered = sorted(due, key=lambda p: p.next_due)
+        first = ordered[0]
+        limit = reader.max_pids_per_request
+        if limit <= 1 or not reader.can_group(first.command):
+            return [p for p in ordered if p.command == first.command]
+        commands: list[str] = [first.command]
+        for p in ordered[1:]:
+            if p.command not in commands and len(commands) < limit \
+                    and reader.can_group(p.command):
+                commands.append(p.command)
+        return [p for p in ordered if p.command in commands]
+
+    def _poll_dtcs(self) -> dict[str, Any] | None:
+        reader = self._reader
+        if reader is None:
+            return None
+        reading = reader.read_dtc_reading()
+        reading.ts = self._clock()
+        stored = tuple(sorted(reading.stored or ()))
+        if stored and stored != self._freeze_for:
+            self._freeze = reader.read_freeze_frame()
+            self._freeze_for = stored
+        elif reading.stored is not None and not stored:
+            self._freeze, self._freeze_for = None, ()
+        reading.freeze = self._freeze if stored else None
+        body = self._tracker.update(reading)
+        with self._lock:
+            self._stats["dtc_reads"] += 1
+            if body is not None:
+                self._stats["dtc"] = {"codes": [(c["code"], c["state"]) for c in body["codes"]],
+                                      "mil": body["mil"], "monitors": body.get("monitors")}
+        if body is None:
+            self._record_error(f"trouble codes: {reader.last_error or 'no answer'}")
+        return body
+
+    def _clear_dtcs(self) -> list[str] | None:
+        reader = self._reader
+        if reader is None:
+            return None
+        before = self._poll_dtcs()
+        if not reader.clear_dtcs():
+            self._record_error(f"clearing trouble codes: {reader.last_error or 'no answer'}")
+            return None
+        self._freeze, self._freeze_for = None, ()
+        self._poll_dtcs()
+        codes = [c["code"] for c in (before or {}).get("codes", [])]
+        return list(dict.fromkeys(codes))
 
     def _connect(self) -> bool:
         with self._lock:
@@ -750,19 +993,27 @@ class ObdPoller:
         self._reader = reader
         self._good = 0
         self._failures = 0
+        self._freeze, self._freeze_for = None, ()
         protocol = reader.protocol_name
         vin = reader.read_vin()
+        supported = reader.supported_pids()
         with self._lock:
-            self._stats.update(connected=True, protocol=protocol, vin=vin)
+            self._stats.update(connected=True, protocol=protocol, vin=vin, multi_pid=None,
+                               count_hint=None)
             self._stats["connects"] += 1
+            self._supported = supported or None
+            self._dtc_due = time.monotonic()  # codes first: they may have changed while away
         self._select_active()
         vehicle = (vin, protocol)
         if vehicle != self._vehicle:
             self._vehicle = vehicle
+            valid, reason = vin_check.validate(vin)
+            if vin is not None and not valid:
+                log.warning("OBD: the vehicle reports a malformed VIN %r (%s); not trusted",
+                            vin, reason)
             if self._on_vehicle is not None:
                 try:
-                    self._on_vehicle({"vin": vin, "vin_valid": vin_is_valid(vin),
-                                      "protocol": protocol})
+                    self._on_vehicle({"vin": vin, "vin_valid": valid, "protocol": protocol})
                 except Exception:  # noqa: BLE001
                     log.exception("OBD on_vehicle callback failed")
         return True
@@ -774,7 +1025,7 @@ class ObdPoller:
         self._record_error(reader.last_error or f"{pid.command}: no answer")
         lost = not reader.connected
         if lost or self._failures >= self._fail_limit:
-            reason = "adapter lost" if lost else f"{self._failures} queries in a row failed"
+            reason = "adapter lost" if lost else f"{self._failures} requests in a row failed"
             log.warning("OBD: %s on %s, reconnecting", reason, self._port)
             self._disconnect()
             self._flush(force=True)
@@ -799,6 +1050,7 @@ class ObdPoller:
             reader.close()
         with self._lock:
             self._stats["connected"] = False
+        self._fail_requests()
 
     def _record_error(self, message: str) -> None:
         with self._lock:
@@ -809,12 +1061,17 @@ class ObdPoller:
             log.warning("OBD: %s", message)
 
     def _flush(self, *, force: bool) -> None:
+        """Hands samples to the sink in lists of at most ``batch_size``: full lists at once, the
+        rest when ``force`` or once the oldest waited ``batch_age_s``."""
         if not self._batch:
             return
-        if not force and len(self._batch) < self._batch_size \
-                and time.monotonic() - self._batch_started < self._batch_age_s:
-            return
-        batch, self._batch = self._batch, []
+        aged = time.monotonic() - self._batch_started >= self._batch_age_s
+        while self._batch and (force or aged or len(self._batch) >= self._batch_size):
+            batch = self._batch[:self._batch_size]
+            del self._batch[:self._batch_size]
+            self._hand_over(batch)
+
+    def _hand_over(self, batch: list[Sample]) -> None:
         started = time.monotonic()
         try:
             self._sink(batch)

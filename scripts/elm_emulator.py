@@ -21,6 +21,14 @@ How the emulator behaves (ELM327-emulator 4.x, ``site-packages/elm/``):
   talking to a real car, would misread every code. On start this harness replaces the
   emulator's ``dtc_frames`` with one that adds the count (an empty list still answers ``43 00``,
   and a mode 04 clear still empties it).
+- Multi-PID mode 01 requests (``010C0D05``, up to six PIDs) are answered by the emulator itself
+  in one ISO-TP message; with the response-count hint (``010C0D052``) it answers ``?``. Its
+  answer concatenates every ECU's data of each PID; this harness makes it use the first ECU's
+  only (two scenario entries have two ECUs answering). :meth:`ElmEmulator.set_multi_pid` makes
+  it answer only the first PID, or nothing, like ECUs without multi-PID support.
+- Freeze frame (mode 02): the scenario answers PID 02 frame 00 (``020200``) and the other PIDs
+  only without the frame number (``020C``), mostly with a negative response;
+  :meth:`ElmEmulator.set_freeze_frame` sets a frame's code and values at run time.
 - The emulator writes ``elm.log`` in its working directory, so it runs in ``workdir`` (a fresh
   temporary directory unless given) with its logging sent to a file there, not to stdout.
 
@@ -76,6 +84,32 @@ _DTC_FRAMES_PATCH = (
     "[d.replace(' ', '').upper() for d in dtcs if d and len(d.replace(' ', '')) == 4])), header)"
 )
 
+# Multi-PID answers from the first ECU only. The emulator 4.0 builds a multi-PID answer by
+# concatenating every <data> of each PID's single answer, so a scenario entry where two ECUs
+# answer (the 'car' scenario has them for ENGINE_LOAD and INTAKE_PRESSURE) puts the second ECU's
+# "41 04 00" inside the first ECU's message, which no real ECU does.
+_MULTI_PID_SOURCE = """
+def _multi_pid_first_ecu(cmd, header):
+    import re
+    if not re.match(r'^01([0-9A-F]{2}){2,6}$', cmd):
+        return None
+    inner = emulator.handle_request
+    def first_ecu(c, do_write=False):
+        h, c2, resp = inner(c, do_write=do_write)
+        if isinstance(resp, str):
+            m = re.match(r'(.*?</data>)', resp, re.S)
+            resp = m.group(1) if m else resp
+        return h, c2, resp
+    emulator.handle_request = first_ecu
+    try:
+        return type(emulator).multi_pid_answer(emulator, cmd, header)
+    finally:
+        del emulator.handle_request
+emulator.multi_pid_answer = _multi_pid_first_ecu
+"""
+# the interpreter turns a literal backslash-n into a line break and runs the result
+_MULTI_PID_PATCH = _MULTI_PID_SOURCE.strip().replace("\n", "\\n")
+
 _DTC_LETTERS = {"P": 0, "C": 1, "B": 2, "U": 3}
 
 
@@ -120,6 +154,7 @@ class ElmEmulator:
         self._stderr = None
         self._port: str | None = None
         self._cmd_lock = threading.Lock()
+        self._freeze_names: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,6 +209,7 @@ class ElmEmulator:
             self._port = first
             self._sync(deadline)  # scenario set, interpreter reading commands
             self.python(_DTC_FRAMES_PATCH)
+            self.python(_MULTI_PID_PATCH)
         except BaseException:
             self.kill()
             raise
@@ -291,6 +327,45 @@ class ElmEmulator:
         assigns = "; ".join(f"m.{name}[:] = {codes!r}" for name, codes in lists.items())
         self.python(f"import elm.obd_message as m; {assigns}; "
                     "emulator.counters.pop('cmd_dtc_cleared', None)")
+
+    def set_multi_pid(self, mode: str = "full") -> None:
+        """How the emulator treats a mode 01 request with several PIDs (``010C0D05``):
+        ``"full"`` (one answer holding every supported PID: the default), ``"first"``
+        (answers the first PID only, as some ECUs do) or ``"none"`` (treats it as unknown, as an
+        ECU without multi-PID support may)."""
+        if mode == "full":
+            self.python(_MULTI_PID_PATCH)
+        elif mode == "first":
+            self.python("import re as _re; emulator.multi_pid_answer = lambda cmd, header: ("
+                        "emulator.handle_request('01' + cmd[2:4])[2] "
+                        "if _re.match(r'^01([0-9A-F]{2}){2,6}$', cmd) else None)")
+        elif mode == "none":
+            self.python("emulator.multi_pid_answer = lambda cmd, header: None")
+        else:
+            raise ValueError(f"unknown multi-PID mode {mode!r}")
+
+    def set_freeze_frame(self, code: str | None, values: dict[str, str] | None = None) -> None:
+        """Freeze frame 00 (mode 02): the code that stored it and, per mode 02 entry of the
+        scenario (python-OBD names, e.g. ``{"DTC_RPM": "1A F8"}``), the PID's data bytes. The
+        answers carry the frame number (``42 0C 00 1A F8``), as SAE J1979 has it. ``None``
+        removes the frame (back to the scenario's answers)."""
+        for name in self._freeze_names:
+            self.clear_answer(name)
+        self._freeze_names = []
+        if code is None:
+            return
+        self._freeze_names = ["INJ_MF_2", *(values or {})]
+        self.set_answer("INJ_MF_2", f"42 02 00 {dtc_to_hex(code)}")
+        for name, data in (values or {}).items():
+            pid = self._scenario_pid(name)
+            self.set_answer(name, f"42 {pid} 00 {data}")
+
+    def _scenario_pid(self, name: str) -> str:
+        out = self.python(f"import elm.obd_message as m; print(m.ObdMessage[{self.scenario!r}]"
+                          f"[{name!r}]['Request'][3:5])")
+        pid = out.strip().splitlines()[-1] if out.strip() else ""
+        int(pid, 16)  # raises ValueError for a name without a mode 02 PID
+        return pid
 
     def counters(self) -> dict[str, str]:
         """The emulator's counters: requests served per PID name, plus a few settings."""

@@ -138,6 +138,9 @@ def test_vin_decoding_keeps_trailing_zeros():
     assert decode_vin(data) == "WP0ZZZ99ZTS390000"
     assert vin_is_valid("WP0ZZZ99ZTS390000")
     assert not vin_is_valid("WP0ZZZ99ZTS39000O")  # O is not a VIN character
+    assert vin_is_valid("1HGCM82633A004352")  # North American: check digit 3 is right
+    assert not vin_is_valid("1HGCM82643A004352")  # ... and 4 is not (agent.vin)
+    assert not vin_is_valid("WP0ZZZ99ZTS3900") and not vin_is_valid(None)
     assert decode_vin(b"\x49\x02\x01garbage") is None
     assert dtc_to_hex("P0301") == "0301" and dtc_to_hex("U0100") == "C100"
 
@@ -465,6 +468,11 @@ def test_adapter_that_connects_then_answers_garbage_to_obd_requests(pollers):
             return b"OK"
         if cmd == "0100":  # claims RPM, SPEED, ... so that they are queried
             return b"7E8 06 41 00 BE 3F A8 13"
+        if cmd in ("0120", "0140", "0600", "0900"):
+            # python-OBD's connect walks these bitmaps with a fixed 10 s read timeout and
+            # re-reads an answer without text up to ten times: garbage here would make each
+            # connect take minutes (a python-OBD limit, see drivers/obd.py)
+            return b"NO DATA"
         return garbage()
 
     peer = GarbagePeer(answer)
@@ -472,9 +480,11 @@ def test_adapter_that_connects_then_answers_garbage_to_obd_requests(pollers):
         vehicles: list[dict] = []
         sink = Collector()
         # timeout_s bounds python-OBD's re-reads of an answer with no text in it
+        dtc_events: list[dict] = []
         poller = ObdPoller(peer.port, pid_config(("RPM", 0.05), ("SPEED", 0.05)), sink,
                            protocol="6", backoff=Backoff(0.05, 0.1), fail_limit=3,
-                           timeout_s=0.1, on_vehicle=vehicles.append)
+                           timeout_s=0.1, on_vehicle=vehicles.append,
+                           on_dtc=dtc_events.append, dtc_period_s=0.2)
         pollers.append(poller)
         poller.start()
         wait_for(lambda: poller.status()["connects"] >= 2, timeout=60, what="a reconnect")
@@ -483,6 +493,8 @@ def test_adapter_that_connects_then_answers_garbage_to_obd_requests(pollers):
         assert status["errors"] >= 3 and status["last_error"]
         assert status["samples"] == 0 and sink.samples == []
         assert peer.commands.count("010C") >= 2  # RPM was really asked for
+        assert peer.commands.count("03") >= 2  # and the trouble codes
+        assert dtc_events == []  # garbage is never taken for a set of codes
         assert vehicles == [{"vin": None, "vin_valid": False, "protocol": CAN_11_500}]
         assert poller.stop(30)
     finally:
