@@ -114,3 +114,32 @@ def test_obd_and_real_can_decoded_at_once_and_reconfigured_live(fleet, replay, t
         assert agent.alive()
     finally:
         emu.stop()
+
+
+def test_injected_dtc_reaches_the_cloud_with_its_description(fleet, tmp_path):
+    emu = ElmEmulator("car", workdir=tmp_path / "elm", link=str(tmp_path / "obd"))
+    emu.start()
+    try:
+        toml = fleet.device(DEV, obd_port=str(tmp_path / "obd"))
+        agent = fleet.agent(toml)
+        c = fleet.console
+        assert c.wait_for(lambda r: r.get("topic") == "status" and r["dev"] == DEV, 60)
+        cfg = _config(1, [], [])
+        cfg["obd"]["dtc_period_s"] = 2
+        seq, _ = c.publish(DEV, "config", cfg)
+        assert c.wait_for(lambda r: r.get("kind") == "ack" and r["body"]["ref_seq"] == seq, 60)
+        emu.set_dtcs(stored=["P0301"], pending=["P0420"])
+
+        def dtc_with(code):
+            return lambda r: (r.get("kind") == "event" and r["body"]["type"] == "dtc"
+                              and any(x["code"] == code for x in r["body"]["codes"]))
+        rec = c.wait_for(dtc_with("P0301"), 90)
+        assert rec, agent.log_text()[-3000:]
+        codes = {x["code"]: x for x in rec["body"]["codes"]}
+        assert codes["P0301"]["state"] == "stored" and "misfire" in codes["P0301"]["desc"].lower()
+        assert codes["P0420"]["state"] == "pending" and "catalyst" in codes["P0420"]["desc"].lower()
+        emu.set_dtcs()
+        assert c.wait_for(lambda r: r.get("kind") == "event" and r["body"]["type"] == "dtc"
+                          and r["body"]["codes"] == [], 90), "clearing the codes is not reported"
+    finally:
+        emu.stop()
