@@ -24,6 +24,7 @@ class CanPipeline:
                  *, put_samples: Callable[[list[Sample]], None], put_frames: Callable[[list[Frame]], None]):
         self._put_samples = put_samples
         self._put_frames = put_frames
+        self.frame_listeners: list[Callable[[list[Frame]], None]] = []  # e.g. bus activity
         self._groups: dict[str | None, tuple[Database, list[str]]] = {}
         for b in bus_settings:
             path = b.get("dbc")
@@ -58,6 +59,8 @@ class CanPipeline:
         return out
 
     def _on_frames(self, frames: list[Frame]) -> None:
+        for listener in self.frame_listeners:
+            listener(frames)
         decoders = self._decoders
         samples: list[Sample] = []
         for d in decoders:

@@ -139,7 +139,8 @@ class EvReader:
         self._clock = clock
         self._max_silent = max_silent
         self._backoff = backoff or Backoff(2.0, 300.0)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()     # configuration state; never held across I/O
+        self._io_lock = threading.Lock()   # the transport: one poll at a time
         self._mode = "auto"
         self._period_s = DEFAULT_PERIOD_S
         self._vin: str | None = None
@@ -210,8 +211,11 @@ class EvReader:
     # -- one poll ------------------------------------------------------------------------------
 
     def poll_once(self) -> Snapshot | None:
-        """Does one snapshot now if the car is awake and a profile is (or can be) chosen."""
-        with self._lock:
+        """Does one snapshot now if the car is awake and a profile is (or can be) chosen.
+
+        Holds only the I/O lock while talking to the car: applying a config (on the MQTT thread)
+        or reading the status never waits for a slow or silent ECU."""
+        with self._io_lock:
             if self._mode == "off":
                 return None
             if not self._awake():
@@ -349,7 +353,7 @@ class EvReader:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        with self._lock:
+        with self._io_lock:
             if self._transport is not None:
                 try:
                     self._transport.close()

@@ -149,4 +149,9 @@ def load(path: str | os.PathLike) -> Settings:
     names = [b["name"] for b in merged["can"]["buses"]]
     if len(names) != len(set(names)):
         raise SettingsError(f"{path}: key 'can.buses': bus names must be unique, got {names}")
+    ev = merged.get("ev") or {}
+    if ev.get("transport") == "can" and ev.get("bus") not in names:
+        raise SettingsError(f"{path}: key 'ev.bus': {ev.get('bus')!r} is not one of can.buses {names}")
+    if ev.get("transport") == "elm327" and merged["obd"]["enabled"] and ev.get("port") == merged["obd"]["port"]:
+        raise SettingsError(f"{path}: key 'ev.port': the OBD poller already owns {ev['port']}")
     return Settings(path=path, data=merged)

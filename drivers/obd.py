@@ -584,6 +584,7 @@ class ObdPoller:
 
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._hold = threading.Event()  # set: send nothing to the vehicle (it is going to sleep)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending_pids: list[_Pid] | None = None
@@ -714,6 +715,7 @@ class ObdPoller:
             result["polling"] = [p.command for p in self._active]
             result["dtc_period_s"] = self._dtc_period_s
             result["running"] = self._thread is not None and self._thread.is_alive()
+            result["held"] = self._hold.is_set()
             return result
 
     # -- config ------------------------------------------------------------------------------
@@ -854,7 +856,29 @@ class ObdPoller:
             self._disconnect()
             self._fail_requests()
 
+    def hold(self) -> None:
+        """Stops all requests to the vehicle (power management: the car is going to sleep, and
+        polling would keep its ECUs awake). Connecting is held too: the protocol search sends
+        requests on the bus. Pending one-off requests fail at once."""
+        self._hold.set()
+        self._wake.set()
+
+    def release(self) -> None:
+        """Resumes polling after :meth:`hold`."""
+        self._hold.clear()
+        self._wake.set()
+
+    @property
+    def held(self) -> bool:
+        return self._hold.is_set()
+
     def _cycle(self) -> None:
+        if self._hold.is_set():
+            self._fail_requests()
+            self._flush(force=True)
+            if self._wake.wait(0.25):
+                self._wake.clear()
+            return
         with self._lock:
             new_port, self._pending_port = self._pending_port, None
         if new_port is not None and new_port != self._port:

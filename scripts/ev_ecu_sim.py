@@ -332,20 +332,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="hyundai_egmp")
     parser.add_argument("--interface", default="virtual")
     parser.add_argument("--channel", default="ev0")
+    parser.add_argument("--port", type=int, default=None, help="udp_multicast: UDP port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--weak-cell", type=int, default=None)
     parser.add_argument("--elm", action="store_true", help="also serve an ELM327 front end on a pty")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     profile = load_profiles()[args.profile]
-    bus = can.Bus(interface=args.interface, channel=args.channel, receive_own_messages=False)
+    bus_setting = {"interface": args.interface, "channel": args.channel}
+    if args.port:
+        bus_setting["port"] = args.port
+    bus = can.Bus(**bus_setting, receive_own_messages=False)
     scenario = Scenario(weak_cell=args.weak_cell, weak_cell_mv=60.0 if args.weak_cell else 0.0,
                         start_ms=now_ms())
     sim = EcuSimulator(bus, profile, scenario, latency_s=args.latency_ms / 1000.0).start()
     front = None
     if args.elm:
         from scripts.elm_pty import ElmPty
-        front = ElmPty({"interface": args.interface, "channel": args.channel}).start()
+        front = ElmPty(bus_setting).start()
         print(front.path, flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -499,3 +499,30 @@ def test_adapter_that_connects_then_answers_garbage_to_obd_requests(pollers):
         assert poller.stop(30)
     finally:
         peer.close()
+
+
+def test_hold_stops_every_request_until_released(tmp_path):
+    """Power management holds the poller while the car goes to sleep: not one request reaches
+    the car (the emulator's own request counter proves it), and release resumes polling."""
+    with ElmEmulator("car", workdir=tmp_path / "elm") as emu:
+        got: list = []
+        poller = ObdPoller(emu.port, [{"name": "rpm", "pid": "RPM", "period_s": 0.2}], got.extend)
+        poller.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert got
+            poller.hold()
+            time.sleep(1.0)  # let a request already on the wire finish
+            before = emu.request_count("RPM")
+            n = len(got)
+            time.sleep(2.0)
+            assert emu.request_count("RPM") == before and poller.status()["held"]
+            poller.release()
+            deadline = time.monotonic() + 30
+            while len(got) <= n + 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(got) > n + 2 and emu.request_count("RPM") > before
+        finally:
+            poller.stop()
