@@ -10,6 +10,9 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
+# Tests and the demo run a real gpsd fed by gpsfake (the owner's-data tests).
+command -v gpsd >/dev/null 2>&1 || [ -x /usr/sbin/gpsd ] || need_apt+=(gpsd)
+command -v gpsfake >/dev/null 2>&1 || need_apt+=(gpsd-clients)
 if [ ${#need_apt[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

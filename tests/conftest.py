@@ -34,6 +34,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from scripts.devca import DevCA
+
+# Collects every outbound body the suite produces and checks it against docs/privacy.md.
+pytest_plugins = ["tests.conftest_privacy"]
 from scripts.local_broker import LocalBroker
 
 CLOUD_USER = "cloud-console"

@@ -1,0 +1,127 @@
+"""The data key: identity and location fields (VIN, positions) are stored encrypted under it.
+
+Flash keeps overwritten blocks (wear levelling), so deleting a row cannot promise that its bytes
+are gone from the chip. Fields that identify the car or where it went are therefore written
+only as ChaCha20-Poly1305 ciphertext (AEAD from ``cryptography``) under a 256-bit key held in
+one small file (``data.key``, mode 0600, in the data directory; a secure element would hold it
+on production hardware). ``dongle wipe`` destroys that key first: every copy of those fields,
+wherever wear levelling left it, becomes unreadable at once.
+
+Each value is ``nonce(12) || ciphertext+tag``; the associated data names what the value is
+(e.g. ``b"location_positions"``), so a value cannot be moved into another field unnoticed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "data.key"
+NONCE_LEN = 12
+
+
+class DataKeyError(Exception):
+    """The key is destroyed or a value does not open under it."""
+
+
+class DataKey:
+    def __init__(self, path: str | os.PathLike, *, create: bool = True):
+        self.path = Path(path)
+        self.create = create
+        self._lock = threading.Lock()
+        self._aead: ChaCha20Poly1305 | None = None
+        self.destroyed = False
+
+    @classmethod
+    def in_dir(cls, data_dir: str | os.PathLike) -> "DataKey":
+        return cls(Path(data_dir) / KEY_FILE)
+
+    def _cipher(self) -> ChaCha20Poly1305:
+        with self._lock:
+            if self._aead is not None:
+                return self._aead
+            if self.destroyed:
+                raise DataKeyError("the data key was destroyed (device wiped)")
+            try:
+                key = self.path.read_bytes()
+            except FileNotFoundError:
+                if not self.create:
+                    raise DataKeyError(f"{self.path}: no data key (wiped, or never created)") from None
+                key = ChaCha20Poly1305.generate_key()
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, key)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                log.info("datakey: created %s", self.path)
+            if len(key) != 32:
+                raise DataKeyError(f"{self.path}: not a 32-byte key")
+            self._aead = ChaCha20Poly1305(key)
+            return self._aead
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(NONCE_LEN)
+        return nonce + self._cipher().encrypt(nonce, plaintext, aad)
+
+    def open(self, blob: bytes, aad: bytes) -> bytes:
+        try:
+            return self._cipher().decrypt(bytes(blob[:NONCE_LEN]), bytes(blob[NONCE_LEN:]), aad)
+        except InvalidTag:
+            raise DataKeyError("a value does not open under the data key (key replaced or data damaged)") from None
+
+    def seal_obj(self, obj: Any, aad: bytes) -> bytes:
+        return self.seal(cbor2.dumps(obj), aad)
+
+    def open_obj(self, blob: bytes, aad: bytes) -> Any:
+        return cbor2.loads(self.open(blob, aad))
+
+    def destroy(self) -> bool:
+        """Overwrites the key file with random bytes, syncs, unlinks it and forgets the key.
+        True if a key file existed. After this, every value sealed under it is unreadable."""
+        with self._lock:
+            self._aead = None
+            self.destroyed = True
+            existed = self.path.exists()
+            if existed:
+                size = max(32, self.path.stat().st_size)
+                with open(self.path, "r+b", buffering=0) as f:
+                    f.write(os.urandom(size))
+                    os.fsync(f.fileno())
+                self.path.unlink()
+                try:
+                    dfd = os.open(self.path.parent, os.O_RDONLY)
+                    try:
+                        os.fsync(dfd)
+                    finally:
+                        os.close(dfd)
+                except OSError:
+                    pass
+                log.warning("datakey: destroyed %s", self.path)
+            return existed
+
+
+def put_secret_meta(store, key: DataKey, name: str, value: Any) -> None:
+    """Stores ``value`` in the store's ``meta`` table encrypted under the data key (e.g. the
+    vehicle's VIN): ``store.set_meta(name, {"enc": <hex>})``."""
+    blob = key.seal_obj(value, b"meta:" + name.encode())
+    store.set_meta(name, {"enc": blob.hex()})
+
+
+def get_secret_meta(store, key: DataKey, name: str, default: Any = None) -> Any:
+    raw = store.get_meta(name)
+    if not isinstance(raw, dict) or "enc" not in raw:
+        return default if raw is None else raw
+    try:
+        return key.open_obj(bytes.fromhex(raw["enc"]), b"meta:" + name.encode())
+    except DataKeyError:
+        return default
