@@ -52,14 +52,16 @@ class Agent:
             keys.load_public_key(p, Ed25519PublicKey) for p in s["keys"]["cloud_sign_pubs"])
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(settings.data_dir / "agent.db")
+        self.store = Store(settings.data_dir / "agent.db",
+                           budget_bytes=int(s["store"]["budget_mb"] * 2**20))
         self.config = self.store.active_config() or cloudconfig.default_config()
         self._config_lock = threading.RLock()
         self._probation: dict | None = None
         self._stop = threading.Event()
         self.watchdog = systemd.Watchdog()
 
-        self.ingest = Ingest(self.store, heartbeat=lambda: self.watchdog.beat("ingest"))
+        self.ingest = Ingest(self.store, heartbeat=lambda: self.watchdog.beat("ingest"),
+                             on_event=lambda: self.uplink.wake())
         host, port = self._endpoint(self.config)
         m = s["mqtt"]
         self.link = MqttLink(
@@ -74,7 +76,7 @@ class Agent:
         self.sealer = Sealer(self.device_id, self.sign_key, self.cloud_enc_pub)
         self.uplink = Uplink(
             self.store, self.link, self.sealer,
-            interval_s=lambda: cloudconfig.upload_interval_s(self.config),
+            config=lambda: self.config, vehicle_state=lambda: self.vehicle_state(),
             batch_max_samples=s["uplink"]["batch_max_samples"], max_inflight=s["uplink"]["max_inflight"],
             heartbeat=lambda: self.watchdog.beat("uplink"))
 
@@ -83,7 +85,9 @@ class Agent:
             from drivers.obd import ObdPoller
             self.obd = ObdPoller(s["obd"]["port"], cloudconfig.obd_pids(self.config),
                                  self.ingest.put_samples, on_vehicle=self._on_vehicle,
-                                 baudrate=s["obd"]["baudrate"] or None, timeout_s=s["obd"]["timeout_s"])
+                                 baudrate=s["obd"]["baudrate"] or None, timeout_s=s["obd"]["timeout_s"],
+                                 on_dtc=self.emit_event, dtc_store=self.store,
+                                 dtc_period_s=float(self.config.get("obd", {}).get("dtc_period_s", 60)))
         self.can = None
         if s["can"]["buses"]:
             from agent.can_pipeline import CanPipeline
@@ -100,9 +104,15 @@ class Agent:
                       "command": self.commands.handle},
             on_ack=self.uplink.wake, config_version=lambda: int(self.config.get("version", 0)))
         self.components: list = []  # features attached by their own modules (start/stop/status)
+        self.snapshot_parts: list = []  # (name, fn() -> dict) merged into health_snapshot()
+        self.config_listeners: list = []   # fn(doc) -> problems, called on every applied config
+        self.vehicle_listeners: list = []  # fn(info) on every vehicle (re)identification
+        from agent import platform; platform.attach(self)
         from agent import technician; technician.attach(self)
         from agent.health import monitor; monitor.attach(self)
         from drivers import gpio; gpio.attach(self)
+        from agent import owner_data; owner_data.attach(self)
+        from agent.update import attach as _upd; _upd.attach(self)
 
     def add_component(self, name: str, component) -> None:
         """Attaches a feature with ``start()``, ``stop()`` and ``status() -> dict``; started and
@@ -174,28 +184,54 @@ class Agent:
         self.uplink.wake()
 
     def _on_vehicle(self, info: dict) -> None:
+        for listener in self.vehicle_listeners:
+            try:
+                listener(info)
+            except Exception:
+                log.exception("vehicle listener failed")
         vin = info.get("vin")
         valid, reason = validate_vin(vin)
         if vin and not valid:
             log.warning("vehicle: VIN %r is not valid (%s); reported as such", vin, reason)
-        seen = {"vin": vin, "protocol": info.get("protocol") or ""}
-        if self.store.get_meta("vehicle") == seen:
+        profile = self.store.get_meta("ev_profile")
+        seen = {"vin": vin, "protocol": info.get("protocol") or "", "profile": profile}
+        if self._vehicle_meta() == seen:
             return
-        self.store.set_meta("vehicle", seen)
+        self._vehicle_meta(seen)
         body = {"type": "vehicle", "ts": now_ms(), "vin_valid": valid,
                 "protocol": seen["protocol"], "ecus": list(info.get("ecus", []))}
         if vin:
             body["vin"] = vin
+        if profile:
+            body["profile"] = profile
         self.emit_event(body)
+
+    def _vehicle_meta(self, value: dict | None = None) -> dict | None:
+        """The last vehicle seen (VIN included): identity data, so kept encrypted under the data
+        key when the owner's-data feature holds one (a wipe destroys that key first)."""
+        from agent import datakey
+        key = getattr(getattr(self, "owner_data", None), "datakey", None)
+        if value is None:
+            return datakey.get_secret_meta(self.store, key, "vehicle") if key else self.store.get_meta("vehicle")
+        if key:
+            datakey.put_secret_meta(self.store, key, "vehicle", value)
+        else:
+            self.store.set_meta("vehicle", value)
+        return value
+
+    def vehicle_state(self) -> str:
+        """driving / parked / charging / ... from power management; "driving" without it."""
+        power = getattr(self, "power", None)
+        state = power.state if power is not None else None
+        return str(state) if state is not None else "driving"
 
     def _read_dtc_now(self) -> dict | None:
         reader = getattr(self.obd, "read_dtcs_now", None)
         return reader(10.0) if reader else None
 
     def _delete_data(self, categories: list[str]) -> dict[str, int]:
-        # Location and driving behaviour are not collected by this version (PROTOCOL §6: off by
-        # default, and no consent path exists yet), so there is nothing of theirs to delete.
-        return {c: 0 for c in categories}
+        # PROTOCOL §4 delete_data / §6: what the device holds of these categories, sent or not.
+        return self.owner_data.delete_data(categories)
 
     # -- configuration --------------------------------------------------------------------
     def _endpoint(self, doc: dict) -> tuple[str, int]:
@@ -220,6 +256,12 @@ class Agent:
                 problems += [f"obd: {p}" for p in self._apply_obd(doc)]
             if self.can:
                 problems += [f"can: {p}" for p in self.can.apply_can_config(doc.get("can"))]
+            for listener in self.config_listeners:
+                problems += listener(doc) or []
+            for name, c in self.components:
+                applier = getattr(c, "apply_config", None)
+                if applier is not None and applier not in self.config_listeners:
+                    problems += [f"{name}: {p}" for p in (applier(doc) or [])]
             if self._endpoint(doc) != old_endpoint:
                 self.link.reconnect_to(*self._endpoint(doc))
         self.uplink.wake()
@@ -300,7 +342,13 @@ class Agent:
                 "buffer": counts, "broker_connected": self.link.connected}
         if self.obd:
             st = self.obd.status()
-            snap["obd"] = {k: st.get(k) for k in ("connected", "protocol", "vin", "errors", "last_error")}
+            snap["obd"] = {k: st.get(k) for k in ("connected", "protocol", "errors", "last_error")}
+        for name, part in self.snapshot_parts:
+            try:
+                snap[name] = part()
+            except Exception as e:
+                log.exception("health snapshot part %s failed", name)
+                snap[name] = {"error": type(e).__name__}
         return snap
 
     def status(self) -> dict:
@@ -310,7 +358,8 @@ class Agent:
             "broker": {"connected": self.link.connected, **self.link.stats},
             "obd": self.obd.status() if self.obd else None,
             "can": self.can.status() if self.can else None,
-            "buffer": self.store.counts(), "uplink": self.uplink.status(),
+            "buffer": self.store.counts(), "store": self.store.status(),
+            "ingest": self.ingest.status(), "uplink": self.uplink.status(),
             "last_uplink_seq": self.store.last_uplink_seq,
             "downlink": {"unauthenticated": dict(self.downlink.unauthenticated),
                          "acks": dict(self.downlink.acks)},
@@ -320,52 +369,39 @@ class Agent:
     # -- hooks for features attached by their own modules (issue 6) -------------------------
     def add_sample_listener(self, listener) -> None:
         """``listener(list[Sample])`` sees every batch the drivers deliver, on the driver's thread
-        (so it must only queue them). Until ``Ingest`` has listeners of its own, this wraps its
-        queueing step."""
-        listeners = self.__dict__.setdefault("_sample_listeners", [])
-        if not listeners:
-            inner = self.ingest._put
-
-            def put(kind: str, items: list) -> None:
-                inner(kind, items)
-                if kind == "samples" and items:
-                    for fn in list(listeners):
-                        try:
-                            fn(items)
-                        except Exception:
-                            log.exception("sample listener failed")
-            self.ingest._put = put
-        listeners.append(listener)
+        (so it must only queue them)."""
+        self.ingest.sample_listeners.append(listener)
 
     def add_frame_listener(self, listener):
         """``listener(list[Frame])`` sees every frame the CAN buses receive; the acceptance filters
-        are lifted while any listener is attached (raw capture for the technician). Returns a
-        function that removes it. Raises RuntimeError without CAN buses."""
+        are lifted while any such listener is attached (raw capture for the technician). Returns
+        a function that removes it. Raises RuntimeError without CAN buses."""
         if self.can is None:
             raise RuntimeError("no CAN bus is configured in the local settings")
-        pipeline, reader = self.can, self.can.reader
-        listeners = self.__dict__.setdefault("_frame_listeners", [])
-        if not listeners:
-            def fan_out(frames: list) -> None:
-                pipeline._on_frames(frames)
-                for fn in list(listeners):
-                    try:
-                        fn(frames)
-                    except Exception:
-                        log.exception("frame listener failed")
-            reader._on_frames = fan_out
-            reader.set_filters(None)
-        listeners.append(listener)
+        captures = self.__dict__.setdefault("_capture_listeners", [])
+        if not captures:
+            self.can.reader.set_filters(None)
+        captures.append(listener)
+        self.can.frame_listeners.append(listener)
 
         def remove() -> None:
-            if listener in listeners:
-                listeners.remove(listener)
-            if not listeners:
-                reader._on_frames = pipeline._on_frames
-                pipeline.apply_can_config(self.config.get("can"))
+            if listener in captures:
+                captures.remove(listener)
+                self.can.frame_listeners.remove(listener)
+            if not captures:
+                self.can.apply_can_config(self.config.get("can"))
         return remove
 
     def add_snapshot_part(self, name: str, part) -> None:
         """``part() -> dict`` is added under ``name`` to :meth:`health_snapshot` (the ``report``
-        command) — once health_snapshot merges ``self.snapshot_parts``."""
-        self.__dict__.setdefault("snapshot_parts", []).append((name, part))
+        command)."""
+        self.snapshot_parts.append((name, part))
+
+    # -- exit requests (agent/update: exit 75 to be restarted into another slot) ---------------
+    exit_code: int | None = None   # set by request_exit; the daemon stops and exits with it
+
+    def request_exit(self, code: int) -> None:
+        """Asks the daemon (agent/daemon.py) to stop the agent cleanly and exit with ``code``
+        (75: systemd restarts it, see agent/update/trial.py). Returns at once; any thread."""
+        log.info("agent: exit with status %d requested", code)
+        self.exit_code = code

@@ -37,6 +37,8 @@ class Ingest:
                  max_held_samples: int = 200_000, max_held_frames: int = 100_000,
                  heartbeat=lambda: None, on_event: Callable[[], None] | None = None):
         self.store = store
+        # fn(list[Sample]) on every batch, on the driver's thread: must only queue (health rules).
+        self.sample_listeners: list = []
         self._heartbeat = heartbeat
         self._on_event = on_event or (lambda: None)  # an eviction event was queued: wake uplink
         self.window_s = window_s
@@ -59,6 +61,11 @@ class Ingest:
 
     def put_samples(self, samples: list[Sample]) -> None:
         self._put("samples", samples)
+        for listener in self.sample_listeners:
+            try:
+                listener(samples)
+            except Exception:
+                log.exception("ingest: sample listener failed")
 
     def put_frames(self, frames: list[Frame]) -> None:
         self._put("frames", frames)

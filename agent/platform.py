@@ -71,12 +71,19 @@ def _attach_power(agent, section: dict) -> None:
         reader = getattr(agent.obd, "adapter_voltage", None)
         return reader() if reader else None
 
+    def on_state(state) -> None:
+        # PROTOCOL §6 per_drive: location restarts paused at every ignition on.
+        privacy = getattr(agent, "privacy", None)
+        if privacy is not None and str(state) in ("on", "parked", "sleeping"):
+            privacy.on_ignition(str(state) == "on")
+
     hooks = PowerHooks(
         stop_vehicle_requests=stop_requests, resume_vehicle_requests=resume_requests,
         flush=flush, emit_event=agent.emit_event,
         can_activity=agent.bus_activity.quiet_for if agent.bus_activity else (lambda: None),
         supply_voltage=supply_voltage,
-        alive=lambda: not agent.watchdog.stale(), beat=lambda: agent.watchdog.beat("power"))
+        alive=lambda: not agent.watchdog.stale(), beat=lambda: agent.watchdog.beat("power"),
+        on_state=on_state)
     agent.power = PowerManager.from_settings(settings, hooks=hooks)
     # Requests start held; the power manager's first decision releases them.
     stop_requests()

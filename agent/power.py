@@ -200,6 +200,8 @@ class PowerHooks:
     - ``alive() -> bool``: the agent's main loops make progress (e.g.
       ``lambda: not sd_watchdog.stale()``); the MCU watchdog is kicked only while True.
     - ``beat()``: called once per loop of the power thread (e.g. ``sd_watchdog.beat("power")``).
+    - ``on_state(state)``: the vehicle state changed (e.g. per-drive consent restarts paused at
+      every ignition on).
     """
 
     stop_vehicle_requests: Callable[[], None] = _nothing
@@ -211,6 +213,7 @@ class PowerHooks:
     supply_voltage: Callable[[], float | None] = _nothing
     alive: Callable[[], bool] = _always
     beat: Callable[[], None] = _nothing
+    on_state: Callable[[VehicleState], None] = lambda state: None
 
 
 _LINK_ERRORS = (McuError, serial.SerialException, OSError, ValueError)
@@ -596,6 +599,10 @@ class PowerManager:
                      self._volts.latest)
             self._state = state
             self._state_since = now
+            try:
+                self.hooks.on_state(state)
+            except Exception:  # noqa: BLE001 - a hook never stops the power manager
+                log.exception("power: on_state hook failed")
         if state is VehicleState.ON:
             self._ignition_off_at = None
             self._warned = False

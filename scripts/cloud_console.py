@@ -7,6 +7,12 @@ also seal and publish downlink (config, booking, command, release) with its own 
 
     python -m scripts.cloud_console listen --run-dir DIR [--jsonl FILE]
     python -m scripts.cloud_console publish --run-dir DIR --device ID KIND BODY.json
+    python -m scripts.cloud_console release VERSION [--broken] [--device ID] [--run-dir DIR]
+
+``release`` builds VERSION of the agent from this checkout into the run directory's TUF
+repository (scripts/demo_update.py; ``--broken``: a release that crashes on start), with a delta
+from the version the device reports, and publishes the signed ``down/release`` for it; then it
+shows the device's ``update`` events until the release is good, rolled back or rejected.
 
 ``--run-dir`` is the layout the demo creates (see scripts/demo.py): ``broker.json`` (host,
 port, ca), ``cloud/`` (cloud keys and the console's TLS client certificate), ``devices/<id>/``
@@ -65,6 +71,14 @@ class Registry:
 
     def forget(self, dev: str) -> None:
         self._cache.pop(dev, None)
+
+    def drop(self, dev: str) -> None:
+        """The device was wiped: stop trusting its keys until it is provisioned again (its
+        registration is kept aside as ``registration.wiped-<ms>.json`` for the record)."""
+        reg = self.devices_dir / dev / "registration.json"
+        if reg.is_file():
+            reg.rename(reg.with_name(f"registration.wiped-{now_ms()}.json"))
+        self.forget(dev)
 
 
 class Ledger:
@@ -196,6 +210,8 @@ class CloudConsole:
         seq = opened.header["seq"]
         fresh = self.ledger.first_time(dev, seq, kind)
         body = opened.body
+        if fresh and kind == "event" and body.get("type") == "device_wiped":
+            self.registry.drop(dev)
         if fresh and kind == "event" and body.get("type") == "buffer_evicted" \
                 and isinstance(body.get("from_seq"), int) and isinstance(body.get("to_seq"), int):
             self.ledger.record_eviction(dev, body["from_seq"], body["to_seq"])
@@ -311,6 +327,102 @@ def _cmd_publish(args) -> int:
     return 0
 
 
+def reported_version(console: CloudConsole, dev: str, timeout: float = 5.0) -> str | None:
+    """The agent version in the device's latest (retained) status, if it arrives in time."""
+    def latest() -> str | None:
+        with console._records_lock:
+            for rec in reversed(console.records):
+                if rec.get("dev") == dev and rec.get("topic") == "status":
+                    return rec["status"].get("agent")
+        return None
+    deadline = time.monotonic() + timeout
+    while (v := latest()) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return v
+
+
+def release(console: CloudConsole, dev: str, version: str, *, broken: bool = False,
+            counter: int | None = None, delta_from: str | None = None,
+            repo: Path | None = None, keys: Path | None = None, url: str | None = None,
+            parked: bool = False, min_supply_v: float = 0) -> tuple[int, dict]:
+    """Builds agent ``version`` into the run directory's repository and publishes the signed
+    ``down/release`` for ``dev``. ``delta_from`` defaults to the version the device reports.
+    Returns (downlink seq, release body)."""
+    from scripts import demo_update
+
+    url = url or demo_update.repository_url(console.run_dir)
+    if delta_from is None:
+        delta_from = reported_version(console, dev)
+    built = demo_update.build_release(console.run_dir, version, counter=counter, broken=broken,
+                                      delta_from=delta_from, repo=repo, keys=keys)
+    body = built.body(url, parked=parked, min_supply_v=min_supply_v)
+    seq, _ = console.publish(dev, "release", body)
+    return seq, body
+
+
+def _default_device(run_dir: Path) -> str:
+    devices = sorted(p.name for p in (run_dir / "devices").glob("*") if p.is_dir())
+    return devices[0] if len(devices) == 1 else "demo-0001"
+
+
+def _cmd_release(args) -> int:
+    run_dir = Path(args.run_dir)
+    dev = args.device or _default_device(run_dir)
+    done = threading.Event()
+    outcome: dict = {}
+
+    def show(rec: dict) -> None:
+        if rec.get("dev") != dev:
+            return
+        body = rec.get("body") or {}
+        if rec.get("kind") == "ack" and body.get("ref_kind") == "release" \
+                or rec.get("kind") == "event" and body.get("type") == "update" \
+                and body.get("to") == args.version or rec.get("topic") == "status":
+            # "duplicate" here only means another console (the demo's) shares the ledger
+            print(format_record({**rec, "duplicate": False} if "seq" in rec else rec), flush=True)
+        if rec.get("kind") == "ack" and body.get("ref_kind") == "release" \
+                and body.get("ref_seq") == outcome.get("seq") \
+                and body.get("status") in ("rejected", "failed"):
+            outcome["state"] = body.get("status")
+            done.set()
+        if rec.get("kind") == "event" and body.get("type") == "update" \
+                and body.get("to") == args.version \
+                and body.get("state") in ("good", "rolled_back", "rejected"):
+            outcome["state"] = body["state"]
+            done.set()
+
+    console = CloudConsole(run_dir, on_record=show)
+    console.start()
+    try:
+        if not console.connected.wait(15):
+            print("cloud console: cannot reach the broker", file=sys.stderr)
+            return 1
+        try:
+            seq, body = release(console, dev, args.version, broken=args.broken,
+                                counter=args.counter, delta_from=args.delta_from,
+                                repo=Path(args.repo) if args.repo else None,
+                                keys=Path(args.keys) if args.keys else None, url=args.url,
+                                parked=args.parked, min_supply_v=args.min_supply_v)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"cloud console: release failed: {e}", file=sys.stderr)
+            return 1
+        outcome["seq"] = seq
+        how = f"delta from {body['delta_from']}" if body.get("delta_from") else "full bundle"
+        print(f"published release agent {args.version} (counter {body['release_counter']}, "
+              f"{how}{', broken on purpose' if args.broken else ''}) seq={seq} to {dev}",
+              flush=True)
+        if args.wait <= 0:
+            return 0
+        if not done.wait(args.wait):
+            print(f"cloud console: no outcome within {args.wait:g} s (the release may still be "
+                  "waiting for its conditions: see `dongle status`)", flush=True)
+            return 1
+        print(f"release {args.version}: {outcome['state']}", flush=True)
+        return 0 if outcome["state"] == "good" else 3
+    finally:
+        console.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud_console", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -324,10 +436,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("kind", choices=sorted(protocol.DOWNLINK_KINDS))
     p.add_argument("body", help="JSON file with the body, or - for stdin")
     p.set_defaults(func=_cmd_publish)
+    p = sub.add_parser("release", help="build an agent release from this checkout and send it")
+    p.add_argument("version")
+    p.add_argument("--run-dir", default=str(Path(__file__).resolve().parent.parent / "run" / "demo"))
+    p.add_argument("--device", help="device id (default: the run directory's only device)")
+    p.add_argument("--broken", action="store_true", help="a release that crashes on start")
+    p.add_argument("--counter", type=int, help="release_counter (default: one above the highest)")
+    p.add_argument("--delta-from", help="build the delta from this version (default: the "
+                   "version the device reports)")
+    p.add_argument("--repo", help="TUF repository directory (default: RUN_DIR/tuf)")
+    p.add_argument("--keys", help="its keys (default: RUN_DIR/tuf-keys)")
+    p.add_argument("--url", help="the repository's https URL (default: from RUN_DIR/tuf.json)")
+    p.add_argument("--parked", action="store_true", help="condition: install only when parked")
+    p.add_argument("--min-supply-v", type=float, default=0.0,
+                   help="condition: 12 V supply at least this (default 0: none)")
+    p.add_argument("--wait", type=float, default=300.0,
+                   help="show update events until good/rolled_back/rejected, at most this long "
+                        "(0: do not wait)")
+    p.set_defaults(func=_cmd_release)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 
 
 if __name__ == "__main__":
+    if not __package__:   # run as scripts/cloud_console.py: make the `scripts` package importable
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from agent import provision as provision_mod
 from scripts.cloud_keys import generate_cloud_keys
@@ -50,17 +52,36 @@ def start_broker(run_dir: Path, ca: DevCA, port: int = 0) -> LocalBroker:
     return broker
 
 
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))   # a TOML basic string
+
+
 def make_device(run_dir: Path, ca: DevCA, device_id: str, *, broker_port: int,
                 obd_port: str | None = None, extra_toml: str = "", mqtt_protocol: str = "5",
-                backoff_max_s: float = 10.0) -> Path:
-    """Provisions ``device_id`` as a technician would and writes its agent.toml. Returns its path."""
+                backoff_max_s: float = 10.0, tuf_root: Path | None = None,
+                update: Mapping[str, Any] | None = None, control: dict | None = None) -> Path:
+    """Provisions ``device_id`` as a technician would and writes its agent.toml. Returns its path.
+
+    ``tuf_root``: the update repository's root metadata, pinned at provisioning (``dongle
+    provision --tuf-root``; a device provisioned before gets it pinned now). ``update``: the
+    ``[update]`` section of agent.toml (scripts/demo_update.update_settings)."""
     ddir = run_dir / "devices" / device_id
     cloud = run_dir / "cloud"
     if not (ddir / "device_sign.key").exists():
-        provision_mod.provision(device_id, cloud / "cloud_sign.pub", cloud / "cloud_enc.pub", ddir)
+        provision_mod.provision(device_id, cloud / "cloud_sign.pub", cloud / "cloud_enc.pub", ddir,
+                                tuf_root=tuf_root)
+    elif tuf_root is not None and not (ddir / provision_mod.TUF_ROOT_FILE).exists():
+        (ddir / provision_mod.TUF_ROOT_FILE).write_bytes(provision_mod.load_tuf_root(tuf_root))
     if not (ddir / "tls.crt").exists():
         ca.sign_csr(ddir / "tls.csr", ddir / "tls.crt")
     shutil.copy(ca.ca_cert_path, ddir / "ca.pem")
+    # Each device its own control socket (the technician CLI); relative = beside agent.toml.
+    control = control or {"socket": "agent.sock"}
+    control_toml = "[control]\n" + "".join(f'{k} = "{v}"\n' for k, v in control.items())
     obd = (f'[obd]\nenabled = true\nport = "{obd_port}"\n' if obd_port
            else "[obd]\nenabled = false\n")
     toml = f"""# Written by scripts/devenv.py for local development.
@@ -84,7 +105,10 @@ backoff_min_s = 0.5
 backoff_max_s = {backoff_max_s}
 
 {obd}
+{control_toml}
 {extra_toml}
 """
+    if update:
+        toml += "\n[update]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in update.items())
     (ddir / "agent.toml").write_text(toml)
     return ddir / "agent.toml"

@@ -37,8 +37,7 @@ def consent(mode: str, *, now: int | None = None, days: float = 30, per_drive: b
 
 
 def agent_settings(toml: Path, *, gpsd_port: int, sock_dir: Path) -> settings_mod.Settings:
-    """The device's validated settings plus the sections the features read ([gnss], [control],
-    [gpio]; not yet in config/settings.schema.json)."""
+    """The device's validated settings with the test's gpsd, control socket and no GPIO."""
     st = settings_mod.load(toml)
     data = copy.deepcopy(st.data)
     data["gnss"] = {"host": "127.0.0.1", "port": gpsd_port}

@@ -39,7 +39,9 @@ def gps(tmp_path):
 def _cli_toml(toml: Path, sock: Path) -> Path:
     """The device's agent.toml as the CLI reads it, with the control socket the test agent uses."""
     out = toml.parent / "cli.toml"
-    out.write_text(toml.read_text() + f'\n[control]\nsocket = "{sock}"\n')
+    text = toml.read_text().replace('socket = "agent.sock"', f'socket = "{sock}"')
+    assert f'socket = "{sock}"' in text
+    out.write_text(text)
     return out
 
 

@@ -1,0 +1,383 @@
+"""The agent's local control socket: the ``dongle`` CLI talks to the running agent through it.
+
+Protocol: JSON lines over a Unix stream socket. The client sends one request line
+``{"op": <name>, ...arguments}``; the server answers with zero or more interim lines
+(``{"interim": true, ...}``: progress, prompts, captured frames) and one final line
+``{"ok": true, ...result}`` or ``{"ok": false, "code": <code>, "error": <text for a person>}``.
+Codes: ``not_permitted``, ``unknown_op``, ``bad_request``, ``no_adapter``, ``unknown_booking``,
+``refused``, ``timeout``, ``internal``.
+
+Who may connect: the socket file is mode 0660 and owned by the ``control.group`` group (default
+``dongle``); the kernel refuses everyone else at ``connect()``. The server checks again with
+``SO_PEERCRED``: root, the agent's own user, or a member of that group. A refused peer gets a
+``not_permitted`` answer and is logged.
+
+Local settings (``[control]`` in agent.toml): ``socket`` (default ``/run/dongle/agent.sock``),
+``group`` (default ``dongle``).
+"""
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import sqlite3
+import stat
+import struct
+import threading
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/dongle/agent.sock"
+DEFAULT_GROUP = "dongle"
+DEFAULT_SETTINGS = "/etc/dongle/agent.toml"
+MAX_REQUEST = 64 * 1024
+
+
+class ControlError(Exception):
+    """A refusal with a code and a message a person understands (raised by handlers)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def user(self) -> str:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return f"uid {self.uid}"
+
+    def groups(self) -> set[int]:
+        """The peer process's live group set (``/proc/<pid>/status``), else its user's groups."""
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]} | {self.gid}
+        except OSError:
+            pass
+        try:
+            return set(os.getgrouplist(pwd.getpwuid(self.uid).pw_name, self.gid))
+        except KeyError:
+            return {self.gid}
+
+
+Reply = Callable[[dict], None]
+Handler = Callable[[dict, Peer, Reply], dict]
+
+
+def _group_id(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+class ControlServer:
+    """Serves ``handlers`` (op name → ``handler(request, peer, reply) -> result``) on ``path``.
+
+    A handler returns the result map (``ok`` is added), raises :class:`ControlError` to refuse,
+    and may call ``reply(map)`` for interim lines. Each connection runs on its own thread, so a
+    request waiting for a button press does not hold up ``status``."""
+
+    def __init__(self, path: str | os.PathLike, handlers: dict[str, Handler], *, group: str = DEFAULT_GROUP):
+        self.path = Path(path)
+        self.handlers = dict(handlers)
+        self.group = group
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._gid: int | None = None
+        self.stats = {"requests": 0, "refused": 0, "errors": 0}
+        self.last_error: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(self.path))
+            # Until this chmod the umask applies; a peer that slips in is still checked below.
+            os.chmod(self.path, 0o660)
+            self._gid = _group_id(self.group)
+            if self._gid is None:
+                log.warning("control: group %r does not exist; the socket %s is open to root and the "
+                            "agent's user only (create the group: groupadd %s)", self.group, self.path, self.group)
+            else:
+                os.chown(self.path, -1, self._gid)
+            sock.listen(8)
+            sock.settimeout(0.5)
+        except OSError as e:
+            self.last_error = f"cannot listen on {self.path}: {e}"
+            log.error("control: %s; the dongle CLI cannot reach this agent", self.last_error)
+            return
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
+        self._thread.start()
+        log.info("control: listening on %s (group %s, mode 0660)", self.path, self.group)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+            self._thread = None
+        if self._sock:
+            self._sock.close()
+            self._sock = None
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+    @property
+    def listening(self) -> bool:
+        return self._sock is not None
+
+    def status(self) -> dict:
+        return {"socket": str(self.path), "listening": self.listening, "group": self.group,
+                **self.stats, "last_error": self.last_error}
+
+    def _remove_stale(self) -> None:
+        if not self.path.exists() and not self.path.is_symlink():
+            return
+        if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+            raise OSError(f"{self.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            self.path.unlink()  # nobody listens: left over from a crash
+            return
+        finally:
+            probe.close()
+        raise OSError(f"another agent is already listening on {self.path}")
+
+    # -- serving ----------------------------------------------------------------------------
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if not self._stop.is_set():
+                    log.error("control: accept failed: %s", e)
+                    self._stop.wait(0.5)
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+
+    def _permitted(self, peer: Peer) -> bool:
+        if peer.uid in (0, os.getuid()):
+            return True
+        return self._gid is not None and self._gid in peer.groups()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(None)
+            f = conn.makefile("rwb")
+
+            def send(obj: dict) -> None:
+                f.write(json.dumps(obj, default=str).encode() + b"\n")
+                f.flush()
+
+            try:
+                pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                    struct.calcsize("3i")))
+                peer = Peer(pid, uid, gid)
+                if not self._permitted(peer):
+                    self.stats["refused"] += 1
+                    log.warning("control: refused %s (uid %d): not root and not in group %s",
+                                peer.user, uid, self.group)
+                    send({"ok": False, "code": "not_permitted",
+                          "error": f"not permitted: user {peer.user} is not in the '{self.group}' group"})
+                    return
+                line = f.readline(MAX_REQUEST + 1)
+                if not line:
+                    return
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                        raise ValueError("a request is a JSON object with an 'op'")
+                except ValueError as e:
+                    send({"ok": False, "code": "bad_request", "error": f"bad request: {e}"})
+                    return
+                send(self._dispatch(request, peer, lambda m: send({"interim": True, **m})))
+            except (BrokenPipeError, ConnectionResetError):
+                log.info("control: the client went away before the answer")
+            except Exception:
+                log.exception("control: serving a request failed")
+            finally:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+    def _dispatch(self, request: dict, peer: Peer, reply: Reply) -> dict:
+        op = request["op"]
+        handler = self.handlers.get(op)
+        self.stats["requests"] += 1
+        if handler is None:
+            return {"ok": False, "code": "unknown_op",
+                    "error": f"this agent does not know the request {op!r} (CLI and agent versions differ?)"}
+        try:
+            result = handler(request, peer, reply)
+        except ControlError as e:
+            return {"ok": False, "code": e.code, "error": e.message}
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except Exception as e:
+            self.stats["errors"] += 1
+            self.last_error = f"{op}: {type(e).__name__}: {e}"
+            log.exception("control: %s failed", op)
+            return {"ok": False, "code": "internal",
+                    "error": f"the agent failed to do {op}: {type(e).__name__}: {e} (see the agent's log)"}
+        return {"ok": True, **(result or {})}
+
+
+# --------------------------------------------------------------------------------------------
+# Client side (the CLI)
+# --------------------------------------------------------------------------------------------
+
+class ClientError(Exception):
+    """What the CLI prints (``code`` as in the server's answers, plus ``no_agent``)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AgentNotRunning(ClientError):
+    pass
+
+
+def call(path: str | os.PathLike, op: str, *, timeout: float | None = 30.0,
+         on_interim: Callable[[dict], None] | None = None, group: str = DEFAULT_GROUP, **args: Any) -> dict:
+    """Sends one request and returns the final answer's map (``ok`` true). Raises
+    :class:`AgentNotRunning` when nothing listens, :class:`ClientError` on a refusal."""
+    path = str(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise AgentNotRunning("no_agent", f"no agent running: nothing listens on {path} "
+                                              "(start it: sudo systemctl start dongle-agent)") from None
+        except PermissionError:
+            raise ClientError("not_permitted",
+                              f"not permitted: {path} is open to the '{group}' group only; ask an "
+                              f"administrator to add you (sudo usermod -aG {group} $USER) and log in again") from None
+        f = sock.makefile("rwb")
+        f.write(json.dumps({"op": op, **args}).encode() + b"\n")
+        f.flush()
+        while True:
+            try:
+                line = f.readline()
+            except TimeoutError:
+                raise ClientError("timeout", f"the agent did not answer {op} within {timeout:g} s") from None
+            if not line:
+                raise ClientError("internal", "the agent closed the connection without an answer "
+                                              "(did it stop? see: dongle logs)")
+            msg = json.loads(line)
+            if msg.pop("interim", False):
+                if on_interim:
+                    on_interim(msg)
+                continue
+            if not msg.pop("ok", False):
+                raise ClientError(msg.get("code", "internal"), msg.get("error", "refused"))
+            return msg
+    finally:
+        sock.close()
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """What the CLI needs from agent.toml, read without the daemon's key checks (a technician
+    may not read the keys, and does not need to)."""
+
+    path: Path
+    data: dict
+
+    @property
+    def device_id(self) -> str:
+        return str(self.data.get("device", {}).get("id", "?"))
+
+    @property
+    def data_dir(self) -> Path:
+        d = Path(self.data.get("device", {}).get("data_dir", "/var/lib/dongle")).expanduser()
+        return d if d.is_absolute() else self.path.resolve().parent / d
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "agent.db"
+
+    @property
+    def socket(self) -> Path:
+        s = Path(self.data.get("control", {}).get("socket", DEFAULT_SOCKET)).expanduser()
+        return s if s.is_absolute() else self.path.resolve().parent / s
+
+    @property
+    def group(self) -> str:
+        return str(self.data.get("control", {}).get("group", DEFAULT_GROUP))
+
+    @property
+    def can_buses(self) -> list[dict]:
+        return list(self.data.get("can", {}).get("buses", []))
+
+
+def read_local_settings(path: str | os.PathLike = DEFAULT_SETTINGS) -> LocalSettings:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ClientError("no_settings", f"settings file {path} not found (give it with --config FILE)") from None
+    except PermissionError:
+        raise ClientError("not_permitted", f"not permitted to read {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ClientError("bad_settings", f"{path}: not valid TOML: {e}") from None
+    return LocalSettings(path, data)
+
+
+def socket_path(settings_data: dict, base: Path | None = None) -> Path:
+    """The socket path from the daemon's (validated) settings dict."""
+    s = Path((settings_data.get("control") or {}).get("socket", DEFAULT_SOCKET)).expanduser()
+    return s if s.is_absolute() or base is None else base / s
+
+
+def open_store_readonly(db_path: str | os.PathLike) -> sqlite3.Connection:
+    """Opens the agent's SQLite store read-only (the agent is stopped, or we only look).
+
+    ``mode=ro`` first; if WAL bookkeeping files cannot be created (the directory belongs to the
+    agent's user), ``immutable=1``, which is right while the agent is not running."""
+    p = Path(db_path)
+    if not p.is_file():
+        raise ClientError("no_store", f"no agent database at {p} (has the agent ever run on this device?)")
+    for flags in ("mode=ro", "mode=ro&immutable=1"):
+        try:
+            conn = sqlite3.connect(f"file:{p}?{flags}", uri=True)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as e:
+            err = e
+            continue
+    if not os.access(p, os.R_OK):
+        raise ClientError("not_permitted", f"not permitted to read {p}")
+    raise ClientError("no_store", f"cannot open {p} read-only: {err}")

@@ -1,0 +1,105 @@
+"""LEDs and button on gpiozero's MockFactory: what the LEDs show, press vs long press, no GPIO."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from gpiozero import Device
+from gpiozero.pins.mock import MockFactory
+
+from drivers.gpio import DongleIO, led_modes, open_io
+
+PINS = {"led_power": 5, "led_cloud": 6, "led_vehicle": 13, "led_attention": 19, "button": 26}
+
+
+@pytest.fixture
+def factory():
+    f = MockFactory()
+    yield f
+    f.reset()
+
+
+def _wait(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def press(factory, pin=26, hold_s=0.0):
+    p = factory.pin(pin)
+    p.drive_low()   # pull-up button: pressed pulls the line low
+    if hold_s:
+        time.sleep(hold_s)
+    p.drive_high()
+
+
+def test_led_modes_from_state():
+    assert led_modes({}) == {"power": "off", "cloud": "off", "vehicle": "off", "attention": "off"}
+    m = led_modes({"running": True, "cloud_connected": False, "vehicle": "searching", "attention": ["booking"]})
+    assert m == {"power": "on", "cloud": "blink", "vehicle": "blink", "attention": "blink"}
+    m = led_modes({"running": True, "cloud_connected": True, "vehicle": "connected", "attention": [],
+                   "technician_mode": True})
+    assert m == {"power": "on", "cloud": "on", "vehicle": "on", "attention": "on"}
+    assert led_modes({"running": True, "confirming": True, "technician_mode": True})["attention"] == "fast"
+
+
+def test_leds_drive_their_pins(factory):
+    io = DongleIO(PINS, pin_factory=factory)
+    try:
+        io.set("power", "on")
+        io.set("cloud", "off")
+        assert factory.pin(5).state is True and factory.pin(6).state is False
+        io.set("attention", "fast")
+        seen = set()
+        assert _wait(lambda: seen.add(factory.pin(19).state) or seen == {True, False}), "attention does not blink"
+        io.set("attention", "off")
+        assert factory.pin(19).state is False
+    finally:
+        io.close()
+
+
+def test_short_press_confirms_long_press_does_not(factory):
+    longs = []
+    io = DongleIO(PINS, pin_factory=factory, long_press_s=0.3, on_long_press=lambda: longs.append(1))
+    try:
+        # A press before anyone waits does not confirm a later request.
+        press(factory)
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("ok", io.wait_for_press(10)))
+        t.start()
+        time.sleep(0.2)
+        press(factory, hold_s=0.6)  # long press: technician mode, not a confirmation
+        assert _wait(lambda: longs == [1])
+        assert t.is_alive()
+        press(factory)
+        t.join(10)
+        assert result == {"ok": True}
+        assert io.presses == 2 and io.long_presses == 1
+        assert io.wait_for_press(0.2) is False  # times out with no press
+    finally:
+        io.close()
+
+
+def test_missing_pins_mean_not_fitted(factory):
+    io = DongleIO({"led_power": 5}, pin_factory=factory)
+    try:
+        io.set("cloud", "on")  # no such LED: ignored
+        assert io.button is None and io.wait_for_press(0.1) is False
+    finally:
+        io.close()
+
+
+def test_no_gpio_on_this_machine_disables_with_one_message(caplog, monkeypatch):
+    monkeypatch.setattr(Device, "pin_factory", None)
+    monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
+    monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "no-such-factory")
+    with caplog.at_level(logging.INFO, logger="drivers.gpio"):
+        assert open_io({}) is None
+    msgs = [r.getMessage() for r in caplog.records if r.name == "drivers.gpio"]
+    assert len(msgs) == 1 and "not available" in msgs[0]
+    assert open_io({"enabled": False}) is None
