@@ -589,6 +589,31 @@ def add_buffer_parser(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# battery (EV traction battery: readings, trend, projected date, warnings)
+# --------------------------------------------------------------------------------------------
+
+def cmd_battery(args: argparse.Namespace) -> int:
+    from agent.health.traction_battery import format_battery_report
+    try:
+        res = ask_agent(args, "battery")
+    except ClientError as e:
+        return fail(args, e)
+    if args.json:
+        emit_json(res)
+    elif res.get("available") is False:
+        print(f"no traction battery data: {safe(res.get('reason'))}")
+    else:
+        print(format_battery_report(res))
+    return EXIT_OK
+
+
+def add_battery_parser(sub) -> None:
+    p = sub.add_parser("battery", help="EV traction battery: readings, SOH trend, projected date, warnings")
+    _common(p)
+    p.set_defaults(func=cmd_battery)
+
+
+# --------------------------------------------------------------------------------------------
 # capture
 # --------------------------------------------------------------------------------------------
 
@@ -805,6 +830,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_buffer_parser(sub)
     add_capture_parser(sub)
     add_logs_parser(sub)
+    add_battery_parser(sub)
+    from agent import owner_data
+    owner_data.add_export_parser(sub)
+    owner_data.add_privacy_parser(sub)
+    owner_data.add_wipe_parser(sub)
     return parser
 
 

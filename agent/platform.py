@@ -125,6 +125,11 @@ def _attach_ev(agent, section: dict) -> None:
     agent.add_component("ev", agent.ev)
 
 
+def battery_request(agent, request: dict, peer=None, reply=None) -> dict:
+    """The control socket's ``battery`` request (``dongle battery``)."""
+    return battery_report(agent)
+
+
 def battery_report(agent) -> dict[str, Any]:
     if agent.battery is None:
         return {"available": False, "reason": "no EV transport configured ([ev] in agent.toml)"}

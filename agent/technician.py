@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 
-from agent import control
+from agent import control, platform
 from agent.bookings import safe_text
 from agent.clock import is_synced, now_ms
 from agent.control import ControlError, ControlServer, Peer, Reply
@@ -49,6 +49,7 @@ class Technician:
             "bookings": self.bookings, "booking_checkin": self.booking_checkin,
             "booking_complete": self.booking_complete, "service_log": self.service_log_request,
             "config": self.config, "buffer": self.buffer, "capture": self.capture,
+            "battery": lambda request, peer=None, reply=None: platform.battery_request(agent, request),
         }
         self.server = ControlServer(path, handlers, group=group or s.get("group", control.DEFAULT_GROUP))
         self._stopping = threading.Event()

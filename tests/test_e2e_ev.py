@@ -3,6 +3,7 @@ dongle-agent processes over both transports — python-can (udp_multicast bus) a
 simulator's pty front end) — with the ev.* signals arriving at the reference console."""
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -57,4 +58,11 @@ def test_ev_signals_reach_the_console(fleet, ev_sim, transport):
     sig = {s["name"]: s for s in rec["body"]["signals"]}
     assert 20 <= sig["ev.soc_bms"]["v"][-1] <= 90 and sig["ev.soc_bms"]["unit"] == "%"
     assert 90 <= sig["ev.soh"]["v"][-1] <= 97
+
+    # The technician at the car: `dongle battery` through the running agent's control socket.
+    out = subprocess.run([str(Path(sys.executable).parent / "dongle"), "--config", str(toml), "battery", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report.get("available") is not False, report
     assert agent.terminate() == 0
