@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     agent.start()
     try:
-        while not stop.wait(1.0):
+        while not stop.wait(1.0) and agent.exit_code is None:
             pass
     finally:
         agent.stop()
-    return 0
+    return agent.exit_code or 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "uplink": {"batch_max_samples": 4000, "max_inflight": 8},
     "store": {"budget_mb": 512},
     "log": {"level": "INFO"},
+    # Over-the-air updates (agent/update/attach.py, docs/updates.md); off unless enabled = true.
+    # Not set here (files must exist when named): tuf_root (default: tuf_root.json next to
+    # keys.sign_key, written by dongle provision --tuf-root) and ca_file (default: the system's
+    # CA bundle). metadata_dir "" = <data_dir>/tuf.
+    "update": {"enabled": False, "root": "/opt/dongle", "metadata_dir": "",
+               "hardware_id": "dongle-pi-v1", "mcu_hardware_id": "dongle-mcu-v1",
+               "python": "/usr/bin/python3", "max_rate_kib_s": 256, "max_bundle_mb": 256,
+               "stable_s": 300.0, "trial_s": 900.0, "max_starts": 3, "retry_s": 60.0,
+               "poll_s": 5.0, "compile_bytecode": True, "mcu_trial_s": 60},
 }
 
 

@@ -12,7 +12,8 @@ also seal and publish downlink (config, booking, command, release) with its own 
 ``release`` builds VERSION of the agent from this checkout into the run directory's TUF
 repository (scripts/demo_update.py; ``--broken``: a release that crashes on start), with a delta
 from the version the device reports, and publishes the signed ``down/release`` for it; then it
-shows the device's ``update`` events until the release is good, rolled back or rejected.
+shows the device's ``update`` events until the release is good (exit 0), rolled back or
+rejected (exit 3).
 
 ``--run-dir`` is the layout the demo creates (see scripts/demo.py): ``broker.json`` (host,
 port, ca), ``cloud/`` (cloud keys and the console's TLS client certificate), ``devices/<id>/``
@@ -375,19 +376,26 @@ def _cmd_release(args) -> int:
         if rec.get("dev") != dev:
             return
         body = rec.get("body") or {}
-        if rec.get("kind") == "ack" and body.get("ref_kind") == "release" \
-                or rec.get("kind") == "event" and body.get("type") == "update" \
-                and body.get("to") == args.version or rec.get("topic") == "status":
+        is_ack = rec.get("kind") == "ack" and body.get("ref_kind") == "release"
+        is_update = (rec.get("kind") == "event" and body.get("type") == "update"
+                     and body.get("to") == args.version)
+        if is_ack or is_update or rec.get("topic") == "status":
             # "duplicate" here only means another console (the demo's) shares the ledger
             print(format_record({**rec, "duplicate": False} if "seq" in rec else rec), flush=True)
-        if rec.get("kind") == "ack" and body.get("ref_kind") == "release" \
-                and body.get("ref_seq") == outcome.get("seq") \
+        check(rec)
+
+    def check(rec: dict) -> None:
+        if rec.get("dev") != dev:
+            return
+        body = rec.get("body") or {}
+        is_ack = rec.get("kind") == "ack" and body.get("ref_kind") == "release"
+        is_update = (rec.get("kind") == "event" and body.get("type") == "update"
+                     and body.get("to") == args.version)
+        if is_ack and body.get("ref_seq") == outcome.get("seq") \
                 and body.get("status") in ("rejected", "failed"):
             outcome["state"] = body.get("status")
             done.set()
-        if rec.get("kind") == "event" and body.get("type") == "update" \
-                and body.get("to") == args.version \
-                and body.get("state") in ("good", "rolled_back", "rejected"):
+        if is_update and body.get("state") in ("good", "rolled_back", "rejected"):
             outcome["state"] = body["state"]
             done.set()
 
@@ -407,6 +415,10 @@ def _cmd_release(args) -> int:
             print(f"cloud console: release failed: {e}", file=sys.stderr)
             return 1
         outcome["seq"] = seq
+        with console._records_lock:
+            early = list(console.records)   # an answer may have come before seq was known
+        for rec in early:
+            check(rec)
         how = f"delta from {body['delta_from']}" if body.get("delta_from") else "full bundle"
         print(f"published release agent {args.version} (counter {body['release_counter']}, "
               f"{how}{', broken on purpose' if args.broken else ''}) seq={seq} to {dev}",

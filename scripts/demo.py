@@ -3,10 +3,18 @@
     ./scripts/demo.sh            (sets everything up, then runs this)
 
 Starts, in order: a development CA and cloud keys (first run only), a real Mosquitto with TLS and
-per-device ACLs on a free loopback port, the ELM327-emulator on a pseudo-terminal (scenario
-``car``), the real ``dongle-agent`` daemon for device ``demo-0001`` (provisioned like a real
-dongle), and the reference cloud console in the foreground. Ctrl-C stops everything it started.
-State is kept in ``run/demo`` so a second run continues the device's ``seq``.
+per-device ACLs on a free loopback port, the update repository (TUF, over HTTPS), the
+ELM327-emulator on a pseudo-terminal (scenario ``car``), the real ``dongle-agent`` daemon for
+device ``demo-0001`` (provisioned like a real dongle, with the repository's root pinned), and the
+reference cloud console in the foreground. Ctrl-C stops everything it started. State is kept in
+``run/demo`` so a second run continues the device's ``seq``.
+
+The agent runs the way systemd runs it on a device (scripts/demo_update.py): from the
+``current`` slot of ``run/demo/opt`` (laid out from this checkout at the first run), restarted
+when it exits 75 and rolled back when a new version crash-loops. In another terminal:
+
+    python scripts/cloud_console.py release 0.2.0            # → update events …, good
+    python scripts/cloud_console.py release 0.2.1 --broken   # → rolled_back, 0.2.0 runs on
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from scripts import devenv
+from scripts import demo_update, devenv
 from scripts.cloud_console import CloudConsole, format_record
 from scripts.elm_emulator import ElmEmulator
 
@@ -89,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         started.append(("broker", broker.stop))
         print(f"demo: broker on {broker.host}:{broker.port} (TLS, client certificates, per-device ACL)")
 
+        tuf = demo_update.serve(run_dir, ca)
+        started.append(("update repository", lambda: (tuf.stop(), (run_dir / "tuf.json").unlink(missing_ok=True))))
+        print(f"demo: update repository (TUF) on {tuf.url}")
+        layout = demo_update.factory_install(run_dir)
+        print(f"demo: agent {layout.current_version()} installed as a slot in {layout.root}")
+
         emulator = ElmEmulator(scenario="car", workdir=run_dir / "elm")
         port = emulator.start()
         started.append(("ELM327 emulator", emulator.stop))
@@ -111,26 +125,24 @@ def main(argv: list[str] | None = None) -> int:
             print("demo: the RAV4 recording (../shared/data) is not here; CAN replay skipped")
 
         toml = devenv.make_device(run_dir, ca, DEVICE, broker_port=broker.port, obd_port=port,
-                                  extra_toml=can_toml)
+                                  extra_toml=can_toml,
+                                  tuf_root=demo_update.repository(run_dir).root_path,
+                                  update=demo_update.update_settings(layout.root))
+        problem = demo_update.settings_problem(layout, toml)
+        if problem:
+            # The installed slot predates a change of the local settings in this checkout.
+            print(f"demo: the installed agent {layout.current_version()} cannot read agent.toml "
+                  f"({problem}); re-installing this checkout")
+            layout = demo_update.factory_install(run_dir, fresh=True)
+            print(f"demo: agent {layout.current_version()} installed as a slot in {layout.root}")
         console = CloudConsole(run_dir, on_record=lambda r: print(format_record(r), flush=True))
         console.start()
         started.append(("console", console.stop))
 
         log_path = run_dir / "agent.log"
-        agent_cmd = [str(Path(sys.executable).parent / "dongle-agent"), "--config", str(toml)]
-        log_file = open(log_path, "a")
-        agent = subprocess.Popen(agent_cmd, stdout=log_file, stderr=subprocess.STDOUT)
-
-        def stop_agent() -> None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(20)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-            log_file.close()
-
-        started.append(("agent", stop_agent))
-        print(f"demo: dongle-agent for {DEVICE} started (log: {log_path})")
+        agent = demo_update.AgentService(layout.root, toml, log_path, restart_s=1.0).start()
+        started.append(("agent", agent.stop))
+        print(f"demo: dongle-agent for {DEVICE} started from {layout.current} (log: {log_path})")
         print("demo: what the cloud receives, verified and decrypted (Ctrl-C to stop):", flush=True)
         if console.connected.wait(15):
             config = dict(DEMO_CONFIG, version=max(DEMO_CONFIG["version"], _active_version(toml) + 1))
@@ -140,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
         deadline = time.monotonic() + args.seconds if args.seconds else None
         while not stop.wait(0.5):
-            if agent.poll() is not None:
-                print(f"demo: the agent exited with status {agent.returncode}; see {log_path}")
+            if agent.stopped.is_set():
+                last = agent.runs[-1] if agent.runs else None
+                print(f"demo: the agent stopped ({last}); see {log_path}")
                 return 1
             if deadline and time.monotonic() > deadline:
                 break
