@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from agent import schemas
-from agent.update import state
+from agent.update import state, trial
 from agent.update.tuf_client import TufError
 from agent.update.updater import UpdateSettings, Updater
 from scripts.cloud_keys import generate_cloud_keys
@@ -84,8 +84,12 @@ def test_full_install_then_delta_update(env: Env) -> None:
     progress = [e for e in h.events if "bytes_done" in e]
     assert progress and all(0 < e["bytes_done"] <= e["bytes_total"] for e in progress)
     assert h.restarts == 1
+    # A newer release waits while 1.0.0 is still on trial (a rollback must land on a proven one).
     env.server.reset_counters()
-    assert install(h, "1.1.0", 2, delta_from="1.0.0") == ["agent:trial"]
+    assert install(h, "1.1.0", 2, delta_from="1.0.0") == ["agent:waiting (trial of 1.0.0)"]
+    assert env.layout.current_version() == "1.0.0" and h.restarts == 1
+    trial.mark_good(env.layout)
+    assert h.updater.step() == ["agent:trial"]
     fetched = [p for p, status, n, _ in env.server.requests if p.startswith("/targets/")]
     assert len(fetched) == 1 and "delta-from-1.0.0" in fetched[0]
     assert env.layout.current_version() == "1.1.0"
@@ -104,6 +108,7 @@ def test_full_install_then_delta_update(env: Env) -> None:
 def test_delta_falls_back_to_the_full_bundle(env: Env) -> None:
     h = Harness(env)
     install(h, "1.0.0", 1)
+    trial.mark_good(env.layout)
     (env.layout.slot("1.0.0") / ".bundle.tar.zst").unlink()   # no base to patch
     env.server.reset_counters()
     assert install(h, "1.1.0", 2, delta_from="1.0.0") == ["agent:trial"]

@@ -143,7 +143,9 @@ def mark_good(layout: Layout) -> dict | None:
         if not t or t.get("version") != layout.current_version():
             return None
         state.raise_counter(st, "agent", int(t["release_counter"]), t["version"])
-        st["pending"].pop("agent", None)
+        # Only this version's release is done: a newer one may be waiting for the trial to end.
+        if (st["pending"].get("agent") or {}).get("release", {}).get("version") == t["version"]:
+            st["pending"].pop("agent", None)
         st["trial"] = None
         return t
 

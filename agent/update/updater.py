@@ -376,6 +376,11 @@ class Updater:
             install_slot(self.layout, release, tar, compressed,
                          compile_bytecode=s.compile_bytecode)
             self.emit_event(update_event("agent", frm, version, "installed", via=how))
+        on_trial = trial.active(self.layout)
+        if on_trial and on_trial["version"] != version:
+            # Never switch away from a version still on trial: "previous" would then be one that
+            # never proved itself, and a rollback would land on it. The download is kept.
+            return self._waiting("agent", release, f"trial of {on_trial['version']}")
         why = self._conditions(release)
         if why:
             return self._waiting("agent", release, why)
