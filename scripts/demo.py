@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default=str(ROOT / "run" / "demo"))
     parser.add_argument("--seconds", type=float, default=0, help="stop after this long (0 = until Ctrl-C)")
+    parser.add_argument("--dtc", action="append", default=[], metavar="CODE",
+                        help="the simulated car has this stored trouble code, e.g. P0301 (repeatable)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
 
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 
         emulator = ElmEmulator(scenario="car", workdir=run_dir / "elm")
         port = emulator.start()
+        if args.dtc:
+            emulator.set_dtcs(stored=args.dtc)
+            print(f"demo: the simulated car has stored trouble codes {', '.join(args.dtc)}")
         started.append(("ELM327 emulator", emulator.stop))
         print(f"demo: ELM327-emulator (scenario car) on {port}")
 
