@@ -748,6 +748,48 @@ def add_capture_parser(sub) -> None:
 # --------------------------------------------------------------------------------------------
 # logs
 # --------------------------------------------------------------------------------------------
+# the owner's data: export, privacy, wipe (the work is in agent/owner_data.py, imported only
+# when one of these runs, so the other commands need nothing beyond the standard library)
+# --------------------------------------------------------------------------------------------
+
+def _owner_data(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from agent import owner_data
+        return getattr(owner_data, name)(args)
+    return run
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="everything the dongle holds about the vehicle and its use, as JSON Lines",
+                       description="Write every record the dongle holds (vehicle, positions, events, consents, "
+                                   "bookings, service records, pending data) to FILE as JSON Lines; the "
+                                   "format is documented in docs/privacy.md.")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (created mode 0600)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_owner_data("cmd_export"))
+
+
+def add_privacy_parser(sub) -> None:
+    p = sub.add_parser("privacy", help="pause or resume location and driving behaviour collection at the car",
+                       description="pause: stop collecting location and driving behaviour at once (unsent data "
+                                   "is deleted). resume: start again, within the owner's consent. Resuming is "
+                                   "only possible here, at the car (or with the button gesture).")
+    p.add_argument("action", choices=("pause", "resume", "status"), nargs="?", default="status")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_owner_data("cmd_privacy"))
+
+
+def add_wipe_parser(sub) -> None:
+    p = sub.add_parser("wipe", help="erase the dongle for a new owner or a returned dongle (terminal + button)",
+                       description="Erase all data, consents, bookings, the service record copy and the device's "
+                                   "keys. Confirm by typing the device id, then by pressing the dongle's button. "
+                                   "The cloud is told (device_wiped) when the dongle is online.")
+    p.add_argument("--by", help="who confirms (recorded in device_wiped), e.g. a name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_owner_data("cmd_wipe"))
+
+
+# --------------------------------------------------------------------------------------------
 
 def log_file_candidates(s: control.LocalSettings | None) -> list[Path]:
     out = []
@@ -831,10 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_capture_parser(sub)
     add_logs_parser(sub)
     add_battery_parser(sub)
-    from agent import owner_data
-    owner_data.add_export_parser(sub)
-    owner_data.add_privacy_parser(sub)
-    owner_data.add_wipe_parser(sub)
+    add_export_parser(sub)
+    add_privacy_parser(sub)
+    add_wipe_parser(sub)
     return parser
 
 

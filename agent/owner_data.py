@@ -430,16 +430,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return cli.EXIT_OK
 
 
-def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="everything the dongle holds about the vehicle and its use, as JSON Lines",
-                       description="Write every record the dongle holds (vehicle, positions, events, consents, "
-                                   "bookings, service records, pending data) to FILE as JSON Lines; the "
-                                   "format is documented in docs/privacy.md.")
-    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (created mode 0600)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_export)
-
-
 def cmd_privacy(args: argparse.Namespace) -> int:
     from agent import cli
     from agent.control import ClientError
@@ -455,16 +445,6 @@ def cmd_privacy(args: argparse.Namespace) -> int:
              cli.when(st.get("until"))) for cat, st in res["privacy"].items()]
     print(cli.table(rows, ["category", "mode", "state", "paused", "consent", "until"]))
     return cli.EXIT_OK
-
-
-def add_privacy_parser(sub) -> None:
-    p = sub.add_parser("privacy", help="pause or resume location and driving behaviour collection at the car",
-                       description="pause: stop collecting location and driving behaviour at once (unsent data "
-                                   "is deleted). resume: start again, within the owner's consent. Resuming is "
-                                   "only possible here, at the car (or with the button gesture).")
-    p.add_argument("action", choices=("pause", "resume", "status"), nargs="?", default="status")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_privacy)
 
 
 def wipe_cli(args: argparse.Namespace, *, ask: Callable[[str], str] = input, out=sys.stderr,
@@ -533,13 +513,3 @@ def control_call_status(s) -> dict:
 
 def cmd_wipe(args: argparse.Namespace) -> int:
     return wipe_cli(args)
-
-
-def add_wipe_parser(sub) -> None:
-    p = sub.add_parser("wipe", help="erase the dongle for a new owner or a returned dongle (terminal + button)",
-                       description="Erase all data, consents, bookings, the service record copy and the device's "
-                                   "keys. Confirm by typing the device id, then by pressing the dongle's button. "
-                                   "The cloud is told (device_wiped) when the dongle is online.")
-    p.add_argument("--by", help="who confirms (recorded in device_wiped), e.g. a name")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_wipe)
