@@ -76,6 +76,9 @@ MAX_UPLINK = 128 * 1024
 MAX_PLAINTEXT = 4 * 1024 * 1024
 MAX_ZSTD_WINDOW = 8 * 1024 * 1024
 SIG_CONTEXT = "dongle-envelope/v1"
+#: zstd level of :func:`seal` unless told otherwise (fast; large telemetry pays for more, see
+#: docs/performance.md).
+DEFAULT_ZSTD_LEVEL = 3
 
 UPLINK_KINDS = frozenset({"telemetry", "event", "ack"})
 DOWNLINK_KINDS = frozenset({"config", "booking", "command", "release"})
@@ -236,10 +239,26 @@ def _zstd_decompress(data: bytes, cap: int) -> bytes:
             return bytes(out)
 
 
-def encode_body(body: Mapping[str, Any], enc: str) -> bytes:
+ZstdLevel = int | zstandard.ZstdCompressionParameters
+
+
+def _compressor(zstd_level: ZstdLevel) -> zstandard.ZstdCompressor:
+    if isinstance(zstd_level, zstandard.ZstdCompressionParameters):
+        if zstd_level.window_log > MAX_ZSTD_WINDOW.bit_length() - 1:
+            raise ValueError(f"zstd window_log {zstd_level.window_log} exceeds what receivers accept")
+        return zstandard.ZstdCompressor(compression_params=zstd_level)
+    return zstandard.ZstdCompressor(level=zstd_level)
+
+
+def encode_body(body: Mapping[str, Any], enc: str, zstd_level: ZstdLevel = DEFAULT_ZSTD_LEVEL) -> bytes:
+    """``CBOR(body)``, content-encoded by ``enc``.
+
+    ``zstd_level``: a zstd level (1–22) or full ``zstandard.ZstdCompressionParameters``; it only
+    changes the size and the sender's CPU and memory, never what a receiver needs (every
+    setting decodes the same way, no dictionary; a window over 8 MiB is refused)."""
     plain = cbor2.dumps(dict(body), canonical=True)
     if enc == "zstd":
-        return zstandard.ZstdCompressor(level=3).compress(plain)
+        return _compressor(zstd_level).compress(plain)
     if enc == "identity":
         return plain
     raise ValueError(f"unknown content encoding {enc!r}")
@@ -247,13 +266,16 @@ def encode_body(body: Mapping[str, Any], enc: str) -> bytes:
 
 def seal(kind: str, body: Mapping[str, Any], *, dev: str, seq: int, signer: Ed25519PrivateKey,
          recipient: X25519PublicKey, ts_ms: int | None = None, exp_ms: int | None = None,
-         enc: str = "zstd", max_size: int | None = None, check_schema: bool = True) -> bytes:
+         enc: str = "zstd", max_size: int | None = None, check_schema: bool = True,
+         zstd_level: ZstdLevel = DEFAULT_ZSTD_LEVEL) -> bytes:
     """Builds a signed, encrypted envelope of ``kind`` carrying ``body``.
 
     ``max_size`` defaults to :data:`MAX_UPLINK` for uplink kinds and :data:`MAX_ENVELOPE` for
     downlink ones; a larger result raises :class:`EnvelopeTooLarge`. ``check_schema`` validates
     the body first (raising :class:`agent.schemas.SchemaError`), so we never send what the other
-    side must reject; tools that test rejection turn it off.
+    side must reject; tools that test rejection turn it off. ``zstd_level`` (a level 1–22 or
+    ``zstandard.ZstdCompressionParameters``) applies to ``enc="zstd"``: higher is smaller and
+    slower to seal, and opens exactly the same (:func:`encode_body`).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}")
@@ -275,7 +297,7 @@ def seal(kind: str, body: Mapping[str, Any], *, dev: str, seq: int, signer: Ed25
     if exp_ms is not None:
         header["exp"] = exp_ms
     protected = cbor2.dumps(header, canonical=True)
-    ciphertext = SUITE.encrypt(encode_body(body, enc), recipient, info=protected)
+    ciphertext = SUITE.encrypt(encode_body(body, enc, zstd_level), recipient, info=protected)
     signature = signer.sign(signature_input(protected, ciphertext))
     envelope = cbor2.dumps([protected, ciphertext, signature], canonical=True)
     limit = max_size if max_size is not None else (MAX_UPLINK if kind in UPLINK_KINDS else MAX_ENVELOPE)

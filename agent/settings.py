@@ -31,7 +31,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "obd": {"enabled": True, "port": "/dev/ttyUSB0", "baudrate": 0, "timeout_s": 2.0},
     "can": {"buses": []},
-    "uplink": {"batch_max_samples": 4000, "max_inflight": 8},
+    "uplink": {"batch_max_samples": 20000, "max_inflight": 8},
     "store": {"budget_mb": 512},
     "log": {"level": "INFO"},
     # Over-the-air updates (agent/update/attach.py, docs/updates.md); off unless enabled = true.

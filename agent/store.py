@@ -428,23 +428,40 @@ class Store:
         nothing changes, so the caller can retry with a smaller batch.
         """
         with self._txn() as c:
-            srows = c.execute("SELECT id, name, unit, t_ms, value FROM samples ORDER BY id LIMIT ?",
-                              (max_samples,)).fetchall() if max_samples else []
-            frows = c.execute("SELECT id, bus, t_us, can_id, ext, data FROM frames ORDER BY id LIMIT ?",
-                              (max_frames,)).fetchall() if max_frames else []
-            if not srows and not frows:
+            # Rows become model objects one at a time (no list of row tuples beside them): a
+            # full batch of raw frames is tens of thousands of rows.
+            samples: list[Sample] = []
+            last_s = last_f = None
+            if max_samples:
+                for r in c.execute("SELECT id, name, unit, t_ms, value FROM samples ORDER BY id LIMIT ?",
+                                   (max_samples,)):
+                    last_s = r[0]
+                    samples.append(Sample(r[1], r[2], r[3], r[4]))
+            frames: list[Frame] = []
+            if max_frames:
+                for r in c.execute("SELECT id, bus, t_us, can_id, ext, data FROM frames ORDER BY id LIMIT ?",
+                                   (max_frames,)):
+                    last_f = r[0]
+                    frames.append(Frame(r[1], r[2], r[3], bool(r[4]), r[5]))
+            if not samples and not frames:
                 return None
-            samples = [Sample(r[1], r[2], r[3], r[4]) for r in srows]
-            frames = [Frame(r[1], r[2], r[3], bool(r[4]), bytes(r[5])) for r in frows]
             seq = self._next_seq(c)
-            content = CONTENT_MIXED if srows and frows else CONTENT_FRAMES if frows else CONTENT_SIGNALS
+            content = CONTENT_MIXED if samples and frames else CONTENT_FRAMES if frames else CONTENT_SIGNALS
             self._put_outbox(c, seq, "up/telemetry", build(seq, samples, frames), PRIO_TELEMETRY,
                              content)
-            if srows:
-                c.execute("DELETE FROM samples WHERE id <= ?", (srows[-1][0],))
-            if frows:
-                c.execute("DELETE FROM frames WHERE id <= ?", (frows[-1][0],))
+            if last_s is not None:
+                c.execute("DELETE FROM samples WHERE id <= ?", (last_s,))
+            if last_f is not None:
+                c.execute("DELETE FROM frames WHERE id <= ?", (last_f,))
             return seq
+
+    def pending_count(self, table: str, limit: int) -> int:
+        """Unsealed rows in ``table`` (samples or frames), counted up to ``limit`` (cheap)."""
+        if table not in ("samples", "frames"):
+            raise ValueError(f"not a telemetry table: {table!r}")
+        with self._lock:
+            return self._conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT ?)",
+                                      (limit,)).fetchone()[0]
 
     def pending_at_least(self, table: str, n: int) -> bool:
         """Whether ``table`` (samples or frames) holds at least ``n`` unsealed rows (cheap)."""

@@ -223,6 +223,36 @@ def test_seal_and_open_round_trip_both_directions(k):
     assert cloud.body == TELEMETRY
 
 
+def test_zstd_level_changes_the_size_not_what_the_receiver_gets(k):
+    # Raw CAN frames of a periodic message with a rolling counter: the kind of body the uplink
+    # seals at a high level. Any level opens the same way, within the receiver's window cap.
+    n = 4000
+    body = {"t0": NOW, "signals": [], "frames": [{
+        "bus": "can0", "t": [i * 10_000 + (i * 7919) % 613 for i in range(n)], "id": [0x2C1] * n,
+        "ext": [False] * n, "data": [bytes([0, 0x14, i % 7, 0x14, 0xBB, 0xCA, i % 16, (i * 37) % 256])
+                                     for i in range(n)]}]}
+    sizes = {}
+    small_window = zstandard.ZstdCompressionParameters(
+        window_log=18, chain_log=18, hash_log=18, search_log=1, min_match=3, target_length=32,
+        strategy=zstandard.STRATEGY_BTULTRA2)
+    for level in (1, 19, 22, small_window):
+        env = protocol.seal("telemetry", body, dev=DEV, seq=len(sizes) + 1, signer=k.dev_sign,
+                            recipient=k.cloud_enc.public_key(), ts_ms=NOW, zstd_level=level)
+        sizes[level] = len(env)
+        protected, ciphertext, _ = cbor2.loads(env)
+        plain = zstandard.ZstdDecompressor(max_window_size=8 * 1024 * 1024).decompress(
+            hpke_open(k.cloud_enc, protected, ciphertext))
+        assert cbor2.loads(plain) == body
+        cloud = protocol.open_envelope(env, expected_dev=DEV, expected_kind="telemetry",
+                                       trusted_signers={kid(k.dev_sign.public_key()): k.dev_sign.public_key()},
+                                       recipient_key=k.cloud_enc, now_ms=NOW, last_seq=None)
+        assert cloud.body == body
+    assert sizes[19] < sizes[1] and sizes[small_window] < sizes[1]
+    with pytest.raises(ValueError):  # a window receivers would refuse is never produced
+        protocol.seal("telemetry", body, dev=DEV, seq=9, signer=k.dev_sign, recipient=k.cloud_enc.public_key(),
+                      zstd_level=zstandard.ZstdCompressionParameters(window_log=24))
+
+
 # ---- (b) raw-built envelopes, opened by agent.protocol ------------------------------------
 
 @pytest.mark.parametrize("enc", ["zstd", "identity"])
