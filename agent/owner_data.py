@@ -213,6 +213,7 @@ def attach(agent) -> OwnerData:
     up = agent.uplink
     up.body_filters.insert(0, owner.location.contribute)   # positions into telemetry bodies
     up.body_filters.append(owner.privacy.body_filter)       # the gate: keep it the last filter
+    up.event_filters.append(owner.privacy.body_filter)      # ... and for events too
     io = getattr(getattr(agent, "indicators", None), "io", None)
     if io is not None and getattr(io, "_on_press", "n/a") is None:   # short presses feed the gesture
         io._on_press = owner.gesture.press

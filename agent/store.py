@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import datetime
 import json
+import math
 import logging
 import os
 import sqlite3
@@ -97,6 +98,8 @@ class Store:
         self._clock = clock
         self._lock = threading.RLock()
         self._depth = 0  # transaction nesting of the thread holding the lock
+        self.non_finite = 0      # sample values dropped as NaN/inf (add_samples)
+        self.events_invalid = 0  # events dropped as unsendable (seal_events)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self.db = sqlite_utils.Database(conn)
         self._conn = conn
@@ -262,7 +265,19 @@ class Store:
 
     # -- ingest ---------------------------------------------------------------------------
     def add_samples(self, samples: Iterable[Sample]) -> int:
-        rows = [(s.name, s.unit, int(s.t_ms), float(s.value)) for s in samples]
+        """Stores samples; a non-finite value (NaN, ±inf, e.g. from a float DBC signal) is not a
+        measurement the protocol can carry: it is counted (``non_finite``, in ``status()``) and
+        dropped here, never stored (SQLite would turn NaN into NULL and break sealing)."""
+        rows, bad = [], 0
+        for x in samples:
+            v = float(x.value)
+            if math.isfinite(v):
+                rows.append((x.name, x.unit, int(x.t_ms), v))
+            else:
+                bad += 1
+        if bad:
+            self.non_finite += bad
+            log.warning("store: %d non-finite sample value(s) dropped (%d so far)", bad, self.non_finite)
         if rows:
             with self._txn() as c:
                 c.executemany("INSERT INTO samples(name, unit, t_ms, value) VALUES (?,?,?,?)", rows)
@@ -404,8 +419,14 @@ class Store:
             self._put_outbox(c, seq, suffix, build(seq), priority)
             return seq
 
-    def seal_events(self, build: Callable[[int, dict], bytes], limit: int = 100) -> list[int]:
-        """Seals pending events, one envelope each (an event body is one event, PROTOCOL §4)."""
+    def seal_events(self, build: Callable[[int, dict], bytes], limit: int = 100, *,
+                    prepare: Callable[[dict], dict | None] | None = None) -> list[int]:
+        """Seals pending events, one envelope each (an event body is one event, PROTOCOL §4).
+
+        ``prepare(body)`` runs first, before a seq is taken: it may return None (the event must
+        not leave, e.g. the privacy gate) or raise (the body is invalid). Either way the event is
+        deleted without using a seq, and an invalid one is logged and counted in
+        ``events_invalid`` — one bad event never holds up the others."""
         try:
             self.flush_memory_events()
         except STORAGE_ERRORS as e:
@@ -413,9 +434,20 @@ class Store:
         seqs = []
         with self._txn() as c:
             rows = c.execute("SELECT id, body FROM events ORDER BY id LIMIT ?", (limit,)).fetchall()
-            for event_id, body in rows:
+            for event_id, raw in rows:
+                body = cbor2.loads(raw)
+                if prepare is not None:
+                    try:
+                        body = prepare(body)
+                    except Exception as e:
+                        self.events_invalid += 1
+                        log.error("store: event %r dropped, it cannot be sent: %s", body.get("type"), e)
+                        body = None
+                if body is None:
+                    c.execute("DELETE FROM events WHERE id=?", (event_id,))
+                    continue
                 seq = self._next_seq(c)
-                self._put_outbox(c, seq, "up/event", build(seq, cbor2.loads(body)), PRIO_EVENT)
+                self._put_outbox(c, seq, "up/event", build(seq, body), PRIO_EVENT)
                 c.execute("DELETE FROM events WHERE id=?", (event_id,))
                 seqs.append(seq)
         return seqs
@@ -517,7 +549,8 @@ class Store:
     def status(self) -> dict:
         return {"usage_bytes": self.usage_bytes(), "budget_bytes": self.budget_bytes,
                 "problem": self.problem, "memory_events": len(self._memory_events),
-                "evicted": dict(self.evicted), "daily_bytes": self.daily_bytes()}
+                "evicted": dict(self.evicted), "daily_bytes": self.daily_bytes(),
+                "non_finite_dropped": self.non_finite, "events_invalid": self.events_invalid}
 
     def oldest_pending_ms(self) -> int | None:
         with self._lock:

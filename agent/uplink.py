@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from agent import protocol
+from agent import protocol, schemas
 from agent.clock import get_clock, now_ms
 from agent.store import PRIO_TELEMETRY, Store
 from agent.telemetry import telemetry_body, validate_telemetry
@@ -130,6 +130,8 @@ class Uplink:
         self.body_extras: list[Callable[[], dict]] = []
         # Last look at every body before it is sealed (e.g. the privacy gate of PROTOCOL §6).
         self.body_filters: list[Callable[[dict], dict]] = []
+        # Last look at every event before it is sealed; None drops it (the privacy gate).
+        self.event_filters: list[Callable[[dict], dict | None]] = []
         self.link = link
         self.sealer = sealer
         self._interval_s = interval_s
@@ -251,7 +253,17 @@ class Uplink:
     def seal_events(self) -> list[int]:
         if not self._clock_ready():
             return []
-        return self.store.seal_events(lambda seq, body: self.sealer.seal("event", body, seq))
+        return self.store.seal_events(lambda seq, body: self.sealer.seal("event", body, seq),
+                                      prepare=self._prepare_event)
+
+    def _prepare_event(self, body: dict) -> dict | None:
+        """The event filters (e.g. the privacy gate: None = must not leave), then the schema."""
+        for f in self.event_filters:
+            body = f(body)
+            if body is None:
+                return None
+        schemas.validate("event", body)
+        return body
 
     def seal_offline(self) -> list[int]:
         """Offline: seal only full batches (one kind each), or everything once it is old."""

@@ -120,3 +120,28 @@ def test_ingest_drops_and_counts_when_full(tmp_path):
     assert ing.dropped["samples"] == 3
     ing.flush()
     assert st.counts()["samples"] == 2
+
+
+def test_non_finite_values_are_dropped_not_stored(tmp_path):
+    st = Store(tmp_path / "a.db")
+    st.add_samples([Sample("a", "", 1, float("nan")), Sample("a", "", 2, 1.5),
+                    Sample("a", "", 3, float("inf"))])
+    assert st.counts()["samples"] == 1 and st.status()["non_finite_dropped"] == 2
+
+
+def test_an_unsendable_event_is_dropped_and_never_holds_up_the_others(tmp_path):
+    from agent import schemas
+    st = Store(tmp_path / "a.db")
+    st.add_event({"type": "dtc", "ts": 1, "codes": [{"code": "p0301", "state": "stored", "desc": ""}], "mil": True})
+    st.add_event({"type": "health", "ts": 2, "kind": "snapshot", "level": "info", "detail": {}})
+    st.add_event({"type": "health", "ts": 3, "kind": "driving", "level": "info", "detail": {}})
+
+    def prepare(body):
+        if body["kind" if "kind" in body else "type"] == "driving":
+            return None  # e.g. the privacy gate
+        schemas.validate("event", body)
+        return body
+
+    seqs = st.seal_events(lambda seq, body: repr(body).encode(), prepare=prepare)
+    assert seqs == [1] and st.counts()["events"] == 0 and st.events_invalid == 1
+    assert b"snapshot" in st.outbox_items(5)[0].payload
