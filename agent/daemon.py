@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level or settings.data["log"]["level"]),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    log = logging.getLogger("dongle-agent")
 
     from agent.app import Agent
     from agent.keys import KeyFileError

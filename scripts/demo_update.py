@@ -44,7 +44,7 @@ from agent.update import bundle, slots, state
 from agent.update.slots import Layout
 from agent.update.trial import RESTART_EXIT_CODE
 from scripts.devca import DevCA
-from scripts.release import AGENT_HW, PYVER, ReleaseRepo, release_body, stage_agent
+from scripts.release import AGENT_HW, ReleaseRepo, release_body, stage_agent
 from scripts.tuf_server import TufServer
 
 log = logging.getLogger(__name__)

@@ -24,20 +24,16 @@ from agent import cli, schemas, settings
 from agent.app import Agent
 from agent.clock import now_ms
 from scripts.elm_emulator import ElmEmulator
+from tests.conftest import wait_until
 
 DEV = "tech-0001"
 DAY = 86_400_000
 BUTTON = 26
 
 
+
 def _wait(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    return None
+    return wait_until(pred, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -7,30 +7,24 @@ proven independently in test_protocol.py).
 """
 from __future__ import annotations
 
-import time
 
 import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import protocol, settings
 from agent.app import Agent
 from agent.clock import now_ms
+from tests.conftest import wait_until
 
 DEV = "dl-0001"
 OTHER = "dl-0002"
 DAY = 86_400_000
 
 
+
 def _wait(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    return None
+    return wait_until(pred, timeout)
 
 
 class Cloud:

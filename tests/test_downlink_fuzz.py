@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from agent import keys, protocol, settings
+from agent import keys, settings
 from agent.app import Agent
 from agent.bookings import Bookings
 from agent.downlink import Downlink, Outcome

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import re
 from collections import Counter, defaultdict
 from pathlib import Path

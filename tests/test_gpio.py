@@ -10,6 +10,7 @@ from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
 from drivers.gpio import DongleIO, led_modes, open_io
+from tests.conftest import wait_until
 
 PINS = {"led_power": 5, "led_cloud": 6, "led_vehicle": 13, "led_attention": 19, "button": 26}
 
@@ -21,13 +22,9 @@ def factory():
     f.reset()
 
 
+
 def _wait(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
+    return wait_until(pred, timeout, interval=0.01)
 
 
 def press(factory, pin=26, hold_s=0.0):

@@ -1,7 +1,6 @@
 """Local settings (agent.toml): validated at start, one clear message naming key and file, exit 2."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest

@@ -30,6 +30,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = Path("/work/shared/data/comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz")
@@ -172,13 +173,9 @@ def _device(fleet, group, port):
     return fleet.device(DEV, extra_toml=bus, backoff_max_s=2.0)
 
 
+
 def _wait(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
+    return wait_until(pred, timeout, interval=0.2)
 
 
 STARTUP_S = 1.0

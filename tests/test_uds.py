@@ -9,7 +9,6 @@ its own virtual channel name, so parallel runs do not meet.
 """
 from __future__ import annotations
 
-import itertools
 import uuid
 
 import can

@@ -25,14 +25,14 @@ import zstandard
 log = logging.getLogger(__name__)
 
 
-class _Params:
+class FrameParams:
     """Frame parameters with ``content_size`` None when the frame does not say."""
 
     def __init__(self, content_size: int | None):
         self.content_size = content_size
 
     @classmethod
-    def of(cls, data: bytes) -> _Params:
+    def of(cls, data: bytes) -> FrameParams:
         size = zstandard.get_frame_parameters(data).content_size
         return cls(None if size >= zstandard.CONTENTSIZE_ERROR else size)
 
@@ -103,7 +103,7 @@ def compress(tar: bytes, level: int = LEVEL) -> bytes:
 def decompress(data: bytes, max_size: int = MAX_TAR) -> bytes:
     """Decompresses one bundle; refuses one that claims or grows beyond ``max_size``."""
     try:
-        params = _Params.of(data)
+        params = FrameParams.of(data)
         if params.content_size and params.content_size > max_size:
             raise BundleError(f"bundle claims {params.content_size} bytes, over {max_size}")
         out = io.BytesIO()

@@ -18,19 +18,9 @@ import logging
 
 import zstandard
 
+from agent.update.bundle import FrameParams
+
 log = logging.getLogger(__name__)
-
-
-class _Params:
-    """Frame parameters with ``content_size`` None when the frame does not say."""
-
-    def __init__(self, content_size: int | None):
-        self.content_size = content_size
-
-    @classmethod
-    def of(cls, data: bytes) -> _Params:
-        size = zstandard.get_frame_parameters(data).content_size
-        return cls(None if size >= zstandard.CONTENTSIZE_ERROR else size)
 
 MIN_WINDOW_LOG = 25
 MAX_WINDOW_LOG = 30   # 1 GiB: the largest window a device decoder accepts
@@ -96,7 +86,7 @@ def apply_delta(old: bytes, patch: bytes, max_size: int) -> bytes:
     """Applies ``patch`` to ``old``; refuses output beyond ``max_size`` bytes or a window beyond
     ``MAX_WINDOW_LOG``. The caller checks the result's hash."""
     try:
-        fp = _Params.of(patch)
+        fp = FrameParams.of(patch)
         if fp.content_size and fp.content_size > max_size:
             raise DeltaError(f"patch output claims {fp.content_size} bytes, over {max_size}")
         dctx = zstandard.ZstdDecompressor(dict_data=_dict(old),
