@@ -387,13 +387,18 @@ def _bookings_offline(args) -> list[dict]:
     return [{**json.loads(d), "status": s, "updated_ms": u} for d, s, u in rows]
 
 
+def ask_or_read(args: argparse.Namespace, op: str, read_stopped: Callable[[], dict], **kw) -> dict:
+    """Asks the running agent; when none runs, says so and reads its store read-only instead."""
+    try:
+        return ask_agent(args, op, **kw)
+    except AgentNotRunning:
+        _note_offline(args)
+        return read_stopped()
+
+
 def cmd_bookings(args: argparse.Namespace) -> int:
     try:
-        try:
-            bookings = ask_agent(args, "bookings")["bookings"]
-        except AgentNotRunning:
-            _note_offline(args)
-            bookings = _bookings_offline(args)
+        bookings = ask_or_read(args, "bookings", lambda: {"bookings": _bookings_offline(args)})["bookings"]
     except ClientError as e:
         return fail(args, e)
     emit_json(bookings) if args.json else print(format_bookings(bookings))
@@ -462,17 +467,17 @@ def format_service_log(res: dict) -> str:
 
 def cmd_service_log(args: argparse.Namespace) -> int:
     from agent import service_log
+    def read_stopped() -> dict:
+        _, conn = offline(args)
+        rows = conn.execute(f"SELECT record, hash FROM {service_log.TABLE} ORDER BY idx").fetchall() \
+            if _has_table(conn, service_log.TABLE) else []
+        res = {"records": [service_log._row_to_record(r, h) for r, h in rows]}
+        if args.verify:
+            res["verification"] = service_log.verify_rows(rows).as_dict()
+        return res
+
     try:
-        try:
-            res = ask_agent(args, "service_log", verify=args.verify)
-        except AgentNotRunning:
-            _note_offline(args)
-            _, conn = offline(args)
-            rows = conn.execute(f"SELECT record, hash FROM {service_log.TABLE} ORDER BY idx").fetchall() \
-                if _has_table(conn, service_log.TABLE) else []
-            res = {"records": [service_log._row_to_record(r, h) for r, h in rows]}
-            if args.verify:
-                res["verification"] = service_log.verify_rows(rows).as_dict()
+        res = ask_or_read(args, "service_log", read_stopped, verify=args.verify)
     except ClientError as e:
         return fail(args, e)
     emit_json(res) if args.json else print(format_service_log(res))
@@ -517,11 +522,7 @@ def _configs_offline(args) -> dict:
 
 def cmd_config(args: argparse.Namespace) -> int:
     try:
-        try:
-            res = ask_agent(args, "config")
-        except AgentNotRunning:
-            _note_offline(args)
-            res = _configs_offline(args)
+        res = ask_or_read(args, "config", lambda: _configs_offline(args))
     except ClientError as e:
         return fail(args, e)
     active = res["active"]
@@ -569,13 +570,12 @@ def format_buffer(res: dict) -> str:
 
 def cmd_buffer(args: argparse.Namespace) -> int:
     from agent.technician import buffer_report
+    def read_stopped() -> dict:
+        _, conn = offline(args)
+        return buffer_report(lambda q, p=(): conn.execute(q, p).fetchall())
+
     try:
-        try:
-            res = ask_agent(args, "buffer")
-        except AgentNotRunning:
-            _note_offline(args)
-            _, conn = offline(args)
-            res = buffer_report(lambda q, p=(): conn.execute(q, p).fetchall())
+        res = ask_or_read(args, "buffer", read_stopped)
     except ClientError as e:
         return fail(args, e)
     emit_json(res) if args.json else print(format_buffer(res))
