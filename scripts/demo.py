@@ -34,6 +34,7 @@ from scripts.elm_emulator import ElmEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "demo-0001"
+EV_PROFILE = "hyundai_egmp"
 DBC = ROOT / "config" / "dbc" / "toyota_new_mc_pt_generated.dbc"
 RECORDING = "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
 
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0, help="stop after this long (0 = until Ctrl-C)")
     parser.add_argument("--dtc", action="append", default=[], metavar="CODE",
                         help="the simulated car has this stored trouble code, e.g. P0301 (repeatable)")
+    parser.add_argument("--ev", choices=("can", "elm327"),
+                        help="the car is also an EV (a simulated Hyundai E-GMP battery, UDS over ISO-TP), "
+                             "read over a CAN bus or through a second ELM327")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
 
@@ -129,8 +133,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("demo: the RAV4 recording (../shared/data) is not here; CAN replay skipped")
 
+        ev_toml = ""
+        if args.ev:
+            egroup = f"239.76.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
+            eport = random.randrange(20000, 60000)
+            ev_sim = subprocess.Popen(
+                [sys.executable, "-m", "scripts.ev_ecu_sim", "--profile", EV_PROFILE, "--interface",
+                 "udp_multicast", "--channel", egroup, "--port", str(eport), "--elm"],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=open(run_dir / "ev_sim.log", "a"), text=True)
+            started.append(("EV simulator", lambda: (ev_sim.terminate(), ev_sim.wait(10))))
+            ev_pty = ev_sim.stdout.readline().strip()
+            if args.ev == "can":
+                ev_toml = (f'[[can.buses]]\nname = "ev"\ninterface = "udp_multicast"\n'
+                           f'channel = "{egroup}"\nport = {eport}\n\n[ev]\ntransport = "can"\nbus = "ev"\n')
+            else:
+                ev_toml = f'[ev]\ntransport = "elm327"\nport = "{ev_pty}"\n'
+            print(f"demo: simulated EV battery ({EV_PROFILE}) read over {args.ev}")
+
         toml = devenv.make_device(run_dir, ca, DEVICE, broker_port=broker.port, obd_port=port,
-                                  extra_toml=can_toml,
+                                  extra_toml=can_toml + ev_toml,
                                   tuf_root=demo_update.repository(run_dir).root_path,
                                   update=demo_update.update_settings(layout.root))
         problem = demo_update.settings_problem(layout, toml)
@@ -151,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: what the cloud receives, verified and decrypted (Ctrl-C to stop):", flush=True)
         if console.connected.wait(15):
             config = dict(DEMO_CONFIG, version=max(DEMO_CONFIG["version"], _active_version(toml) + 1))
+            if args.ev:
+                config["ev"] = {"profile": EV_PROFILE, "period_s": 5}
             seq, _ = console.publish(DEVICE, "config", config)
             print(f"demo: cloud published config v{config['version']} (seq {seq}): OBD PIDs, CAN signals, raw 0xAA",
                   flush=True)
