@@ -4,13 +4,15 @@ LEDs: ``power`` (the agent runs), ``cloud`` (broker link: on = connected, blinki
 ``vehicle`` (on = adapter talks to the car, blinking = looking for it, off = no adapter
 configured), ``attention`` (blinking = something for a person: a pending booking, a trouble
 code, a clear request from the cloud; fast = waiting for a button press to confirm; on =
-technician mode). One button: a short press confirms what the terminal asked for (e.g.
+technician mode), ``location`` (on = the owner's location is being collected right now, as
+PROTOCOL §6 consent allows; off otherwise — it never shows less than the truth). One button: a short press confirms what the terminal asked for (e.g.
 ``dongle dtc clear``); a press held ``long_press_s`` starts technician mode for
 ``technician_mode_s`` (presence at the car is then proven, so a confirmation at the terminal is
 enough).
 
 Pins come from the local settings' ``[gpio]`` section (BCM numbers or gpiozero pin names; a key
 left out means "not fitted"): ``led_power``, ``led_cloud``, ``led_vehicle``, ``led_attention``,
+``led_location``,
 ``button``, ``long_press_s``, ``technician_mode_s``, ``enabled``. On a machine without GPIO the
 agent runs with them disabled and says so once. Tests pass gpiozero's ``MockFactory`` as
 ``pin_factory``.
@@ -26,8 +28,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-LEDS = ("power", "cloud", "vehicle", "attention")
-DEFAULT_PINS = {"led_power": 5, "led_cloud": 6, "led_vehicle": 13, "led_attention": 19, "button": 26}
+LEDS = ("power", "cloud", "vehicle", "attention", "location")
+DEFAULT_PINS = {"led_power": 5, "led_cloud": 6, "led_vehicle": 13, "led_attention": 19,
+                "led_location": 20, "button": 26}
 MODES = ("off", "on", "blink", "fast")
 
 
@@ -131,14 +134,16 @@ class DongleIO:
 
 
 def led_modes(state: dict) -> dict[str, str]:
-    """The four LEDs' modes from the agent's state: ``{"running", "cloud_connected",
-    "vehicle": "connected"|"searching"|"none", "confirming", "technician_mode", "attention": [reasons]}``."""
+    """The LEDs' modes from the agent's state: ``{"running", "cloud_connected",
+    "vehicle": "connected"|"searching"|"none", "confirming", "technician_mode", "attention": [reasons],
+    "location": bool}``."""
     return {
         "power": "on" if state.get("running") else "off",
         "cloud": "on" if state.get("cloud_connected") else ("blink" if state.get("running") else "off"),
         "vehicle": {"connected": "on", "searching": "blink"}.get(state.get("vehicle", "none"), "off"),
         "attention": ("fast" if state.get("confirming") else "on" if state.get("technician_mode")
                       else "blink" if state.get("attention") else "off"),
+        "location": "on" if state.get("location") else "off",
     }
 
 
@@ -224,7 +229,10 @@ class Indicators:
                 attention.append("trouble_code")
         except Exception as e:  # the store closing under us at shutdown
             log.debug("GPIO: state: %s", e)
+        owner = getattr(a, "owner_data", None)
+        location = bool(owner is not None and owner.location_active())
         return {"running": self._running, "cloud_connected": a.link.connected, "vehicle": vehicle,
+                "location": location,
                 "confirming": self._confirming > 0, "technician_mode": self.technician_mode,
                 "attention": attention}
 

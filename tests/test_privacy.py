@@ -307,9 +307,20 @@ def _pump_samples(agent, stop: threading.Event):
 
 @needs_gpsd
 def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, device):
+    from gpiozero.pins.mock import MockFactory
+
+    from drivers.gpio import DEFAULT_PINS, Indicators
+
     dev = "priv-0001"
     agent = device(dev)
     c = fleet.console
+    factory = MockFactory()
+    leds = Indicators(agent, {"enabled": True}, pin_factory=factory)
+
+    def location_led() -> bool:
+        """The LED, read back from the (mock) pin after an update: held to the truth."""
+        leds.update()
+        return bool(factory.pin(DEFAULT_PINS["led_location"]).state)
     stop = threading.Event()
     pump = threading.Thread(target=_pump_samples, args=(agent, stop), daemon=True)
     pump.start()
@@ -319,6 +330,7 @@ def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, devi
         assert all("positions" not in r["body"] for r in telemetry_records(c, dev))
         assert agent.location.pending() == 0 and agent.location._reader is None
         assert events(c, dev, "privacy") == []
+        assert not location_led()
 
         now = now_ms()
         c.publish(dev, "config", config(1, location=consent("coarse", now=now)))
@@ -331,6 +343,7 @@ def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, devi
         pts = [(r["body"]["t0"] + t) for r in telemetry_records(c, dev) if "positions" in r["body"]
                for t in r["body"]["positions"]["t"]]
         assert len(pts) == 1, "coarse: at most one fix per minute"
+        assert agent.location.location_active() and location_led()
         assert all(p["prec_m"] == 1000 and all(round(v, 2) == v for v in p["lat"] + p["lon"]) for p in coarse)
 
         c.publish(dev, "config", config(2, location=consent("precise", now=now)))
@@ -353,13 +366,14 @@ def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, devi
         c.publish(dev, "config", config(3, location={"mode": "off"}))
         assert c.wait_for(lambda r: r.get("dev") == dev and r.get("kind") == "event"
                           and r["body"].get("type") == "privacy" and r["body"]["state"] == "withdrawn", 30)
-        assert not agent.location.location_active()
+        assert not agent.location.location_active() and not location_led()
         n = len(c.records)
         time.sleep(3)
         assert all("positions" not in r.get("body", {}) for r in list(c.records)[n:] if r.get("dev") == dev)
     finally:
         stop.set()
         pump.join(5)
+        leds.stop()
     assert not any(r.get("rejected") for r in c.records)
 
 
