@@ -36,12 +36,13 @@ def press(factory, pin=26, hold_s=0.0):
 
 
 def test_led_modes_from_state():
-    assert led_modes({}) == {"power": "off", "cloud": "off", "vehicle": "off", "attention": "off"}
+    assert led_modes({}) == {"power": "off", "cloud": "off", "vehicle": "off", "attention": "off",
+                             "location": "off"}
     m = led_modes({"running": True, "cloud_connected": False, "vehicle": "searching", "attention": ["booking"]})
-    assert m == {"power": "on", "cloud": "blink", "vehicle": "blink", "attention": "blink"}
+    assert m == {"power": "on", "cloud": "blink", "vehicle": "blink", "attention": "blink", "location": "off"}
     m = led_modes({"running": True, "cloud_connected": True, "vehicle": "connected", "attention": [],
-                   "technician_mode": True})
-    assert m == {"power": "on", "cloud": "on", "vehicle": "on", "attention": "on"}
+                   "technician_mode": True, "location": True})
+    assert m == {"power": "on", "cloud": "on", "vehicle": "on", "attention": "on", "location": "on"}
     assert led_modes({"running": True, "confirming": True, "technician_mode": True})["attention"] == "fast"
 
 
