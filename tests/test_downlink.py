@@ -293,3 +293,48 @@ def test_config_acks_always_name_the_config_the_device_keeps(setup):
     assert [a["status"] for a in acks] == ["applied", "duplicate", "rejected", "rejected"]
     assert all(a["config_version"] == 6 for a in acks)
     assert "port" in acks[3]["reason"].lower()
+
+
+GENUINE = {
+    "config": (lambda seq: _config(100 + seq), "applied"),
+    "booking": (lambda seq: _booking(f"b-{seq}"), "accepted"),
+    "command": (lambda seq: {"op": "ping"}, "done"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GENUINE))
+def test_every_downlink_kind_applies_once_and_refuses_the_rest(setup, kind):
+    cloud, st = setup
+    agent = st["agent"]
+    body_for, status = GENUINE[kind]
+    good = cloud.seal(kind, body_for(5), seq=5)
+    cloud.send(kind, good)
+    assert cloud.wait_ack(kind, 5)["status"] == status
+    cloud.send(kind, good)                                          # QoS 1 redelivery
+    cloud.send(kind, cloud.seal(kind, body_for(4), seq=4))          # replay of an older one
+    cloud.send(kind, cloud.seal(kind, body_for(6), seq=6, exp_ms=now_ms() - 1))   # expired
+    assert _wait(lambda: len(cloud.acks(kind)) == 4, 30)
+    assert [(a["body"]["ref_seq"], a["body"]["status"]) for a in cloud.acks(kind)] == [
+        (5, status), (5, "duplicate"), (4, "rejected"), (6, "rejected")]
+
+    before = dict(agent.downlink.unauthenticated)
+    outer = cbor2.loads(cloud.seal(kind, body_for(7), seq=7))
+    hdr = cbor2.loads(outer[0])
+    hdr["seq"] = 8
+    bad = [
+        cbor2.dumps([outer[0], outer[1], bytes(a ^ 1 if i == 0 else a for i, a in enumerate(outer[2]))]),
+        cloud.seal(kind, body_for(7), seq=7, signer=Ed25519PrivateKey.generate()),
+        cloud.seal(kind, body_for(7), seq=7, dev=OTHER),
+        cloud.seal(kind, body_for(7), seq=7, recipient=cloud.c.registry.get(OTHER)[1]),
+        cbor2.dumps([cbor2.dumps(hdr, canonical=True), outer[1], outer[2]]),
+        bytes(protocol.MAX_ENVELOPE + 10),
+        b"\x83\x41\x00",
+    ]
+    for env in bad:
+        cloud.send(kind, env)
+    assert _wait(lambda: sum(agent.downlink.unauthenticated.values()) - sum(before.values()) == len(bad), 30)
+    got = {k: v - before.get(k, 0) for k, v in agent.downlink.unauthenticated.items() if v != before.get(k, 0)}
+    assert got == {"bad_signature": 2, "unknown_signer": 1, "wrong_device": 1, "wrong_recipient": 1,
+                   "oversize": 1, "malformed": 1}
+    assert len(cloud.acks(kind)) == 4  # none of those was answered
+    assert agent.store.last_downlink_seq(kind) == 5
