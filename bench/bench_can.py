@@ -19,7 +19,7 @@ pass), rather than stamping frames with the wall clock.
 Later stages (store, sealing) are added by passing ``sinks`` to :func:`run_pipeline`: each sink is
 called with every batch's ``(samples, raw_frames)``; or by appending to ``STAGES``.
 
-    /work/main/.venv/bin/python bench/bench_can.py [--frames N] [--markdown]
+    .venv/bin/python bench/bench_can.py [--frames N] [--markdown]
 """
 from __future__ import annotations
 
@@ -46,10 +46,11 @@ if str(ROOT) not in sys.path:
 from agent.can_decode import CanDecoder  # noqa: E402
 from agent.model import Frame, Sample  # noqa: E402
 from drivers.can import frame_from_message, load_dbc  # noqa: E402
+from scripts.shared_data import SHARED_DATA
 
 log = logging.getLogger(__name__)
 
-DATA = Path("/work/shared/data/comma2k19_rav4")
+DATA = SHARED_DATA / "comma2k19_rav4"
 LOG_GZ = DATA / "comma2k19_rav4_seg40_candump.log.gz"
 DBC = ROOT / "config" / "dbc" / "toyota_new_mc_pt_generated.dbc"
 BATCH = 2_000

@@ -6,7 +6,7 @@ elm_isotp.py through scripts/elm_pty.py on a pty) each read the whole profile ``
 times. Printed: median and worst snapshot time per profile and path, and the time per request.
 No target is asserted; a snapshot every 60 s (the default ``ev.period_s``) leaves ample room.
 
-    /work/main/.venv/bin/python bench/bench_ev.py [--latency-ms 50] [--rounds 5] [--markdown]
+    .venv/bin/python bench/bench_ev.py [--latency-ms 50] [--rounds 5] [--markdown]
 """
 from __future__ import annotations
 

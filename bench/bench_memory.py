@@ -15,8 +15,8 @@ growth (least-squares slope over the second half, MB/min). Targets: steady RSS <
 ``--imports`` prints instead what each layer of imports adds to a fresh interpreter of that venv
 (cumulative, one subprocess per step).
 
-    /work/main/.venv/bin/python bench/bench_memory.py [--duration 600] [--rate 10000]   (make bench-memory)
-    /work/main/.venv/bin/python bench/bench_memory.py --imports
+    .venv/bin/python bench/bench_memory.py [--duration 600] [--rate 10000]   (make bench-memory)
+    .venv/bin/python bench/bench_memory.py --imports
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ if str(ROOT) not in sys.path:
 
 from scripts import devenv  # noqa: E402
 from scripts.cloud_console import CloudConsole  # noqa: E402
+from scripts.shared_data import SHARED_DATA
 
-LOG_GZ = Path("/work/shared/data/comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz")
+LOG_GZ = SHARED_DATA / "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
 DEV = "mem-0001"
 TARGET_MB = 60.0
 DEFAULT_VENV = ROOT / ".venv-runtime"

@@ -12,7 +12,7 @@ not have. Six PIDs (RPM, SPEED, COOLANT_TEMP, ENGINE_LOAD, THROTTLE_POS, INTAKE_
 
 Target: agent samples/s >= 3x python-obd samples/s.
 
-    /work/main/.venv/bin/python bench/bench_obd.py [--seconds 10] [--delay-ms 50] [--markdown]
+    .venv/bin/python bench/bench_obd.py [--seconds 10] [--delay-ms 50] [--markdown]
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@
    drained by a real agent to a real Mosquitto (mutual TLS on loopback): drain speed as a
    multiple of real time (target >= 100x).
 
-    /work/main/.venv/bin/python bench/bench_store.py [--only frames,samples,day,drain]
+    .venv/bin/python bench/bench_store.py [--only frames,samples,day,drain]
 """
 from __future__ import annotations
 
@@ -51,10 +51,11 @@ from agent.store import Store  # noqa: E402
 from agent.telemetry import telemetry_body  # noqa: E402
 from agent.uplink import TELEMETRY_ZSTD, Sealer, Uplink  # noqa: E402
 from drivers.can import load_dbc  # noqa: E402
+from scripts.shared_data import SHARED_DATA
 
 log = logging.getLogger("bench_store")
 
-LOG_GZ = Path("/work/shared/data/comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz")
+LOG_GZ = SHARED_DATA / "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
 DBC = ROOT / "config" / "dbc" / "toyota_new_mc_pt_generated.dbc"
 EPOCH_S = 1_764_000_000.0
 MQTT_OVERHEAD = 2 + 2 + len("dongle/v1/bench-0001/up/telemetry") + 2  # fixed header, topic, packet id

@@ -15,7 +15,7 @@ Scenarios, each from the installed base version:
 Wire bytes count every byte the server sent: TUF metadata plus the target. Apply time is the
 device side: refresh + download + verify + patch + install (extract, compile, fsync) + flip.
 
-    /work/main/.venv/bin/python bench/bench_update.py [--markdown] [--dep-wheel FILE]
+    .venv/bin/python bench/bench_update.py [--markdown] [--dep-wheel FILE]
 """
 from __future__ import annotations
 

@@ -58,10 +58,8 @@ DEMO_CONFIG = {
 
 
 def _find_recording() -> Path | None:
-    for base in (ROOT.parent / "shared" / "data", ROOT / "data"):
-        if (base / RECORDING).exists():
-            return base / RECORDING
-    return None
+    from scripts.shared_data import SHARED_DATA
+    return SHARED_DATA / RECORDING if (SHARED_DATA / RECORDING).exists() else None
 
 
 def _active_version(toml: Path) -> int:

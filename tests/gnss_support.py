@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from scripts.shared_data import SHARED_DATA
 
-DATA = Path("/work/shared/data/gnss")
+DATA = SHARED_DATA / "gnss"
 NMEA = DATA / "comma2k19_rav4_seg40.nmea"
 REFERENCE = DATA / "comma2k19_rav4_seg40_gnss_reference.csv"
 

@@ -20,8 +20,9 @@ from agent.model import Frame, Sample
 from drivers.can import CanReader, load_dbc, open_buses
 from scripts.replay import ReplayStats, replay
 from tests.test_can import IFACE, CHANNEL, Collector, wait_for
+from scripts.shared_data import SHARED_DATA
 
-DATA = Path("/work/shared/data/comma2k19_rav4")
+DATA = SHARED_DATA / "comma2k19_rav4"
 LOG = DATA / "comma2k19_rav4_seg40_candump.log.gz"
 PKG_DBC = Path(__file__).resolve().parent.parent / "config" / "dbc" / "toyota_new_mc_pt_generated.dbc"
 WHEELS = {"FL": "WHEEL_SPEED_FL", "FR": "WHEEL_SPEED_FR", "RL": "WHEEL_SPEED_RL", "RR": "WHEEL_SPEED_RR"}

@@ -18,11 +18,12 @@ from agent.store import Store
 from drivers.obd import ObdPoller, ObdReader
 from scripts.elm_emulator import ElmEmulator
 from tests.test_obd import Collector, wait_for
+from scripts.shared_data import SHARED_DATA
 
 pytestmark = pytest.mark.timeout(120)
 
 MODE_03_ENTRIES = ("GET_DTC", "SHOW_DIAG_TC")  # the 'car' scenario has two for mode 03
-SHARED_TABLE = "/work/shared/data/dtc/obdex_P0xxx_titles.csv"
+SHARED_TABLE = str(SHARED_DATA / "dtc/obdex_P0xxx_titles.csv")
 
 
 class Events:

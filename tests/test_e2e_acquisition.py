@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from scripts.elm_emulator import ElmEmulator
+from scripts.shared_data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
-LOG = Path("/work/shared/data/comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz")
-if not LOG.exists():
-    LOG = ROOT.parent / "shared" / "data" / "comma2k19_rav4" / "comma2k19_rav4_seg40_candump.log.gz"
+LOG = SHARED_DATA / "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
 DBC = ROOT / "config" / "dbc" / "toyota_new_mc_pt_generated.dbc"
 DEV = "acq-0001"
 

@@ -27,11 +27,12 @@ import pytest
 from agent.ev_profile import Profile, Request, load_profiles, parse_profile, ProfileError
 from drivers.elm_isotp import payloads_from_lines
 from drivers.uds import IsoTpReplay, Target
+from scripts.shared_data import SHARED_DATA
 
 yaml = pytest.importorskip("yaml")
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-DATA = Path("/work/shared/data/ev_uds")
+DATA = SHARED_DATA / "ev_uds"
 OBDB = DATA / "specs" / "obdb"
 REC = DATA / "recordings" / "css_api_examples"
 BATTERY_WORDS = ("SOC", "SOH", "HVBAT", "C_V_", "CAP", "BAT_", "BATTERY", "CELL", "CMU", "ODO")

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from agent import schemas
 from agent.health.driving import DrivingThresholds, HarshEventDetector, driving_behaviour_allowed
+from scripts.shared_data import SHARED_DATA
 
 T0 = 1_750_000_000_000
 DAY = 86_400_000
-RAV4 = Path("/work/shared/data/comma2k19_rav4/reference_wheelspeed_speed.csv")
+RAV4 = SHARED_DATA / "comma2k19_rav4/reference_wheelspeed_speed.csv"
 
 
 def _run(trace, **kw):

@@ -9,8 +9,9 @@ import pytest
 
 from agent import schemas
 from agent.health.trips import TripDetector, TripThresholds
+from scripts.shared_data import SHARED_DATA
 
-RAV4 = Path("/work/shared/data/comma2k19_rav4/reference_wheelspeed_speed.csv")
+RAV4 = SHARED_DATA / "comma2k19_rav4/reference_wheelspeed_speed.csv"
 T0 = 1_750_000_000_000
 
 

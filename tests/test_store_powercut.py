@@ -31,9 +31,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tests.conftest import wait_until
+from scripts.shared_data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
-LOG = Path("/work/shared/data/comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz")
+LOG = SHARED_DATA / "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
 DBC = ROOT / "config" / "dbc" / "toyota_new_mc_pt_generated.dbc"
 DEV = "cut-0001"
 COUNTER_ID = 0x6AB  # not used by the recording
