@@ -32,7 +32,7 @@ test-install: ## run scripts/install.sh for real in the CAN VM (throwaway root f
 
 # Store and forward (docs/store.md): the 50-cut power-cut run and other long tests (pytest marker
 # `soak`, excluded from the default suite by pytest.ini).
-soak: ## run the soak tests (50 SIGKILL power cuts during heavy ingest; several minutes)
+soak: ## the soak tests: 50 SIGKILL power cuts during heavy ingest, 50 kills during an update (minutes)
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m soak --timeout=1800 -s tests/
 
 bench-store: ## wire bytes per frame / sample / vehicle-day and the 24 h backlog drain (bench/bench_store.py)
