@@ -25,6 +25,7 @@ from agent.keys import key_id
 from agent.model import Frame, Sample
 from agent.store import PRIO_EVENT, Store
 from agent.uplink import Sealer, Uplink, upload_policy
+from tests.conftest import wait_until
 
 DEV = "store-0001"
 
@@ -374,9 +375,11 @@ def test_drain_order_daily_budget_and_events_first_against_the_broker(fleet):
             time.sleep(0.1)
         assert up.held_by == "daily_budget"
         assert c.wait_for(lambda r: r.get("kind") == "event" and r["dev"] == DEV, 30)
-        tele = [r["seq"] for r in c.records if r.get("kind") == "telemetry" and r["dev"] == DEV]
-        c.wait_for(lambda r: False, 1)
-        tele = [r["seq"] for r in c.records if r.get("kind") == "telemetry" and r["dev"] == DEV]
+        def telemetry_seqs():
+            return [r["seq"] for r in c.records if r.get("kind") == "telemetry" and r["dev"] == DEV]
+        wait_until(lambda: len(telemetry_seqs()) >= 2, 30)  # what the budget let out, however slow
+        c.wait_for(lambda r: False, 1)                       # and nothing more arrives after it
+        tele = telemetry_seqs()
         assert tele == [6, 5, 4][:len(tele)] and len(tele) >= 2, (tele, [(r.get("kind"), r.get("seq"), r.get("rejected"), r.get("detail")) for r in c.records], up.status())  # newest first, then held
         arrived = [r["seq"] for r in c.records if r["dev"] == DEV and "seq" in r]
         assert arrived[0] == 7  # the event went ahead of every telemetry envelope
