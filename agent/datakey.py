@@ -12,6 +12,8 @@ Each value is ``nonce(12) || ciphertext+tag``; the associated data names what th
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import threading
@@ -67,7 +69,14 @@ class DataKey:
             if len(key) != 32:
                 raise DataKeyError(f"{self.path}: not a 32-byte key")
             self._aead = ChaCha20Poly1305(key)
+            self._pseudo_key = hmac.new(key, b"dongle-pseudonym/v1", hashlib.sha256).digest()
             return self._aead
+
+    def pseudonym(self, text: str) -> str:
+        """A stable stand-in for an identifier (e.g. the VIN as a table key): keyed by the data
+        key, so it links rows while the key lives and means nothing once a wipe destroyed it."""
+        self._cipher()
+        return "veh-" + hmac.new(self._pseudo_key, text.encode(), hashlib.sha256).hexdigest()[:16]
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_LEN)

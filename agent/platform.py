@@ -12,6 +12,7 @@ Both are optional, each by its own local settings section:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -115,8 +116,16 @@ def _attach_ev(agent, section: dict) -> None:
     def on_profile(name: str | None) -> None:
         agent.store.set_meta("ev_profile", name)
 
+    def on_snapshot(snap) -> None:
+        # The SOH history is kept per vehicle, but never under the VIN itself (identity data):
+        # under a pseudonym keyed by the owner's data key, which a wipe destroys.
+        owner = getattr(agent, "owner_data", None)
+        if owner is not None and snap.vehicle and not snap.vehicle.startswith("profile:"):
+            snap = dataclasses.replace(snap, vehicle=owner.datakey.pseudonym(snap.vehicle))
+        agent.battery.observe_snapshot(snap)
+
     agent.ev = EvReader(factory, agent.ingest.put_samples, lambda: vehicle_awake(agent),
-                        on_snapshot=agent.battery.observe_snapshot, on_profile=on_profile)
+                        on_snapshot=on_snapshot, on_profile=on_profile)
     agent.config_listeners.append(agent.ev.apply_config)
     agent.config_listeners.append(agent.battery.apply_config)
     agent.vehicle_listeners.append(lambda info: agent.ev.set_vehicle(info.get("vin")))

@@ -165,3 +165,12 @@ def _press_when_asked(io, timeout=60):
             io.button.pin.drive_high()
             return
         time.sleep(0.05)
+
+
+def test_vehicle_pseudonym_is_stable_keyed_and_gone_with_the_key(tmp_path):
+    from agent.datakey import DataKey
+    key = DataKey.in_dir(tmp_path)
+    a = key.pseudonym(VIN)
+    assert a == key.pseudonym(VIN) and VIN not in a and a != key.pseudonym(VIN[:-1] + "X")
+    assert DataKey.in_dir(tmp_path).pseudonym(VIN) == a        # the same key: the same stand-in
+    assert DataKey.in_dir(tmp_path / "other").pseudonym(VIN) != a  # another device's key: unlinkable
