@@ -372,25 +372,31 @@ def _cmd_release(args) -> int:
     done = threading.Event()
     outcome: dict = {}
 
-    def show(rec: dict) -> None:
+    def concerns(rec: dict) -> tuple[dict, bool, bool] | None:
+        """(body, is this release's ack, is its update event) for this device's records."""
         if rec.get("dev") != dev:
-            return
+            return None
         body = rec.get("body") or {}
         is_ack = rec.get("kind") == "ack" and body.get("ref_kind") == "release"
         is_update = (rec.get("kind") == "event" and body.get("type") == "update"
                      and body.get("to") == args.version)
+        return body, is_ack, is_update
+
+    def show(rec: dict) -> None:
+        c = concerns(rec)
+        if c is None:
+            return
+        _, is_ack, is_update = c
         if is_ack or is_update or rec.get("topic") == "status":
             # "duplicate" here only means another console (the demo's) shares the ledger
             print(format_record({**rec, "duplicate": False} if "seq" in rec else rec), flush=True)
         check(rec)
 
     def check(rec: dict) -> None:
-        if rec.get("dev") != dev:
+        c = concerns(rec)
+        if c is None:
             return
-        body = rec.get("body") or {}
-        is_ack = rec.get("kind") == "ack" and body.get("ref_kind") == "release"
-        is_update = (rec.get("kind") == "event" and body.get("type") == "update"
-                     and body.get("to") == args.version)
+        body, is_ack, is_update = c
         if is_ack and body.get("ref_seq") == outcome.get("seq") \
                 and body.get("status") in ("rejected", "failed"):
             outcome["state"] = body.get("status")
