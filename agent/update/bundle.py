@@ -43,6 +43,22 @@ LEVEL = 19
 MAX_TAR = 512 * 1024 * 1024  # the largest uncompressed bundle a device accepts
 
 
+def decompress_bounded(dctx: zstandard.ZstdDecompressor, data: bytes, max_size: int,
+                       content_size: int | None, error: type[Exception], what: str) -> bytes:
+    """Streams ``data`` through ``dctx``, stopping (``error``) as soon as the output passes
+    ``max_size`` (the frame's own size claim is not trusted), and checks it against
+    ``content_size`` when the frame states one (a truncated frame is an ``error`` too)."""
+    out = io.BytesIO()
+    with dctx.stream_reader(io.BytesIO(data)) as r:
+        while chunk := r.read(1 << 20):
+            out.write(chunk)
+            if out.tell() > max_size:
+                raise error(f"{what} grows beyond {max_size} bytes")
+    if content_size and out.tell() != content_size:
+        raise error(f"truncated: {out.tell()} of {content_size} bytes")
+    return out.getvalue()
+
+
 class BundleError(Exception):
     """A bundle that cannot be built, read or extracted."""
 
@@ -106,15 +122,8 @@ def decompress(data: bytes, max_size: int = MAX_TAR) -> bytes:
         params = FrameParams.of(data)
         if params.content_size and params.content_size > max_size:
             raise BundleError(f"bundle claims {params.content_size} bytes, over {max_size}")
-        out = io.BytesIO()
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
-            while chunk := r.read(1 << 20):
-                out.write(chunk)
-                if out.tell() > max_size:
-                    raise BundleError(f"bundle grows beyond {max_size} bytes")
-        if params.content_size and out.tell() != params.content_size:
-            raise BundleError(f"truncated: {out.tell()} of {params.content_size} bytes")
-        return out.getvalue()
+        return decompress_bounded(zstandard.ZstdDecompressor(), data, max_size, params.content_size,
+                                  BundleError, "bundle")
     except zstandard.ZstdError as e:
         raise BundleError(f"not a zstd bundle: {e}") from e
 

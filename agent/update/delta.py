@@ -13,12 +13,11 @@ is installed).
 """
 from __future__ import annotations
 
-import io
 import logging
 
 import zstandard
 
-from agent.update.bundle import FrameParams
+from agent.update.bundle import FrameParams, decompress_bounded
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +90,6 @@ def apply_delta(old: bytes, patch: bytes, max_size: int) -> bytes:
             raise DeltaError(f"patch output claims {fp.content_size} bytes, over {max_size}")
         dctx = zstandard.ZstdDecompressor(dict_data=_dict(old),
                                           max_window_size=1 << MAX_WINDOW_LOG)
-        out = io.BytesIO()
-        with dctx.stream_reader(io.BytesIO(patch)) as r:
-            while chunk := r.read(1 << 20):
-                out.write(chunk)
-                if out.tell() > max_size:
-                    raise DeltaError(f"patch output grows beyond {max_size} bytes")
-        if fp.content_size and out.tell() != fp.content_size:
-            raise DeltaError(f"truncated: {out.tell()} of {fp.content_size} bytes")
-        return out.getvalue()
+        return decompress_bounded(dctx, patch, max_size, fp.content_size, DeltaError, "patch output")
     except zstandard.ZstdError as e:
         raise DeltaError(f"patch does not apply: {e}") from e
