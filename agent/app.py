@@ -260,7 +260,7 @@ class Agent:
                 problems += listener(doc) or []
             for name, c in self.components:
                 applier = getattr(c, "apply_config", None)
-                if applier is not None and applier not in self.config_listeners:
+                if applier is not None:
                     problems += [f"{name}: {p}" for p in (applier(doc) or [])]
             if self._endpoint(doc) != old_endpoint:
                 self.link.reconnect_to(*self._endpoint(doc))

@@ -126,7 +126,6 @@ def _attach_ev(agent, section: dict) -> None:
 
     agent.ev = EvReader(factory, agent.ingest.put_samples, lambda: vehicle_awake(agent),
                         on_snapshot=on_snapshot, on_profile=on_profile)
-    agent.config_listeners.append(agent.ev.apply_config)
     agent.config_listeners.append(agent.battery.apply_config)
     agent.vehicle_listeners.append(lambda info: agent.ev.set_vehicle(info.get("vin")))
     agent.ev.apply_config(agent.config)
