@@ -13,14 +13,13 @@ poller or uplink gets the whole process restarted by systemd::
 
     wd = Watchdog()                  # interval from $WATCHDOG_USEC; disabled outside systemd
     wd.register("obd"); wd.register("uplink")
-    wd.start()                       # or: asyncio.create_task(wd.run())
+    wd.start()
     notify_ready()
     ...                              # each loop iteration: wd.beat("obd")
     notify_stopping(); wd.stop()
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -213,14 +212,3 @@ class Watchdog:
                 log.exception("watchdog tick failed")
             if self._stop.wait(self.period):
                 return
-
-    async def run(self) -> None:
-        """The asyncio form of :meth:`start`: checks and pings until cancelled."""
-        if not self.enabled:
-            return
-        while True:
-            try:
-                self.tick()
-            except Exception:
-                log.exception("watchdog tick failed")
-            await asyncio.sleep(self.period)

@@ -230,24 +230,6 @@ def test_thread_pings_and_stops_when_a_loop_stalls(notify_socket):
     assert "sd-watchdog" not in [t.name for t in threading.enumerate()]
 
 
-async def _run_for(wd: Watchdog, n: int, sock: NotifySocket) -> list[str]:
-    import asyncio
-    task = asyncio.create_task(wd.run())
-    try:
-        return [await asyncio.to_thread(sock.recv) for _ in range(n)]
-    finally:
-        task.cancel()
-
-
-def test_asyncio_run_pings(notify_socket):
-    import asyncio
-    wd = Watchdog(0.2)
-    wd.register("uplink")
-    wd.beat("uplink")
-    # registration is fresh for 0.2 s: at least the first tick pings
-    assert asyncio.run(_run_for(wd, 1, notify_socket)) == ["WATCHDOG=1"]
-
-
 # --- the unit file ---------------------------------------------------------------------------
 
 def parse_unit(text: str) -> dict[str, list[str]]:
