@@ -54,8 +54,7 @@ class Bookings:
     def __init__(self, store: Store, *, now_ms: Callable[[], int | None] = synced_now_ms):
         self.store = store
         self._now_ms = now_ms
-        store.db["bookings"].create({"booking_id": str, "doc": str, "status": str, "updated_ms": int},
-                                    pk="booking_id", if_not_exists=True)
+        store.create_tables("bookings (booking_id TEXT PRIMARY KEY, doc TEXT, status TEXT, updated_ms INTEGER)")
 
     def handle(self, opened) -> Outcome:
         body = opened.body

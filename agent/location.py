@@ -71,8 +71,8 @@ class Location:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        store.db[TABLE].create({"id": int, "t_ms": int, "blob": bytes}, pk="id", if_not_exists=True)
-        store.db[SEALED].create({"seq": int, "n": int, "created_ms": int}, pk="seq", if_not_exists=True)
+        store.create_tables(f"{TABLE} (id INTEGER PRIMARY KEY, t_ms INTEGER, blob BLOB)",
+                            f"{SEALED} (seq INTEGER PRIMARY KEY, n INTEGER, created_ms INTEGER)")
         privacy.register("location", self)
 
     def _default_reader(self, on_fix, on_state):

@@ -85,9 +85,9 @@ class ServiceLog:
     def __init__(self, store, *, clock=now_ms):
         self.store = store
         self._clock = clock
+        store.create_tables(f"{TABLE} (idx INTEGER PRIMARY KEY, ts INTEGER NOT NULL, "
+                            "booking_id TEXT NOT NULL, record BLOB NOT NULL, hash TEXT NOT NULL)")
         with store.batch() as c:
-            c.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (idx INTEGER PRIMARY KEY, ts INTEGER NOT NULL, "
-                      "booking_id TEXT NOT NULL, record BLOB NOT NULL, hash TEXT NOT NULL)")
             for op in ("UPDATE", "DELETE"):
                 c.execute(f"CREATE TRIGGER IF NOT EXISTS {TABLE}_no_{op.lower()} BEFORE {op} ON {TABLE} "
                           f"BEGIN SELECT RAISE(ABORT, '{TABLE} is append-only'); END")

@@ -1,4 +1,4 @@
-"""The agent's durable outbox: SQLite in WAL mode (sqlite-utils). Design notes: docs/store.md.
+"""The agent's durable outbox: SQLite in WAL mode (the stdlib ``sqlite3``). Design notes: docs/store.md.
 
 Everything the agent collects is written here before anything is sent, and leaves only after
 the broker has acknowledged it:
@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cbor2
-import sqlite_utils
 
 from agent.clock import PLAUSIBLE_AFTER_MS, PLAUSIBLE_AFTER_US, Clock, get_clock, now_ms
 from agent.model import Frame, Sample
@@ -101,9 +100,8 @@ class Store:
         self.non_finite = 0      # sample values dropped as NaN/inf (add_samples)
         self.events_invalid = 0  # events dropped as unsendable (seal_events)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self.db = sqlite_utils.Database(conn)
         self._conn = conn
-        self.db.enable_wal()
+        conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
         self.page_size = conn.execute("PRAGMA page_size").fetchone()[0]
@@ -119,22 +117,30 @@ class Store:
 
     # -- schema ---------------------------------------------------------------------------
     def _create(self) -> None:
-        db = self.db
-        db["samples"].create({"id": int, "name": str, "unit": str, "t_ms": int, "value": float},
-                             pk="id", if_not_exists=True)
-        db["frames"].create({"id": int, "bus": str, "t_us": int, "can_id": int, "ext": int,
-                             "data": bytes}, pk="id", if_not_exists=True)
-        db["events"].create({"id": int, "ts": int, "body": bytes}, pk="id", if_not_exists=True)
-        db["outbox"].create({"seq": int, "suffix": str, "payload": bytes, "priority": int,
-                             "created_ms": int, "content": str}, pk="seq", if_not_exists=True)
-        if "content" not in db["outbox"].columns_dict:  # schema 1
-            db["outbox"].add_column("content", str)
-        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        db["downlink_seq"].create({"kind": str, "seq": int}, pk="kind", if_not_exists=True)
-        db["configs"].create({"version": int, "doc": str, "applied_ms": int}, pk="version",
-                             if_not_exists=True)
+        self.create_tables(
+            "samples (id INTEGER PRIMARY KEY, name TEXT, unit TEXT, t_ms INTEGER, value REAL)",
+            "frames (id INTEGER PRIMARY KEY, bus TEXT, t_us INTEGER, can_id INTEGER, ext INTEGER, data BLOB)",
+            "events (id INTEGER PRIMARY KEY, ts INTEGER, body BLOB)",
+            "outbox (seq INTEGER PRIMARY KEY, suffix TEXT, payload BLOB, priority INTEGER, "
+            "created_ms INTEGER, content TEXT)",
+            "meta (key TEXT PRIMARY KEY, value TEXT)",
+            "downlink_seq (kind TEXT PRIMARY KEY, seq INTEGER)",
+            "configs (version INTEGER PRIMARY KEY, doc TEXT, applied_ms INTEGER)")
+        if "content" not in {r[1] for r in self.query("PRAGMA table_info(outbox)")}:  # schema 1
+            with self._txn() as c:
+                c.execute("ALTER TABLE outbox ADD COLUMN content TEXT")
         if self.get_meta("schema_version") != SCHEMA_VERSION:
             self.set_meta("schema_version", SCHEMA_VERSION)
+
+    def create_tables(self, *tables: str, indexes: Iterable[str] = ()) -> None:
+        """Creates each table (``"name (column definitions)"``) and index (``"name ON table
+        (columns)"``) unless it exists, in one transaction. Every module that keeps state in the
+        agent's database declares its tables this way."""
+        with self._txn() as c:
+            for t in tables:
+                c.execute(f"CREATE TABLE IF NOT EXISTS {t}")
+            for i in indexes:
+                c.execute(f"CREATE INDEX IF NOT EXISTS {i}")
 
     def _txn(self):
         return _Transaction(self)

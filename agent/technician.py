@@ -42,8 +42,8 @@ class Technician:
         s = agent.settings.data.get("control") or {}
         path = socket_path or control.socket_path(agent.settings.data, agent.settings.path.resolve().parent)
         self.service_log = ServiceLog(agent.store)
-        agent.store.db["technician_log"].create({"id": int, "ts": int, "action": str, "by": str, "detail": str},
-                                                pk="id", if_not_exists=True)
+        agent.store.create_tables(
+            "technician_log (id INTEGER PRIMARY KEY, ts INTEGER, action TEXT, by TEXT, detail TEXT)")
         handlers = {
             "status": self.status_request, "live": self.live, "dtc": self.dtc, "dtc_clear": self.dtc_clear,
             "bookings": self.bookings, "booking_checkin": self.booking_checkin,

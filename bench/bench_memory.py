@@ -2,7 +2,7 @@
 
 The agent runs from a **runtime-only virtualenv** (``--venv``, default ``.venv-runtime`` at the
 repository root, created on first use from ``requirements.txt`` plus the package itself, no test
-dependencies): in the development venv python-can, pint and sqlite-utils find asammdf, numpy and
+dependencies): in the development venv python-can and pint find asammdf, numpy and
 pandas installed and import them, which a device never has.
 
 A local fleet (CA, Mosquitto, reference console) and one agent reading a python-can
@@ -57,7 +57,6 @@ IMPORT_STEPS = [
     ("cryptography (HPKE, Ed25519)", ["cryptography.hazmat.primitives.hpke",
                                       "cryptography.hazmat.primitives.asymmetric.ed25519"]),
     ("paho-mqtt (+ ssl)", ["paho.mqtt.client"]),
-    ("sqlite-utils (+ click, dateutil, pluggy)", ["sqlite_utils"]),
     ("jsonschema (+ referencing, rpds)", ["jsonschema"]),
     ("agent.app (the agent's own modules)", ["agent.app"]),
     ("attached features (platform, technician, health, gpio, owner data)",

@@ -77,8 +77,8 @@ def test_unacked_outbox_is_resent_after_restart_byte_for_byte(tmp_path):
 
 def test_database_is_wal_and_synchronous_full(tmp_path):
     st = Store(tmp_path / "a.db")
-    assert st.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert st.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert st.query("PRAGMA journal_mode")[0][0] == "wal"
+    assert st.query("PRAGMA synchronous")[0][0] == 2  # FULL
 
 
 def test_ingest_group_commits_and_flushes_on_stop(tmp_path):
@@ -145,3 +145,31 @@ def test_an_unsendable_event_is_dropped_and_never_holds_up_the_others(tmp_path):
     seqs = st.seal_events(lambda seq, body: repr(body).encode(), prepare=prepare)
     assert seqs == [1] and st.counts()["events"] == 0 and st.events_invalid == 1
     assert b"snapshot" in st.outbox_items(5)[0].payload
+
+
+def test_opens_a_database_written_by_the_sqlite_utils_schema(tmp_path):
+    """Agents up to 0.1 created their tables through sqlite-utils (bracket-quoted names, FLOAT,
+    schema 1 without outbox.content); an updated agent must open such a database and keep and
+    send what it holds."""
+    path = tmp_path / "a.db"
+    c = sqlite3.connect(path)
+    c.executescript("""
+        CREATE TABLE [samples] ([id] INTEGER PRIMARY KEY, [name] TEXT, [unit] TEXT, [t_ms] INTEGER, [value] FLOAT);
+        CREATE TABLE [frames] ([id] INTEGER PRIMARY KEY, [bus] TEXT, [t_us] INTEGER, [can_id] INTEGER,
+                               [ext] INTEGER, [data] BLOB);
+        CREATE TABLE [events] ([id] INTEGER PRIMARY KEY, [ts] INTEGER, [body] BLOB);
+        CREATE TABLE [outbox] ([seq] INTEGER PRIMARY KEY, [suffix] TEXT, [payload] BLOB, [priority] INTEGER,
+                               [created_ms] INTEGER);
+        CREATE TABLE [meta] ([key] TEXT PRIMARY KEY, [value] TEXT);
+        CREATE TABLE [downlink_seq] ([kind] TEXT PRIMARY KEY, [seq] INTEGER);
+        CREATE TABLE [configs] ([version] INTEGER PRIMARY KEY, [doc] TEXT, [applied_ms] INTEGER);
+        INSERT INTO samples(name, unit, t_ms, value) VALUES ('rpm', 'rpm', 1000, 812.5);
+        INSERT INTO outbox VALUES (7, 'up/event', x'a1', 1, 1000);
+        INSERT INTO meta VALUES ('uplink_seq', '7');
+    """)
+    c.commit()
+    c.close()
+    st = Store(path)
+    assert [(i.seq, i.payload) for i in st.outbox_items(10)] == [(7, b"\xa1")]
+    assert st.seal_telemetry(_build, max_samples=10) == 8
+    assert st.query("SELECT content FROM outbox WHERE seq = 8") == [("signals",)]

@@ -250,12 +250,12 @@ def test_full_disk_and_read_only_fs_keep_running_then_recover(tiny_fs, keys):
 
     # Read-only: a tmpfs with open files cannot be remounted read-only, so SQLite is told to
     # refuse writes itself (the same SQLITE_READONLY a read-only filesystem gives).
-    st.db.execute("PRAGMA query_only=ON")
+    st.query("PRAGMA query_only=ON")
     ing.put_samples([Sample("rpm", "rpm", 1_760_000_100_000, 1)])
     ing.flush()
     assert ing.problem == "read_only", ing.status()
     assert st.add_event({"type": "trip_start", "ts": 1_760_000_100_000}) is None
-    st.db.execute("PRAGMA query_only=OFF")
+    st.query("PRAGMA query_only=OFF")
     ing.flush()
     assert ing.problem is None and st.counts()["samples"] == 8001
     up.seal_events()

@@ -76,8 +76,7 @@ class HealthMonitor:
         self._config = config
         self._clock = clock
         self.service_log = ServiceLog(store)
-        store.db["health_battery"].create({"ts": int, "rest_v": float, "crank_min_v": float},
-                                          pk="ts", if_not_exists=True)
+        store.create_tables("health_battery (ts INTEGER PRIMARY KEY, rest_v REAL, crank_min_v REAL)")
         self._q: queue.Queue[list[Sample]] = queue.Queue(maxsize=max_queued)
         self.dropped = 0
         self.processed = 0

@@ -292,18 +292,15 @@ class TractionBatteryHealth:
         self._lock = threading.RLock()
         self._last_row: dict[str, int] = {}
         self._last_eval: dict[str, int] = {}
-        db = store.db
-        db["traction_battery_soh"].create(
-            {"vehicle": str, "t_ms": int, "soh": float, "odometer_km": float, "temp_c": float,
-             "soc": float}, if_not_exists=True)
-        db["traction_battery_cells"].create(
-            {"vehicle": str, "t_ms": int, "v_min": float, "v_max": float, "spread_mv": float,
-             "current_a": float}, if_not_exists=True)
-        db["traction_battery_alerts"].create(
-            {"vehicle": str, "reason": str, "level": str, "t_ms": int, "detail": str},
-            pk=("vehicle", "reason"), if_not_exists=True)
-        db["traction_battery_soh"].create_index(["vehicle", "t_ms"], if_not_exists=True)
-        db["traction_battery_cells"].create_index(["vehicle", "t_ms"], if_not_exists=True)
+        store.create_tables(
+            "traction_battery_soh (vehicle TEXT, t_ms INTEGER, soh REAL, odometer_km REAL, "
+            "temp_c REAL, soc REAL)",
+            "traction_battery_cells (vehicle TEXT, t_ms INTEGER, v_min REAL, v_max REAL, "
+            "spread_mv REAL, current_a REAL)",
+            "traction_battery_alerts (vehicle TEXT, reason TEXT, level TEXT, t_ms INTEGER, detail TEXT, "
+            "PRIMARY KEY (vehicle, reason))",
+            indexes=("idx_traction_battery_soh_vehicle_t_ms ON traction_battery_soh (vehicle, t_ms)",
+                     "idx_traction_battery_cells_vehicle_t_ms ON traction_battery_cells (vehicle, t_ms)"))
 
     def apply_config(self, doc: Mapping[str, Any]) -> list[str]:
         """Reads optional ``ev.soh_threshold_pct``, ``ev.warn_days``, ``ev.cell_spread_mv``."""
