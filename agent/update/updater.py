@@ -26,14 +26,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.clock import is_synced, now_ms
 from agent.downlink import Outcome
 from agent.update import bundle, delta, slots, state, trial
 from agent.update.slots import Layout
 from agent.update.trial import update_event
-from agent.update.tuf_client import DOWNLOAD_FAILED, TufClient, TufError
+from agent.update.tuf_errors import DOWNLOAD_FAILED, TufError
+
+if TYPE_CHECKING:
+    from agent.update.tuf_client import TufClient
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +187,7 @@ class Updater:
         self._restart = restart
         self._mcu = mcu
         self.agent_version = agent_version
-        self.tuf = tuf or TufClient(settings.metadata_dir, settings.tuf_root,
-                                    ca_file=settings.ca_file, rate_bps=settings.rate_bps)
+        self._tuf = tuf
         self._synced = clock_synced
         self.monitor = trial.TrialMonitor(self.layout, health, stable_s=settings.stable_s,
                                           trial_s=settings.trial_s, monotonic=monotonic)
@@ -196,6 +198,16 @@ class Updater:
         self._retry_at: dict[str, float] = {}
         self._mono = monotonic
         self.activity: dict[str, Any] = {}
+
+    @property
+    def tuf(self) -> TufClient:
+        """The TUF client, built when first needed: python-tuf and urllib3 are imported only
+        once a release is being fetched (an agent that is not updating does without them)."""
+        if self._tuf is None:
+            from agent.update.tuf_client import TufClient
+            s = self.settings
+            self._tuf = TufClient(s.metadata_dir, s.tuf_root, ca_file=s.ca_file, rate_bps=s.rate_bps)
+        return self._tuf
 
     # --- downlink handler -----------------------------------------------------------------------
 
@@ -449,7 +461,7 @@ class Updater:
                         for c, p in st["pending"].items()},
             "trial": ({**st["trial"], **self.monitor.status()} if st.get("trial") else None),
             "activity": dict(self.activity),
-            "bytes_downloaded": self.tuf.bytes_downloaded,
+            "bytes_downloaded": self._tuf.bytes_downloaded if self._tuf else 0,
         }
 
 
