@@ -42,6 +42,7 @@ import cbor2
 
 from agent.clock import PLAUSIBLE_AFTER_MS, PLAUSIBLE_AFTER_US, Clock, get_clock, now_ms
 from agent.model import Frame, Sample
+from agent.telemetry import FrameColumns
 
 log = logging.getLogger(__name__)
 
@@ -458,33 +459,34 @@ class Store:
                 seqs.append(seq)
         return seqs
 
-    def seal_telemetry(self, build: Callable[[int, list[Sample], list[Frame]], bytes], *,
+    def seal_telemetry(self, build: Callable[[int, list[Sample], FrameColumns], bytes], *,
                        max_samples: int, max_frames: int = 0) -> int | None:
         """Seals the oldest pending samples (and frames) into one telemetry envelope.
 
+        Frames reach ``build`` as :class:`~agent.telemetry.FrameColumns`, sorted into wire order
+        by SQLite (no object per row: a full batch is tens of thousands of frames).
         ``build`` may raise (e.g. the envelope is too large): the transaction is rolled back and
         nothing changes, so the caller can retry with a smaller batch.
         """
         with self._txn() as c:
-            # Rows become model objects one at a time (no list of row tuples beside them): a
-            # full batch of raw frames is tens of thousands of rows.
             samples: list[Sample] = []
-            last_s = last_f = None
+            last_s = None
             if max_samples:
                 for r in c.execute("SELECT id, name, unit, t_ms, value FROM samples ORDER BY id LIMIT ?",
                                    (max_samples,)):
                     last_s = r[0]
                     samples.append(Sample(r[1], r[2], r[3], r[4]))
-            frames: list[Frame] = []
-            if max_frames:
-                for r in c.execute("SELECT id, bus, t_us, can_id, ext, data FROM frames ORDER BY id LIMIT ?",
-                                   (max_frames,)):
-                    last_f = r[0]
-                    frames.append(Frame(r[1], r[2], r[3], bool(r[4]), r[5]))
-            if not samples and not frames:
+            frames = FrameColumns()
+            last_f = self._last_row_id(c, "frames", max_frames) if max_frames else None
+            if last_f is not None:
+                for row in c.execute(f"SELECT {', '.join(FrameColumns.WIRE_ORDER)}, data FROM frames "
+                                     f"WHERE id <= ? ORDER BY {', '.join(FrameColumns.WIRE_ORDER)}, id",
+                                     (last_f,)):
+                    frames.add(row[0], row[3], row[2], row[1], row[4])
+            if not samples and not len(frames):
                 return None
             seq = self._next_seq(c)
-            content = CONTENT_MIXED if samples and frames else CONTENT_FRAMES if frames else CONTENT_SIGNALS
+            content = CONTENT_MIXED if samples and len(frames) else CONTENT_FRAMES if len(frames) else CONTENT_SIGNALS
             self._put_outbox(c, seq, "up/telemetry", build(seq, samples, frames), PRIO_TELEMETRY,
                              content)
             if last_s is not None:
@@ -492,6 +494,14 @@ class Store:
             if last_f is not None:
                 c.execute("DELETE FROM frames WHERE id <= ?", (last_f,))
             return seq
+
+    @staticmethod
+    def _last_row_id(c: sqlite3.Connection, table: str, n: int) -> int | None:
+        """The id of the ``n``-th oldest row of ``table`` (of the last one when there are fewer)."""
+        row = c.execute(f"SELECT id FROM {table} ORDER BY id LIMIT 1 OFFSET ?", (n - 1,)).fetchone()
+        if row is None:
+            row = c.execute(f"SELECT max(id) FROM {table}").fetchone()
+        return row[0]
 
     def pending_count(self, table: str, limit: int) -> int:
         """Unsealed rows in ``table`` (samples or frames), counted up to ``limit`` (cheap)."""

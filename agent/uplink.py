@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from agent import protocol, schemas
+from agent import malloc, protocol, schemas
 from agent.clock import get_clock, now_ms
 from agent.store import PRIO_TELEMETRY, Store
 from agent.telemetry import telemetry_body, validate_telemetry
@@ -50,6 +50,8 @@ TELEMETRY_ZSTD = zstandard.ZstdCompressionParameters(
 #: A telemetry batch aims at this fraction of the uplink limit (the rest absorbs the estimate's
 #: error; an envelope that still comes out too large is re-sealed smaller).
 FILL = 0.9
+#: Frames sealed in one call from which the freed heap is handed back (agent.malloc.trim).
+TRIM_AFTER_FRAMES = 5_000
 #: Fixed bytes of an envelope whatever it carries (header, HPKE key and tag, signature).
 ENVELOPE_OVERHEAD = 260
 #: Vehicle states (agent.vehicle_state) → the ``upload.by_state`` key that applies.
@@ -343,6 +345,8 @@ class Uplink:
                 break
         if seqs and self.store.over_high_water() and self.store.enforce_budget():
             self.seal_events()
+        if sum(n for _, n, _ in sealed) >= TRIM_AFTER_FRAMES:
+            malloc.trim()  # a raw-frame batch leaves megabytes of freed heap behind
         return seqs
 
     def _finish_body(self, body: dict) -> dict:

@@ -173,3 +173,22 @@ def test_opens_a_database_written_by_the_sqlite_utils_schema(tmp_path):
     assert [(i.seq, i.payload) for i in st.outbox_items(10)] == [(7, b"\xa1")]
     assert st.seal_telemetry(_build, max_samples=10) == 8
     assert st.query("SELECT content FROM outbox WHERE seq = 8") == [("signals",)]
+
+
+def test_sealed_frames_are_the_columns_of_the_frames_in_wire_order(tmp_path):
+    """The store hands frames over as columns sorted by SQLite; the body is the one built from
+    the Frame objects themselves (bus, ext, id, time; ties in arrival order)."""
+    from agent.telemetry import telemetry_body
+    rng = __import__("random").Random(7)
+    frames = [Frame(rng.choice(["can1", "can0"]), 1_760_000_000_000_000 + rng.randrange(0, 5_000_000),
+                    rng.choice([0x7E8, 0x1A0, 0x18DAF110, 0x25]), False, bytes([i % 256, rng.randrange(256)]))
+              for i in range(3000)]
+    frames = [Frame(f.bus, f.t_us, f.can_id, f.can_id > 0x7FF, f.data) for f in frames]
+    frames += [Frame("can0", frames[0].t_us, 0x25, False, b"\x01"), Frame("can0", frames[0].t_us, 0x25, False, b"\x02")]
+    st = Store(tmp_path / "a.db")
+    st.add_frames(frames)
+    bodies = []
+    st.seal_telemetry(lambda seq, s, f: bodies.append(telemetry_body(s, f)) or b"x", max_samples=0, max_frames=10_000)
+    assert bodies == [telemetry_body([], frames)]
+    assert [g["bus"] for g in bodies[0]["frames"]] == ["can0", "can1"]
+    assert sum(len(g["t"]) for g in bodies[0]["frames"]) == len(frames)
