@@ -15,9 +15,5 @@ def default_config() -> dict:
     return json.loads(resources.files("config").joinpath("default_config.json").read_text())
 
 
-def upload_interval_s(doc: dict) -> float:
-    return float(doc.get("upload", {}).get("interval_s", 5))
-
-
 def obd_pids(doc: dict) -> list[dict]:
     return copy.deepcopy(doc.get("obd", {}).get("pids", []))

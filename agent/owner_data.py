@@ -67,7 +67,7 @@ class OwnerData:
         self.privacy = privacy_mod.Privacy(agent.store, config=lambda: agent.config, emit_event=agent.emit_event)
         self.location = location_mod.Location(
             agent.store, self.privacy, self.datakey, gpsd_host=gpsd[0], gpsd_port=gpsd[1],
-            seal=agent.sealer.seal, interval_s=lambda: float((agent.config.get("upload") or {}).get("interval_s", 5)),
+            seal=agent.sealer.seal, interval_s=lambda: agent.uplink.policy().interval_s,
             wake_uplink=agent.uplink.wake, emit_event=agent.emit_event)
         self.behaviour = BehaviourRows(agent)
         self.privacy.register("driving_behaviour", self.behaviour)

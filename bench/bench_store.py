@@ -45,11 +45,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
 
 from agent import protocol  # noqa: E402
+from agent.cloudconfig import default_config  # noqa: E402
 from agent.can_decode import CanDecoder  # noqa: E402
 from agent.model import Frame, Sample  # noqa: E402
 from agent.store import Store  # noqa: E402
 from agent.telemetry import telemetry_body  # noqa: E402
-from agent.uplink import TELEMETRY_ZSTD, Sealer, Uplink  # noqa: E402
+from agent.uplink import TELEMETRY_ZSTD, Sealer, Uplink, upload_policy  # noqa: E402
 from drivers.can import load_dbc  # noqa: E402
 from scripts.shared_data import SHARED_DATA
 
@@ -238,8 +239,10 @@ def drive_samples(hours: float = 1.0, seed: int = 4) -> list[Sample]:
     return samples
 
 
-#: Upload intervals measured online (s); 5 is the default config's.
-INTERVALS = (5, 60, 120, 300, 3600)
+#: The default config's upload interval while driving (config/default_config.json).
+DEFAULT_INTERVAL = int(upload_policy(default_config(), "on").interval_s)
+#: Upload intervals measured online (s).
+INTERVALS = tuple(sorted({5, 60, 120, 300, 3600, DEFAULT_INTERVAL}))
 
 
 def bench_samples(tmp: Path) -> dict:
@@ -353,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n[samples] default config (4 OBD PIDs at 1 s, one multi-PID request), one hour, "
                       f"{r['samples']:,} samples")
                 for interval, x in r["online"].items():
-                    label = f"online, sealed every {interval} s" + (" (default)" if interval == 5 else "")
+                    label = f"online, sealed every {interval} s" + (" (default)" if interval == DEFAULT_INTERVAL else "")
                     print(f"  {label:34s} {x['bps']:6.2f} B/sample ({x['envelopes']} envelopes; "
                           f"+ MQTT {x['bps_mqtt']:.2f})   target <= {TARGETS['sample']}  "
                           f"{'met' if x['bps'] <= TARGETS['sample'] else 'NOT met'}")
