@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
-
-import cantools
-from cantools.database.can import Database, Message
+from typing import TYPE_CHECKING, Any
 
 from agent.model import Frame, Sample
+
+if TYPE_CHECKING:  # cantools itself is imported only where a DBC is loaded (drivers.can.load_dbc)
+    from cantools.database.can import Database, Message
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class CanDecoder:
     capture (:meth:`wants_raw`) ignores it.
     """
 
-    def __init__(self, db: Database, can_config: Mapping[str, Any] | None,
+    def __init__(self, db: Database | None, can_config: Mapping[str, Any] | None,
                  *, buses: Collection[str] | None = None):
         self.problems: list[str] = []
         self._buses = frozenset(buses) if buses is not None else None
@@ -98,7 +98,7 @@ class CanDecoder:
             per_msg.setdefault(key, (msg, []))[1].append(slot)
         self._table: dict[int, _Entry] = {k: _Entry(m, s) for k, (m, s) in per_msg.items()}
         self._dbc_len: dict[int, int] = {
-            frame_key(m.frame_id, m.is_extended_frame): m.length for m in db.messages}
+            frame_key(m.frame_id, m.is_extended_frame): m.length for m in (db.messages if db else ())}
 
         raw = cfg.get("raw") or {}
         self.raw_enabled = bool(raw.get("enabled", False))
@@ -120,7 +120,7 @@ class CanDecoder:
         for p in self.problems:
             log.warning("can config: %s", p)
 
-    def _resolve(self, db: Database, i: int, item: Any) -> tuple[_Slot, Message] | None:
+    def _resolve(self, db: Database | None, i: int, item: Any) -> tuple[_Slot, Message] | None:
         if not isinstance(item, Mapping):
             self.problems.append(f"can.signals[{i}]: not an object, skipped")
             return None
@@ -131,6 +131,9 @@ class CanDecoder:
             return None
         if not isinstance(period, (int, float)) or isinstance(period, bool) or not period >= 0:
             self.problems.append(f"can.signals[{i}] {name!r}: period_s must be a number >= 0, skipped")
+            return None
+        if db is None:
+            self.problems.append(f"can.signals[{i}] {name!r}: no DBC on these buses, skipped")
             return None
         try:
             msg = db.get_message_by_name(msg_name)
@@ -251,5 +254,6 @@ class CanDecoder:
 
 def decoder_from_dbc_text(dbc_text: str, can_config: Mapping[str, Any] | None, **kw: Any) -> CanDecoder:
     """Convenience for tests and tools: a decoder from DBC text (parsed with ``strict=False``)."""
+    import cantools
     db = cantools.database.load_string(dbc_text, database_format="dbc", strict=False)
     return CanDecoder(db, can_config, **kw)

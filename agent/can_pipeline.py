@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-from cantools.database.can import Database
+from typing import TYPE_CHECKING, Any
 
 from agent.can_decode import CanDecoder
 from agent.model import Frame, Sample
 from drivers.can import CanReader, load_dbc
+
+if TYPE_CHECKING:
+    from cantools.database.can import Database
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,12 @@ class CanPipeline:
         self._put_samples = put_samples
         self._put_frames = put_frames
         self.frame_listeners: list[Callable[[list[Frame]], None]] = []  # e.g. bus activity
-        self._groups: dict[str | None, tuple[Database, list[str]]] = {}
+        # One decoder per DBC (None: buses without one, raw capture only).
+        self._groups: dict[str | None, tuple[Database | None, list[str]]] = {}
         for b in bus_settings:
             path = b.get("dbc")
             if path not in self._groups:
-                self._groups[path] = (load_dbc(path) if path else Database(), [])
+                self._groups[path] = (load_dbc(path) if path else None, [])
             self._groups[path][1].append(b["name"])
         self._decoders: list[CanDecoder] = []
         self.problems: list[str] = []

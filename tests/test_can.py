@@ -197,6 +197,15 @@ def test_raw_capture_all_ids_vs_id_list() -> None:
     assert every.can_filters is None
 
 
+def test_buses_without_a_dbc_capture_raw_and_report_configured_signals() -> None:
+    """A bus that names no DBC (raw capture only: cantools is not even imported) still captures
+    raw frames; a signal configured for it is a problem, not a crash."""
+    dec = CanDecoder(None, {"signals": [sig("rpm", "BIGEND", "RPM")], "raw": {"enabled": True, "ids": []}})
+    assert dec.problems == ["can.signals[0] 'rpm': no DBC on these buses, skipped"]
+    f = frame(BIGEND_ID, BIGEND_DATA)
+    assert dec.feed(f) == [] and dec.wants_raw(f) and dec.can_filters is None
+
+
 def test_can_filters_cover_configured_messages_and_raw_ids() -> None:
     dec = decoder_from_dbc_text(TEST_DBC, {"signals": [sig("rpm", "BIGEND", "RPM"), sig("n", "EXTMSG", "COUNT")],
                                            "raw": {"enabled": True, "ids": [0x7E8]}})
