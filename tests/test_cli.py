@@ -23,6 +23,7 @@ from gpiozero.pins.mock import MockFactory
 from agent import cli, schemas, settings
 from agent.app import Agent
 from agent.clock import now_ms
+from agent.cloudconfig import default_config
 from scripts.elm_emulator import ElmEmulator
 from tests.conftest import wait_until
 
@@ -200,7 +201,8 @@ def test_config_show_and_diff(bench):
     diff = bench.json("config", "diff")
     assert diff["active_version"] == 3 and "default" in diff["against"]
     changed = {c["path"]: (c["old"], c["new"]) for c in diff["changes"]}
-    assert changed["upload.interval_s"] == (5, 2) and changed["version"] == (0, 3)
+    assert changed["upload.interval_s"] == (default_config()["upload"]["interval_s"], 2)
+    assert changed["version"] == (0, 3)
     assert changed["health.maintenance.items.oil_change.km"] == (None, 10000)
     doc4 = {**doc, "version": 4, "upload": {"interval_s": 3}}
     bench.fleet.console.publish(DEV, "config", doc4)
