@@ -357,20 +357,21 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['samples']:,} samples")
                 for interval, x in r["online"].items():
                     label = f"online, sealed every {interval} s" + (" (default)" if interval == DEFAULT_INTERVAL else "")
-                    print(f"  {label:34s} {x['bps']:6.2f} B/sample ({x['envelopes']} envelopes; "
+                    print(f"  {label:44s} {x['bps']:6.2f} B/sample ({x['envelopes']} envelopes; "
                           f"+ MQTT {x['bps_mqtt']:.2f})   target <= {TARGETS['sample']}  "
                           f"{'met' if x['bps'] <= TARGETS['sample'] else 'NOT met'}")
-                print(f"  {'offline backlog (1 envelope/h)':34s} {r['backlog']:6.2f} B/sample "
+                print(f"  {'offline backlog (1 envelope/h)':44s} {r['backlog']:6.2f} B/sample "
                       f"({r['backlog_envelopes']} envelopes; zstd level 3: {r['backlog_l3']:.2f})   target <= "
                       f"{TARGETS['sample']}  {'met' if r['backlog'] <= TARGETS['sample'] else 'NOT met'}")
-                print(f"  sealing CPU (backlog)              {r['backlog_seal_us']:6.2f} µs/sample")
+                print(f"  {'sealing CPU (backlog)':44s} {r['backlog_seal_us']:6.2f} µs/sample")
             if "day" in which:
                 print("\n[day] bytes per vehicle-day at the default config (from the measured hour)")
-                for label, per_h in ((f"online (every {i} s)", r["online"][i]["hour_bytes"]) for i in INTERVALS):
-                    print(f"  {label:22s} 1 h driving: {per_h / 1e3:8.1f} kB   24 h driving: {24 * per_h / 1e6:7.2f} MB"
+                for label, per_h in ((f"online (every {i} s)" + (", default" if i == DEFAULT_INTERVAL else ""),
+                                      r["online"][i]["hour_bytes"]) for i in INTERVALS):
+                    print(f"  {label:31s} 1 h driving: {per_h / 1e3:8.1f} kB   24 h driving: {24 * per_h / 1e6:7.2f} MB"
                           f"   typical day (1.5 h driving): {1.5 * per_h / 1e3:8.1f} kB")
                 per_h = r["hour_backlog_bytes"]
-                print(f"  {'offline backlog':22s} 1 h driving: {per_h / 1e3:8.1f} kB   24 h driving: {24 * per_h / 1e6:7.2f} MB")
+                print(f"  {'offline backlog':31s} 1 h driving: {per_h / 1e3:8.1f} kB   24 h driving: {24 * per_h / 1e6:7.2f} MB")
         if "drain" in which:
             r = bench_drain(tmp)
             print(f"\n[drain] {r['hours']:.0f} h offline at the default config: {r['samples']:,} samples in "

@@ -9,9 +9,18 @@ import time
 
 import pytest
 
+from agent.cloudconfig import default_config
 from scripts.elm_emulator import ElmEmulator
 
 DEV = "e2e-0001"
+
+
+def _live(console) -> None:
+    """The shipped default config (its PIDs), uploading every 2 s instead of every 5 minutes:
+    what a cloud sends when it wants live data. Retained, so a restarted agent gets it too."""
+    doc = default_config()
+    doc["version"], doc["upload"] = 1, {"interval_s": 2}
+    console.publish(DEV, "config", doc)
 
 
 @pytest.fixture
@@ -47,6 +56,7 @@ def test_obd_values_reach_the_cloud_verified_and_track_the_car(fleet, emulator, 
     assert online, agent.log_text()
     assert set(online["status"]) == {"state", "ts", "agent", "config_version"}
     assert online["status"]["config_version"] == 0
+    _live(c)
 
     vehicle = c.wait_for(lambda r: r.get("kind") == "event" and r["body"]["type"] == "vehicle", 60)
     assert vehicle and vehicle["body"]["protocol"].startswith("ISO 15765-4"), agent.log_text()
@@ -70,9 +80,10 @@ def test_obd_values_reach_the_cloud_verified_and_track_the_car(fleet, emulator, 
 def test_kill_shows_offline_and_restart_continues_seq(fleet, emulator, tmp_path):
     toml = fleet.device(DEV, obd_port=str(tmp_path / "obd-port"))
     c = fleet.console
+    _live(c)
     agent = fleet.agent(toml)
     assert c.wait_for(lambda r: _telemetry(r), 60), agent.log_text()
-    time.sleep(6)  # let a few more envelopes out (upload every 5 s)
+    time.sleep(5)  # let a few more envelopes out (upload every 2 s)
     agent.kill()   # SIGKILL: no DISCONNECT, the broker publishes the will
     offline = c.wait_for(lambda r: r.get("topic") == "status" and r["status"].get("state") == "offline", 90)
     assert offline, "the will (offline status) did not arrive"
