@@ -6,7 +6,8 @@ dependencies): in the development venv python-can and pint find asammdf, numpy a
 pandas installed and import them, which a device never has.
 
 A local fleet (CA, Mosquitto, reference console) and one agent reading a python-can
-``udp_multicast`` bus with raw capture of every id; this process sends the real RAV4 drive's
+``udp_multicast`` bus with raw capture of every id (``--decode``: and bench_can's 20 DBC signals
+decoded from it, the RAV4 DBC loaded); this process sends the real RAV4 drive's
 frames round and round onto the bus at ``--rate`` frames/s for ``--duration`` seconds. The
 agent's RSS (``/proc/PID/status``: VmRSS, and its anonymous and file-backed parts) is sampled
 every 5 s. Reported: RSS before load, steady RSS (median after the first minute), peak, and
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_can import CONFIG as DECODE_CONFIG, DBC  # noqa: E402
 from scripts import devenv  # noqa: E402
 from scripts.cloud_console import CloudConsole  # noqa: E402
 from scripts.shared_data import SHARED_DATA
@@ -142,7 +144,7 @@ def slope_mb_per_min(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sum((x - mx) ** 2 for x in xs) or 1)
 
 
-def run_load(py: Path, duration: float, rate: float, env_extra: dict[str, str]) -> dict:
+def run_load(py: Path, duration: float, rate: float, env_extra: dict[str, str], decode: bool = False) -> dict:
     group = f"239.76.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
     port = random.randrange(20000, 60000)
     exe = py.parent / "dongle-agent"
@@ -151,13 +153,16 @@ def run_load(py: Path, duration: float, rate: float, env_extra: dict[str, str]) 
         ca = devenv.make_cloud(run)
         broker = devenv.start_broker(run, ca)
         bus = f'[[can.buses]]\nname = "can0"\ninterface = "udp_multicast"\nchannel = "{group}"\nport = {port}\n'
+        if decode:
+            bus += f'dbc = "{DBC}"\n'
         toml = devenv.make_device(run, ca, DEV, broker_port=broker.port, extra_toml=bus)
         console = CloudConsole(run)
         console.start()
         console.connected.wait(15)
         console.publish(DEV, "config", {"version": 1, "upload": {"interval_s": 5},
                                         "obd": {"pids": [], "dtc_period_s": 600},
-                                        "can": {"signals": [], "raw": {"enabled": True, "ids": []}}})
+                                        "can": DECODE_CONFIG if decode else
+                                        {"signals": [], "raw": {"enabled": True, "ids": []}}})
         log = open(run / "agent.log", "w")
         env = dict(os.environ, PYTHONPATH="", **env_extra)
         agent = subprocess.Popen([str(exe), "--config", str(toml)], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -207,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                    help="runtime-only venv the agent runs from (created if missing)")
     p.add_argument("--imports", action="store_true", help="only print the import cost of each layer")
+    p.add_argument("--decode", action="store_true",
+                   help="also decode bench_can's 20 DBC signals (the RAV4 DBC on the bus) besides raw capture")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the agent, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     args = p.parse_args(argv)
@@ -218,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         for label, add, total, anon in import_costs(py):
             print(f"{label:72s} {add:8.1f} {total:7.1f} {anon:8.1f}")
         return 0
-    r = run_load(py, args.duration, args.rate, dict(e.split("=", 1) for e in args.env))
+    r = run_load(py, args.duration, args.rate, dict(e.split("=", 1) for e in args.env), args.decode)
     med, slope = r["steady"], r["slope"]
     if r["delivered"] < 0.5 * r["sent"]:
         print("WARNING: the agent delivered under half of the frames sent; its log ends with:\n  "
               + "\n  ".join(r["log_tail"]))
-    print(f"agent RSS over {args.duration:.0f} s at {args.rate:,.0f} frames/s offered{' with ' + ' '.join(args.env) if args.env else ''} "
+    what = "raw capture + 20 DBC signals decoded" if args.decode else "raw capture, no DBC"
+    print(f"agent RSS ({what}) over {args.duration:.0f} s at {args.rate:,.0f} frames/s offered{' with ' + ' '.join(args.env) if args.env else ''} "
           f"({r['sent']:,} sent, {r['delivered']:,} delivered to the cloud as raw frames"
           f"{'' if r['exit'] is None else '; the agent exited with ' + str(r['exit'])})")
     print(f"  before load (all imports)   {r['idle']['VmRSS']:6.1f} MB  (anon {r['idle']['RssAnon']:.1f})")

@@ -325,6 +325,8 @@ def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, devi
     pump = threading.Thread(target=_pump_samples, args=(agent, stop), daemon=True)
     pump.start()
     try:
+        # No privacy section: location stays off (the default); uploads every second for the test.
+        c.publish(dev, "config", config(1))
         assert c.wait_for(lambda r: r.get("dev") == dev and r.get("kind") == "telemetry", 60)
         time.sleep(3)
         assert all("positions" not in r["body"] for r in telemetry_records(c, dev))
@@ -333,7 +335,7 @@ def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, devi
         assert not location_led()
 
         now = now_ms()
-        c.publish(dev, "config", config(1, location=consent("coarse", now=now)))
+        c.publish(dev, "config", config(2, location=consent("coarse", now=now)))
         rec = c.wait_for(lambda r: r.get("dev") == dev and "positions" in r.get("body", {}), 60)
         assert rec, agent.status()["owner_data"]
         assert events(c, dev, "privacy")[0] | {"ts": 0} == {"type": "privacy", "ts": 0, "category": "location",
@@ -346,7 +348,7 @@ def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, devi
         assert agent.location.location_active() and location_led()
         assert all(p["prec_m"] == 1000 and all(round(v, 2) == v for v in p["lat"] + p["lon"]) for p in coarse)
 
-        c.publish(dev, "config", config(2, location=consent("precise", now=now)))
+        c.publish(dev, "config", config(3, location=consent("precise", now=now)))
         assert c.wait_for(lambda r: r.get("dev") == dev and "positions" in r.get("body", {})
                           and any(round(v, 2) != v for v in r["body"]["positions"]["lat"]), 60)
         time.sleep(4)
@@ -363,7 +365,7 @@ def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, devi
         assert ack and ack["body"]["status"] == "done" and "location" in ack["body"]["result"]["deleted"]
 
         # Withdrawal: collection stops, the cloud hears it, no position follows.
-        c.publish(dev, "config", config(3, location={"mode": "off"}))
+        c.publish(dev, "config", config(4, location={"mode": "off"}))
         assert c.wait_for(lambda r: r.get("dev") == dev and r.get("kind") == "event"
                           and r["body"].get("type") == "privacy" and r["body"]["state"] == "withdrawn", 30)
         assert not agent.location.location_active() and not location_led()
