@@ -63,7 +63,7 @@ IMPORT_STEPS = [
     ("agent.app (the agent's own modules)", ["agent.app"]),
     ("attached features (platform, technician, health, gpio, owner data)",
      ["agent.platform", "agent.technician", "agent.health.monitor", "drivers.gpio", "agent.owner_data"]),
-    ("CAN: agent.can_pipeline (python-can, cantools)", ["agent.can_pipeline"]),
+    ("CAN: agent.can_pipeline (python-can; cantools only once a bus names a DBC)", ["agent.can_pipeline"]),
     ("OBD: drivers.obd (python-OBD, pint, pyserial)", ["drivers.obd"]),
 ]
 
