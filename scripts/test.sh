@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for the whole test suite: set everything up, run pytest, then the real-SocketCAN
-# suite in the User-Mode Linux VM (make test-socketcan) where this machine can run it.
+# suite in the CAN VM (make test-socketcan: User-Mode Linux, or QEMU where UML cannot boot) where this machine can run it.
 # Arguments are passed to pytest and skip the VM part (e.g. ./scripts/test.sh tests/test_store.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,7 +8,9 @@
 # Env knobs:
 #   VM_BACKEND=uml|qemu  uml (default): Debian user-mode-linux, no KVM needed, native-speed userspace.
 #                        qemu: Debian linux-image-amd64 under QEMU (setup with CANVM_QEMU=1); TCG
-#                        unless VM_ACCEL=kvm.
+#                        unless VM_ACCEL=kvm. When VM_BACKEND is not set and UML dies while
+#                        booting (UML 6.1 panics at init on hosts whose CPUs have AMX: "ptrace
+#                        set fp regs failed"), the command is run again under QEMU (~3x slower).
 #   VM_VCAN="vcan0 vcan1"   interfaces to create (default vcan0)
 #   VM_MODULES="..."        modules to load first (default: can can_raw can_bcm can_gw vcan)
 #   VM_MEM=2G VM_SMP=2 (qemu only) VM_TIMEOUT=900 (seconds) VM_DEBUG=1 (kernel messages to stderr)
@@ -28,6 +30,7 @@ esac
 KVER=$(ls "$KROOT/lib/modules" | head -1)
 
 CTL=$(mktemp -d "$BUILD/run.XXXXXX")
+STARTED=$SECONDS
 VMPID=
 cleanup() {
   # if we are interrupted, do not leave the VM running until its timeout
@@ -90,6 +93,12 @@ if [ -s "$CTL/rc" ]; then
 else
   echo "run-in-vm: no exit code from the guest ($BACKEND rc=$VRC; 124 = timeout). Retry with VM_DEBUG=1." >&2
   RC=125
+  # UML that died within seconds never ran CMD: a host it cannot boot on. Fall back to QEMU.
+  if [ -z "${VM_BACKEND:-}" ] && [ "$VRC" != 124 ] && [ $((SECONDS - STARTED)) -lt 60 ]; then
+    echo "run-in-vm: User-Mode Linux cannot boot on this host; running the command under QEMU instead" >&2
+    rm -rf "$CTL"
+    VM_BACKEND=qemu exec "$0" "$@"
+  fi
 fi
 echo "run-in-vm: exit code $RC" >&2
 exit "$RC"
