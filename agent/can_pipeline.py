@@ -41,8 +41,10 @@ class CanPipeline:
     def apply_can_config(self, can_config: Mapping[str, Any] | None) -> list[str]:
         decoders = [CanDecoder(db, can_config, buses=names) for db, names in self._groups.values()]
         # A signal is a problem only if no DBC has it; raw-id problems are the same for all.
-        problems = set(decoders[0].problems) if decoders else set()
-        for d in decoders[1:]:
+        # Buses without a DBC have no say while some bus has one.
+        voters = [d for d, (db, _) in zip(decoders, self._groups.values()) if db is not None] or decoders
+        problems = set(voters[0].problems) if voters else set()
+        for d in voters[1:]:
             problems &= set(d.problems)
         self._decoders = decoders  # swapped whole: the receive path never sees a half-built table
         self.problems = sorted(problems)

@@ -206,6 +206,20 @@ def test_buses_without_a_dbc_capture_raw_and_report_configured_signals() -> None
     assert dec.feed(f) == [] and dec.wants_raw(f) and dec.can_filters is None
 
 
+def test_a_signal_no_dbc_has_is_reported_when_some_buses_have_none(tmp_path) -> None:
+    from agent.can_pipeline import CanPipeline
+    dbc = tmp_path / "test.dbc"
+    dbc.write_text(TEST_DBC)
+    buses = [{"name": "can0", "interface": "virtual", "channel": f"p-{uuid.uuid4().hex}", "dbc": str(dbc)},
+             {"name": "can1", "interface": "virtual", "channel": f"p-{uuid.uuid4().hex}"}]
+    pipe = CanPipeline(buses, {"signals": [sig("rpm", "BIGEND", "RPM"), sig("x", "NOSUCH", "X")]},
+                       put_samples=lambda s: None, put_frames=lambda f: None)
+    try:
+        assert pipe.problems == ["can.signals[1] 'x': message 'NOSUCH' not in the DBC, skipped"]
+    finally:
+        pipe.stop()
+
+
 def test_can_filters_cover_configured_messages_and_raw_ids() -> None:
     dec = decoder_from_dbc_text(TEST_DBC, {"signals": [sig("rpm", "BIGEND", "RPM"), sig("n", "EXTMSG", "COUNT")],
                                            "raw": {"enabled": True, "ids": [0x7E8]}})
