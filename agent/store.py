@@ -485,10 +485,9 @@ class Store:
             frames = FrameColumns()
             last_f = self._last_row_id(c, "frames", max_frames) if max_frames else None
             if last_f is not None:
-                for row in c.execute(f"SELECT {', '.join(FrameColumns.WIRE_ORDER)}, data FROM frames "
-                                     f"WHERE id <= ? ORDER BY {', '.join(FrameColumns.WIRE_ORDER)}, id",
-                                     (last_f,)):
-                    frames.add(row[0], row[3], row[2], row[1], row[4])
+                for row in c.execute("SELECT bus, t_us, can_id, ext, data FROM frames WHERE id <= ? "
+                                     f"ORDER BY {', '.join(FrameColumns.WIRE_ORDER)}, id", (last_f,)):
+                    frames.add(*row)
             if not samples and not len(frames):
                 return None
             seq = self._next_seq(c)
