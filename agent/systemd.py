@@ -119,7 +119,7 @@ class Watchdog:
     """Pings systemd's watchdog only while every registered loop shows progress.
 
     ``interval`` defaults to :func:`watchdog_interval`; when that is None the watchdog is
-    disabled (:meth:`start` and :meth:`run` return at once) but :meth:`stale` still reports
+    disabled (:meth:`start` returns at once) but :meth:`stale` still reports
     loops that stopped beating, using ``DEFAULT_TIMEOUT_S``. A loop is stale when it has not
     beaten for its timeout (by default the interval). ``clock`` and ``ping`` are injectable.
     """
@@ -187,7 +187,7 @@ class Watchdog:
 
     @property
     def period(self) -> float:
-        """How often :meth:`run` / the thread check: half the interval, as sd_watchdog_enabled advises."""
+        """How often the thread checks: half the interval, as sd_watchdog_enabled advises."""
         return (self.interval or DEFAULT_TIMEOUT_S) / 2
 
     def start(self) -> None:
