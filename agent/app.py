@@ -16,18 +16,19 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from agent import cloudconfig, keys, systemd
-from agent.backoff import Backoff
-from agent.bookings import Bookings
-from agent.clock import now_ms
-from agent.commands import Commands
-from agent.downlink import Downlink, Outcome
-from agent.ingest import Ingest
-from agent.mqtt import MqttLink
+from agent.cloud import cloudconfig, keys
+from agent.device import systemd
+from drivers.core.backoff import Backoff
+from agent.cloud.bookings import Bookings
+from drivers.core.clock import now_ms
+from agent.cloud.commands import Commands
+from agent.cloud.downlink import Downlink, Outcome
+from agent.outbox.ingest import Ingest
+from agent.cloud.mqtt import MqttLink
 from agent.settings import Settings
-from agent.store import Store
-from agent.uplink import Sealer, Uplink
-from agent.vin import validate as validate_vin
+from agent.outbox.store import Store
+from agent.outbox.uplink import Sealer, Uplink
+from drivers.core.vin import validate as validate_vin
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Agent:
 
         self.obd = None
         if s["obd"]["enabled"]:
-            from drivers.obd import ObdPoller
+            from drivers.obd.reader import ObdPoller
             self.obd = ObdPoller(s["obd"]["port"], cloudconfig.obd_pids(self.config),
                                  self.ingest.put_samples, on_vehicle=self._on_vehicle,
                                  baudrate=s["obd"]["baudrate"] or None, timeout_s=s["obd"]["timeout_s"],
@@ -90,7 +91,7 @@ class Agent:
                                  dtc_period_s=float(self.config.get("obd", {}).get("dtc_period_s", 60)))
         self.can = None
         if s["can"]["buses"]:
-            from agent.can_pipeline import CanPipeline
+            from agent.vehicle.can_pipeline import CanPipeline
             self.can = CanPipeline(s["can"]["buses"], self.config.get("can"),
                                    put_samples=self.ingest.put_samples, put_frames=self.ingest.put_frames)
 
@@ -209,7 +210,7 @@ class Agent:
     def _vehicle_meta(self, value: dict | None = None) -> dict | None:
         """The last vehicle seen (VIN included): identity data, so kept encrypted under the data
         key when the owner's-data feature holds one (a wipe destroys that key first)."""
-        from agent import datakey
+        from agent.owner import datakey
         key = getattr(getattr(self, "owner_data", None), "datakey", None)
         if value is None:
             return datakey.get_secret_meta(self.store, key, "vehicle") if key else self.store.get_meta("vehicle")

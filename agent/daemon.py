@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, args.log_level or settings.data["log"]["level"]),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from agent import malloc
+    from agent.device import malloc
     from agent.app import Agent
-    from agent.keys import KeyFileError
+    from agent.cloud.keys import KeyFileError
 
     malloc.tune()  # before the agent's threads start
 

@@ -51,7 +51,7 @@ class SettingsError(Exception):
 
 
 def _schema() -> dict:
-    return json.loads(resources.files("config").joinpath("settings.schema.json").read_text())
+    return json.loads(resources.files("agent.config").joinpath("settings.schema.json").read_text())
 
 
 def _key_path(path) -> str:

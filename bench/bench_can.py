@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.can_decode import CanDecoder  # noqa: E402
-from agent.model import Frame, Sample  # noqa: E402
+from agent.vehicle.can_decode import CanDecoder  # noqa: E402
+from drivers.core.model import Frame, Sample  # noqa: E402
 from drivers.can import frame_from_message, load_dbc  # noqa: E402
-from scripts.shared_data import SHARED_DATA
+from scripts.testbed.shared_data import SHARED_DATA
 
 log = logging.getLogger(__name__)
 

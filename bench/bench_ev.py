@@ -1,8 +1,8 @@
 """EV battery snapshot time: every request of a profile, over both transports.
 
-The simulated car (scripts/ev_ecu_sim.py) answers after ``--latency-ms`` (default 50 ms, a
+The simulated car (scripts/vehicle_sim/ev_ecu_sim.py) answers after ``--latency-ms`` (default 50 ms, a
 slow real ECU); the python-can path (can-isotp + udsoncan) and the ELM327 path (drivers/
-elm_isotp.py through scripts/elm_pty.py on a pty) each read the whole profile ``--rounds``
+elm_isotp.py through scripts/vehicle_sim/elm_pty.py on a pty) each read the whole profile ``--rounds``
 times. Printed: median and worst snapshot time per profile and path, and the time per request.
 No target is asserted; a snapshot every 60 s (the default ``ev.period_s``) leaves ample room.
 
@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.ev_profile import load_profiles  # noqa: E402
+from agent.vehicle.ev_profile import load_profiles  # noqa: E402
 from drivers.elm_isotp import ElmIsoTp  # noqa: E402
 from drivers.uds import UdsClient  # noqa: E402
-from scripts.elm_pty import ElmPty  # noqa: E402
-from scripts.ev_ecu_sim import EcuSimulator, Scenario  # noqa: E402
+from scripts.vehicle_sim.elm_pty import ElmPty  # noqa: E402
+from scripts.vehicle_sim.ev_ecu_sim import EcuSimulator, Scenario  # noqa: E402
 
 PROFILES = ("hyundai_egmp", "nissan_leaf", "vw_meb")
 

@@ -41,9 +41,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.bench_can import CONFIG as DECODE_CONFIG, DBC  # noqa: E402
-from scripts import devenv  # noqa: E402
-from scripts.cloud_console import CloudConsole  # noqa: E402
-from scripts.shared_data import SHARED_DATA
+from scripts.testbed import devenv  # noqa: E402
+from scripts.refcloud.console import CloudConsole  # noqa: E402
+from scripts.testbed.shared_data import SHARED_DATA
 
 LOG_GZ = SHARED_DATA / "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
 DEV = "mem-0001"
@@ -62,9 +62,9 @@ IMPORT_STEPS = [
     ("jsonschema (+ referencing, rpds)", ["jsonschema"]),
     ("agent.app (the agent's own modules)", ["agent.app"]),
     ("attached features (platform, technician, health, gpio, owner data)",
-     ["agent.platform", "agent.technician", "agent.health.monitor", "drivers.gpio", "agent.owner_data"]),
-    ("CAN: agent.can_pipeline (python-can; cantools only once a bus names a DBC)", ["agent.can_pipeline"]),
-    ("OBD: drivers.obd (python-OBD, pint, pyserial)", ["drivers.obd"]),
+     ["agent.device.platform", "agent.technician.handlers", "agent.health.monitor", "drivers.gpio", "agent.owner.owner_data"]),
+    ("CAN: agent.can_pipeline (python-can; cantools only once a bus names a DBC)", ["agent.vehicle.can_pipeline"]),
+    ("OBD: drivers.obd (python-OBD, pint, pyserial)", ["drivers.obd.reader"]),
 ]
 
 

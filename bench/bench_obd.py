@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import obd  # noqa: E402
 
-from drivers.obd import ObdPoller  # noqa: E402
-from scripts.elm_emulator import ElmEmulator  # noqa: E402
-from scripts.pty_relay import PtyRelay  # noqa: E402
+from drivers.obd.reader import ObdPoller  # noqa: E402
+from scripts.vehicle_sim.elm_emulator import ElmEmulator  # noqa: E402
+from scripts.vehicle_sim.pty_relay import PtyRelay  # noqa: E402
 
 PIDS = ["RPM", "SPEED", "COOLANT_TEMP", "ENGINE_LOAD", "THROTTLE_POS", "INTAKE_TEMP"]
 TARGET_RATIO = 3.0

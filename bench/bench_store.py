@@ -44,15 +44,15 @@ if str(ROOT) not in sys.path:
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
 
-from agent import protocol  # noqa: E402
-from agent.cloudconfig import default_config  # noqa: E402
-from agent.can_decode import CanDecoder  # noqa: E402
-from agent.model import Frame, Sample  # noqa: E402
-from agent.store import Store  # noqa: E402
-from agent.telemetry import telemetry_body  # noqa: E402
-from agent.uplink import TELEMETRY_ZSTD, Sealer, Uplink, upload_policy  # noqa: E402
+from agent.cloud import protocol  # noqa: E402
+from agent.cloud.cloudconfig import default_config  # noqa: E402
+from agent.vehicle.can_decode import CanDecoder  # noqa: E402
+from drivers.core.model import Frame, Sample  # noqa: E402
+from agent.outbox.store import Store  # noqa: E402
+from agent.outbox.telemetry import telemetry_body  # noqa: E402
+from agent.outbox.uplink import TELEMETRY_ZSTD, Sealer, Uplink, upload_policy  # noqa: E402
 from drivers.can import load_dbc  # noqa: E402
-from scripts.shared_data import SHARED_DATA
+from scripts.testbed.shared_data import SHARED_DATA
 
 log = logging.getLogger("bench_store")
 
@@ -268,8 +268,8 @@ def bench_samples(tmp: Path) -> dict:
 def bench_drain(tmp: Path, hours: float = 24.0) -> dict:
     from agent import settings as settings_mod
     from agent.app import Agent
-    from scripts import devenv
-    from scripts.cloud_console import CloudConsole
+    from scripts.testbed import devenv
+    from scripts.refcloud.console import CloudConsole
     run = tmp / "fleet"
     ca = devenv.make_cloud(run)
     broker = devenv.start_broker(run, ca)

@@ -1,5 +1,5 @@
 """Update cost: wire bytes and apply time for a code-only release, a dependency bump and a full
-bundle, through the real pipeline (scripts/release.py repository, HTTPS scripts/tuf_server.py,
+bundle, through the real pipeline (scripts/refcloud/release.py repository, HTTPS scripts/testbed/tuf_server.py,
 python-tuf verification, zstd delta, two-slot install with bytecode compilation and fsync).
 
 The environment is the real agent: its packages (agent, drivers, firmware_bridge, config) plus
@@ -36,16 +36,16 @@ sys.path.insert(0, str(ROOT))
 from agent.update import updater  # noqa: E402
 from agent.update.slots import Layout  # noqa: E402
 from agent.update.tuf_client import TufClient  # noqa: E402
-from scripts.devca import DevCA  # noqa: E402
-from scripts.release import PYVER, ReleaseRepo, release_body, stage_agent, stage_deps  # noqa: E402
-from scripts.tuf_server import TufServer  # noqa: E402
+from scripts.testbed.devca import DevCA  # noqa: E402
+from scripts.refcloud.release import PYVER, ReleaseRepo, release_body, stage_agent, stage_deps  # noqa: E402
+from scripts.testbed.tuf_server import TufServer  # noqa: E402
 
 TARGET_CODE_ONLY = 50 * 1024
 
 
 def _code_change(tree: Path) -> None:
     site = tree / "lib" / PYVER / "site-packages"
-    for rel in ("agent/update/updater.py", "agent/app.py", "drivers/obd.py"):
+    for rel in ("agent/update/updater.py", "agent/app.py", "drivers/obd/reader.py"):
         p = site / rel
         text = p.read_text()
         p.write_text(text.replace("log = logging.getLogger(__name__)",

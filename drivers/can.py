@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import can
 
-from agent.backoff import Backoff
-from agent.clock import now_us
-from agent.model import Frame
+from drivers.core.backoff import Backoff
+from drivers.core.clock import now_us
+from drivers.core.model import Frame
 
 if TYPE_CHECKING:
     from cantools.database.can import Database

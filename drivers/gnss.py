@@ -33,8 +33,8 @@ from datetime import datetime, timezone
 
 from gpsdclient import GPSDClient
 
-from agent import clock
-from agent.backoff import Backoff
+from drivers.core import clock
+from drivers.core.backoff import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ device ``demo-0001`` (provisioned like a real dongle, with the repository's root
 reference cloud console in the foreground. Ctrl-C stops everything it started. State is kept in
 ``run/demo`` so a second run continues the device's ``seq``.
 
-The agent runs the way systemd runs it on a device (scripts/demo_update.py): from the
+The agent runs the way systemd runs it on a device (scripts/testbed/updates.py): from the
 ``current`` slot of ``run/demo/opt`` (laid out from this checkout at the first run), restarted
 when it exits 75 and rolled back when a new version crash-loops. In another terminal:
 
-    python scripts/cloud_console.py release 0.2.0            # → update events …, good
-    python scripts/cloud_console.py release 0.2.1 --broken   # → rolled_back, 0.2.0 runs on
+    python scripts/refcloud/console.py release 0.2.0            # → update events …, good
+    python scripts/refcloud/console.py release 0.2.1 --broken   # → rolled_back, 0.2.0 runs on
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-from scripts import demo_update, devenv
-from scripts.cloud_console import CloudConsole, format_record
-from scripts.elm_emulator import ElmEmulator
+from scripts.testbed import updates as demo_update, devenv
+from scripts.refcloud.console import CloudConsole, format_record
+from scripts.vehicle_sim.elm_emulator import ElmEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "demo-0001"
@@ -58,7 +58,7 @@ DEMO_CONFIG = {
 
 
 def _find_recording() -> Path | None:
-    from scripts.shared_data import SHARED_DATA
+    from scripts.testbed.shared_data import SHARED_DATA
     return SHARED_DATA / RECORDING if (SHARED_DATA / RECORDING).exists() else None
 
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             group = f"239.74.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
             mport = random.randrange(20000, 60000)
             replay = subprocess.Popen(
-                [sys.executable, "-m", "scripts.replay", str(recording), "--interface", "udp_multicast",
+                [sys.executable, "-m", "scripts.vehicle_sim.replay", str(recording), "--interface", "udp_multicast",
                  "--channel", group, "--port", str(mport), "--only", "can0", "--loop"],
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(run_dir / "replay.log", "a"))
             started.append(("CAN replay", lambda: (replay.terminate(), replay.wait(10))))
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             egroup = f"239.76.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
             eport = random.randrange(20000, 60000)
             ev_sim = subprocess.Popen(
-                [sys.executable, "-m", "scripts.ev_ecu_sim", "--profile", EV_PROFILE, "--interface",
+                [sys.executable, "-m", "scripts.vehicle_sim.ev_ecu_sim", "--profile", EV_PROFILE, "--interface",
                  "udp_multicast", "--channel", egroup, "--port", str(eport), "--elm"],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=open(run_dir / "ev_sim.log", "a"), text=True)
             started.append(("EV simulator", lambda: (ev_sim.terminate(), ev_sim.wait(10))))

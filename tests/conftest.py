@@ -1,6 +1,6 @@
 """Shared fixtures. Each section says what it provides; add new sections at the end.
 
-MQTT / PKI (real mosquitto, real certificates; see scripts/devca.py and scripts/local_broker.py):
+MQTT / PKI (real mosquitto, real certificates; see scripts/testbed/devca.py and scripts/testbed/mosquitto.py):
 
 - ``pki`` (session): a :class:`Pki` — a DevCA in a tmp dir and a ``cloud-console`` client
   certificate. ``pki.device(device_id)`` returns a device certificate made the way a device
@@ -33,11 +33,11 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from scripts.devca import DevCA
+from scripts.testbed.devca import DevCA
 
 # Collects every outbound body the suite produces and checks it against docs/privacy.md.
-pytest_plugins = ["tests.conftest_privacy"]
-from scripts.local_broker import LocalBroker
+pytest_plugins = ["tests.support.inventory"]
+from scripts.testbed.mosquitto import LocalBroker
 
 CLOUD_USER = "cloud-console"
 
@@ -274,11 +274,11 @@ class AgentProcess:
 
 
 class Fleet:
-    """scripts/devenv.py's layout in a temp dir, with the broker running and a console listening."""
+    """scripts/testbed/devenv.py's layout in a temp dir, with the broker running and a console listening."""
 
     def __init__(self, run_dir: Path):
-        from scripts import devenv
-        from scripts.cloud_console import CloudConsole
+        from scripts.testbed import devenv
+        from scripts.refcloud.console import CloudConsole
         self.devenv = devenv
         self.run_dir = run_dir
         self.ca = devenv.make_cloud(run_dir)

@@ -1,11 +1,11 @@
-"""agent/backoff.py: capped exponential backoff with full jitter (deterministic, seeded rngs)."""
+"""drivers/core/backoff.py: capped exponential backoff with full jitter (deterministic, seeded rngs)."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from agent.backoff import Backoff
+from drivers.core.backoff import Backoff
 
 
 def test_first_wait_is_the_minimum_and_ceiling_doubles_up_to_the_cap() -> None:

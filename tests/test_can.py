@@ -23,8 +23,8 @@ from typing import Any
 import can
 import pytest
 
-from agent.can_decode import CanDecoder, decoder_from_dbc_text
-from agent.model import Frame, Sample
+from agent.vehicle.can_decode import CanDecoder, decoder_from_dbc_text
+from drivers.core.model import Frame, Sample
 from drivers.can import CanReader, open_bus, open_buses
 
 IFACE = os.environ.get("CAN_TEST_INTERFACE", "virtual")
@@ -207,7 +207,7 @@ def test_buses_without_a_dbc_capture_raw_and_report_configured_signals() -> None
 
 
 def test_a_signal_no_dbc_has_is_reported_when_some_buses_have_none(tmp_path) -> None:
-    from agent.can_pipeline import CanPipeline
+    from agent.vehicle.can_pipeline import CanPipeline
     dbc = tmp_path / "test.dbc"
     dbc.write_text(TEST_DBC)
     buses = [{"name": "can0", "interface": "virtual", "channel": f"p-{uuid.uuid4().hex}", "dbc": str(dbc)},

@@ -15,12 +15,12 @@ from pathlib import Path
 import can
 import pytest
 
-from agent.can_decode import CanDecoder
-from agent.model import Frame, Sample
+from agent.vehicle.can_decode import CanDecoder
+from drivers.core.model import Frame, Sample
 from drivers.can import CanReader, load_dbc, open_buses
-from scripts.replay import ReplayStats, replay
+from scripts.vehicle_sim.replay import ReplayStats, replay
 from tests.test_can import IFACE, CHANNEL, Collector, wait_for
-from scripts.shared_data import SHARED_DATA
+from scripts.testbed.shared_data import SHARED_DATA
 
 DATA = SHARED_DATA / "comma2k19_rav4"
 LOG = DATA / "comma2k19_rav4_seg40_candump.log.gz"

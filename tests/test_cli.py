@@ -20,11 +20,13 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from agent import cli, schemas, settings
+from agent.cli import main as cli
+from agent.cloud import schemas
+from agent import settings
 from agent.app import Agent
-from agent.clock import now_ms
-from agent.cloudconfig import default_config
-from scripts.elm_emulator import ElmEmulator
+from drivers.core.clock import now_ms
+from agent.cloud.cloudconfig import default_config
+from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from tests.conftest import wait_until
 
 DEV = "tech-0001"
@@ -257,7 +259,7 @@ def _as_nobody(bench, *argv, extra_groups=()):
     cfg = bench.socket.parent / "cli.toml"
     shutil.copy(bench.cli_toml, cfg)
     os.chmod(cfg, 0o644)
-    return subprocess.run([_system_python(), "-m", "agent.cli", "--config", str(cfg), *argv],
+    return subprocess.run([_system_python(), "-m", "agent.cli.main", "--config", str(cfg), *argv],
                           capture_output=True, text=True, timeout=60, user="nobody", group="nogroup",
                           extra_groups=list(extra_groups), cwd="/",
                           env={"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"})

@@ -1,7 +1,7 @@
 """The reference backend's ledger: dedup on (dev, seq), gaps, and gaps explained by evictions."""
 from __future__ import annotations
 
-from scripts.cloud_console import Ledger, _safe, format_record
+from scripts.refcloud.console import Ledger, _safe, format_record
 
 
 def test_dedup_gaps_and_explained_evictions(tmp_path):

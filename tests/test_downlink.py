@@ -12,9 +12,10 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import protocol, settings
+from agent.cloud import protocol
+from agent import settings
 from agent.app import Agent
-from agent.clock import now_ms
+from drivers.core.clock import now_ms
 from tests.conftest import wait_until
 
 DEV = "dl-0001"

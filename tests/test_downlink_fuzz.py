@@ -11,11 +11,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from agent import keys, settings
+from agent.cloud import keys
+from agent import settings
 from agent.app import Agent
-from agent.bookings import Bookings
-from agent.downlink import Downlink, Outcome
-from agent.store import Store
+from agent.cloud.bookings import Bookings
+from agent.cloud.downlink import Downlink, Outcome
+from agent.outbox.store import Store
 
 TOPICS = ["down/config", "down/booking", "down/command", "down/release", "down/unknown", "up/ack"]
 

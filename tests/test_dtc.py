@@ -12,13 +12,13 @@ import threading
 
 import pytest
 
-from agent import schemas
-from agent.dtc import DtcReading, DtcTracker, describe, descriptions
-from agent.store import Store
-from drivers.obd import ObdPoller, ObdReader
-from scripts.elm_emulator import ElmEmulator
+from agent.cloud import schemas
+from agent.vehicle.dtc import DtcReading, DtcTracker, describe, descriptions
+from agent.outbox.store import Store
+from drivers.obd.reader import ObdPoller, ObdReader
+from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from tests.test_obd import Collector, wait_for
-from scripts.shared_data import SHARED_DATA
+from scripts.testbed.shared_data import SHARED_DATA
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.elm_emulator import ElmEmulator
-from scripts.shared_data import SHARED_DATA
+from scripts.vehicle_sim.elm_emulator import ElmEmulator
+from scripts.testbed.shared_data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = SHARED_DATA / "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
@@ -33,7 +33,7 @@ def _config(version, signals, raw_ids, obd=("RPM",)):
 def replay(tmp_path):
     group = f"239.74.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
     port = random.randrange(20000, 60000)
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.replay", str(LOG), "--interface", "udp_multicast",
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.vehicle_sim.replay", str(LOG), "--interface", "udp_multicast",
                              "--channel", group, "--port", str(port), "--only", "can0", "--loop"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "replay.log", "w"))
     yield group, port

@@ -1,4 +1,4 @@
-"""Issue 9's end-to-end: a simulated EV (scripts/ev_ecu_sim.py, UDS over can-isotp) read by real
+"""Issue 9's end-to-end: a simulated EV (scripts/vehicle_sim/ev_ecu_sim.py, UDS over can-isotp) read by real
 dongle-agent processes over both transports — python-can (udp_multicast bus) and an ELM327 (the
 simulator's pty front end) — with the ev.* signals arriving at the reference console."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ pytest.importorskip("msgpack")
 def ev_sim(tmp_path):
     group = f"239.75.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
     port = random.randrange(20000, 60000)
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.ev_ecu_sim", "--profile", "hyundai_egmp",
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.vehicle_sim.ev_ecu_sim", "--profile", "hyundai_egmp",
                              "--interface", "udp_multicast", "--channel", group, "--port", str(port), "--elm"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=open(tmp_path / "ev_sim.log", "w"), text=True)
     pty = proc.stdout.readline().strip()

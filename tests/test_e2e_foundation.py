@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from agent.cloudconfig import default_config
-from scripts.elm_emulator import ElmEmulator
+from agent.cloud.cloudconfig import default_config
+from scripts.vehicle_sim.elm_emulator import ElmEmulator
 
 DEV = "e2e-0001"
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import isotp
 import pytest
 
-from agent.ev_profile import Profile, Request, load_profiles, parse_profile, ProfileError
+from agent.vehicle.ev_profile import Profile, Request, load_profiles, parse_profile, ProfileError
 from drivers.elm_isotp import payloads_from_lines
 from drivers.uds import IsoTpReplay, Target
-from scripts.shared_data import SHARED_DATA
+from scripts.testbed.shared_data import SHARED_DATA
 
 yaml = pytest.importorskip("yaml")
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

@@ -19,7 +19,7 @@ from firmware_bridge import framing, messages as m
 from firmware_bridge.framing import CrcError, Deframer, FrameError
 from firmware_bridge.link import (
     FirmwareRejected, FirmwareRolledBack, McuLink, McuRejected, McuTimeout)
-from scripts.mcu_sim import McuSimulator, make_image
+from firmware_bridge.sim import McuSimulator, make_image
 
 pytestmark = pytest.mark.timeout(120)
 

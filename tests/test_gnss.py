@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from agent.backoff import Backoff
+from drivers.core.backoff import Backoff
 from drivers.gnss import GnssReader, fix_from_tpv, parse_time_ms
-from tests.gnss_support import BareGpsd, GpsFake, free_port, needs_gpsd, reference_rows, wait_until, with_fix_lost
+from scripts.testbed.gps import BareGpsd, GpsFake, free_port, needs_gpsd, reference_rows, wait_until, with_fix_lost
 
 pytestmark = needs_gpsd
 

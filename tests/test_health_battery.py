@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from agent import schemas
+from agent.cloud import schemas
 from agent.health.battery12v import BatteryThresholds, StartDetector, StartReading, assess, trend
 from agent.health.monitor import HealthMonitor
-from agent.model import Sample
-from agent.store import Store
+from drivers.core.model import Sample
+from agent.outbox.store import Store
 
 T0 = 1_750_000_000_000
 DAY = 86_400_000

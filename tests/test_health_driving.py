@@ -4,9 +4,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from agent import schemas
+from agent.cloud import schemas
 from agent.health.driving import DrivingThresholds, HarshEventDetector, driving_behaviour_allowed
-from scripts.shared_data import SHARED_DATA
+from scripts.testbed.shared_data import SHARED_DATA
 
 T0 = 1_750_000_000_000
 DAY = 86_400_000
@@ -67,8 +67,8 @@ def test_consent_gate():
 
 def test_monitor_sends_driving_events_only_with_consent(tmp_path):
     from agent.health.monitor import HealthMonitor
-    from agent.model import Sample
-    from agent.store import Store
+    from drivers.core.model import Sample
+    from agent.outbox.store import Store
 
     store = Store(tmp_path / "agent.db")
     events: list[dict] = []

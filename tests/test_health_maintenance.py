@@ -1,10 +1,10 @@
 """Maintenance due by distance and time since the last service record of each kind."""
 from __future__ import annotations
 
-from agent import schemas
+from agent.cloud import schemas
 from agent.health import maintenance
 from agent.health.monitor import META_ODOMETER, HealthMonitor
-from agent.store import Store
+from agent.outbox.store import Store
 
 T0 = 1_750_000_000_000
 DAY = 86_400_000

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import schemas
+from agent.cloud import schemas
 from agent.health.trips import TripDetector, TripThresholds
-from scripts.shared_data import SHARED_DATA
+from scripts.testbed.shared_data import SHARED_DATA
 
 RAV4 = SHARED_DATA / "comma2k19_rav4/reference_wheelspeed_speed.csv"
 T0 = 1_750_000_000_000
@@ -114,7 +114,7 @@ def test_agent_reports_a_trip_of_the_emulated_car(fleet):
 
     from agent import settings
     from agent.app import Agent
-    from scripts.elm_emulator import ElmEmulator
+    from scripts.vehicle_sim.elm_emulator import ElmEmulator
 
     def wait(pred, timeout=60.0):
         deadline = time.monotonic() + timeout

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from agent import malloc
+from agent.device import malloc
 
 pytestmark = pytest.mark.skipif(malloc._LIBC is None, reason="not glibc")
 
@@ -26,7 +26,7 @@ def test_trim_returns_freed_heap_to_the_system():
     """Many small blocks freed in the middle of the heap stay resident until trimmed."""
     code = """
 import ctypes, re
-from agent import malloc
+from agent.device import malloc
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]

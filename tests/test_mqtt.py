@@ -1,4 +1,4 @@
-"""agent/mqtt.py against a real mosquitto (scripts/local_broker.py): TLS, ACL, status and will,
+"""agent/cloud/mqtt.py against a real mosquitto (scripts/testbed/mosquitto.py): TLS, ACL, status and will,
 persistent session, MQTT 3.1.1, outages and backoff. No fakes: the other end is a paho client."""
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.backoff import Backoff
-from agent.clock import now_ms
-from agent.mqtt import MqttLink, status_payload
-from scripts.devca import DevCA
-from scripts.local_broker import ENVELOPE_MAX, LocalBroker, free_port
+from drivers.core.backoff import Backoff
+from drivers.core.clock import now_ms
+from agent.cloud.mqtt import MqttLink, status_payload
+from scripts.testbed.devca import DevCA
+from scripts.testbed.mosquitto import ENVELOPE_MAX, LocalBroker, free_port
 from tests.conftest import ClientCert, MqttPeer, Pki, make_device_cert
 
 pytestmark = pytest.mark.timeout(90)
@@ -150,8 +150,8 @@ def test_status_payload_is_compact_json_in_protocol_order() -> None:
 
 _CHILD = r"""
 import json, logging, sys, time
-from agent.backoff import Backoff
-from agent.mqtt import MqttLink
+from drivers.core.backoff import Backoff
+from agent.cloud.mqtt import MqttLink
 logging.basicConfig(level=logging.INFO)
 args = json.loads(sys.argv[1])
 link = MqttLink(**args, backoff=Backoff(0.05, 0.5), agent_version="child-9",

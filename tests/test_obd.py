@@ -1,4 +1,4 @@
-"""drivers/obd.py against the ELM327-emulator on a pty (scripts/elm_emulator.py).
+"""drivers/obd/reader.py against the ELM327-emulator on a pty (scripts/vehicle_sim/elm_emulator.py).
 
 Expected values are decoded here independently (SAE J1979 formulas) from the emulator's own
 scenario table: the 'car' scenario serves each PID's list of answers in sequence, so the
@@ -25,10 +25,10 @@ import obd as python_obd
 import pytest
 from elm.obd_message import ObdMessage  # test peer only (CC BY-NC-SA), never in agent/drivers
 
-from agent.backoff import Backoff
-from agent.model import Sample
-from drivers.obd import ObdPoller, ObdReader, decode_vin, unit_text, value_and_unit, vin_is_valid
-from scripts.elm_emulator import ElmEmulator, dtc_to_hex
+from drivers.core.backoff import Backoff
+from drivers.core.model import Sample
+from drivers.obd.reader import ObdPoller, ObdReader, decode_vin, unit_text, value_and_unit, vin_is_valid
+from scripts.vehicle_sim.elm_emulator import ElmEmulator, dtc_to_hex
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -289,7 +289,7 @@ def test_apply_pids_changes_what_is_polled_without_reconnecting(emu, pollers):
 
 
 def test_unknown_and_unsupported_pids_are_skipped_and_reported(emu, pollers, caplog):
-    caplog.set_level(logging.WARNING, logger="drivers.obd")
+    caplog.set_level(logging.WARNING, logger="drivers.obd.reader")
     sink = Collector(fail_first=1)  # a sink that raises once must not stop the poller
     pids = pid_config(("RPM", 0.05)) + [
         {"name": "x.bogus", "pid": "NOT_A_PID", "period_s": 0.05},
@@ -471,7 +471,7 @@ def test_adapter_that_connects_then_answers_garbage_to_obd_requests(pollers):
         if cmd in ("0120", "0140", "0600", "0900"):
             # python-OBD's connect walks these bitmaps with a fixed 10 s read timeout and
             # re-reads an answer without text up to ten times: garbage here would make each
-            # connect take minutes (a python-OBD limit, see drivers/obd.py)
+            # connect take minutes (a python-OBD limit, see drivers/obd/reader.py)
             return b"NO DATA"
         return garbage()
 

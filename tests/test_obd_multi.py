@@ -1,4 +1,4 @@
-"""Multi-PID mode 01 requests (drivers/obd_multi.py, ObdReader.read_pids) against the real
+"""Multi-PID mode 01 requests (drivers/obd/multi.py, ObdReader.read_pids) against the real
 ELM327-emulator on a pty.
 
 The emulator answers multi-PID requests itself (``Elm.multi_pid_answer``: one ISO-TP answer with
@@ -17,12 +17,12 @@ import obd as python_obd
 import pytest
 from elm.obd_message import ObdMessage  # test peer only (CC BY-NC-SA), never in agent/drivers
 
-from agent.backoff import Backoff
-from drivers.obd import ObdPoller, ObdReader
-from drivers.obd_multi import (MAX_PIDS_PER_REQUEST, MultiPidCommand, adapter_error,
+from drivers.core.backoff import Backoff
+from drivers.obd.reader import ObdPoller, ObdReader
+from drivers.obd.multi import (MAX_PIDS_PER_REQUEST, MultiPidCommand, adapter_error,
                                answers_to, split_message)
-from scripts.elm_emulator import ElmEmulator
-from scripts.pty_relay import PtyRelay
+from scripts.vehicle_sim.elm_emulator import ElmEmulator
+from scripts.vehicle_sim.pty_relay import PtyRelay
 from tests.test_obd import Collector, wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,6 +1,6 @@
-"""Power management (agent/power.py, agent/vehicle_state.py).
+"""Power management (agent/device/power.py, agent/device/vehicle_state.py).
 
-The MCU is the simulator (scripts/mcu_sim.py) over its real pty through firmware_bridge's
+The MCU is the simulator (firmware_bridge/sim.py) over its real pty through firmware_bridge's
 McuLink; the power manager runs on the simulator's clock, so hours of parking take
 milliseconds (``sim.advance``) and nothing sleeps. Without an MCU the 12 V comes from the
 ELM327 emulator's ``ATRV`` and the CAN silence from a python-can virtual bus through
@@ -21,16 +21,16 @@ import obd
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import schemas
-from agent.model import Frame
-from agent.power import PowerHooks, PowerManager, PowerSettings, format_status
-from agent.vehicle_state import (
+from agent.cloud import schemas
+from drivers.core.model import Frame
+from agent.device.power import PowerHooks, PowerManager, PowerSettings, format_status
+from agent.device.vehicle_state import (
     BusActivity, Evidence, Thresholds, VehicleState, VoltageTrend, decide, is_diagnostic)
 from drivers.can import CanReader
 from firmware_bridge.link import McuLink
 from firmware_bridge.messages import MsgType, Sleep
-from scripts.elm_emulator import ElmEmulator
-from scripts.mcu_sim import McuSimulator, make_image
+from scripts.vehicle_sim.elm_emulator import ElmEmulator
+from firmware_bridge.sim import McuSimulator, make_image
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -438,7 +438,7 @@ def test_without_mcu_parked_comes_from_can_silence_and_elm327_voltage(
             wait_for(lambda: car.bus.batches > before)
 
     try:
-        with caplog.at_level(logging.INFO, logger="agent.power"):
+        with caplog.at_level(logging.INFO, logger="agent.device.power"):
             talk(0x3E9)  # the car's own broadcast: awake
             assert pm.step() is ON and car.calls == ["resume"]
             for _ in range(20):  # 100 s of traffic
@@ -507,7 +507,7 @@ def test_mcu_port_missing_degrades_and_logs_once(caplog: pytest.LogCaptureFixtur
     car.volts = lambda: 12.6
     pm = PowerManager.from_settings(PowerSettings(mcu_port="/nonexistent/ttyMCU", mcu_retry_s=30),
                                     hooks=car.hooks(), clock=clock)
-    with caplog.at_level(logging.WARNING, logger="agent.power"):
+    with caplog.at_level(logging.WARNING, logger="agent.device.power"):
         states = run(pm, clock.advance, 100, car=car) + run(pm, clock.advance, 600)
     assert states[0] is ON and states[-1] is PARKED
     assert "shutdown" not in car.calls and car.calls == ["resume", "stop"]
@@ -525,7 +525,7 @@ def test_mcu_lost_mid_run_degrades_and_logs_once(
     car.bus.note()
     assert pm.step() is ON
     sim.stop()  # the UART goes away (e.g. the MCU board browns out)
-    with caplog.at_level(logging.WARNING, logger="agent.power"):
+    with caplog.at_level(logging.WARNING, logger="agent.device.power"):
         states = run(pm, sim.advance, 60, car=car)
     assert set(states) == {ON} and pm.status()["mcu"]["connected"] is False
     assert len([r for r in caplog.records if "MCU link unavailable" in r.getMessage()]) == 1
@@ -620,7 +620,7 @@ def test_status_formatting_and_hook_failures_are_survived(
     hooks.can_activity = lambda: "soon"  # type: ignore[assignment,return-value]
     pm = PowerManager.from_settings(settings_for(sim), hooks=hooks, clock=sim.now)
     managers.append(pm)
-    with caplog.at_level(logging.ERROR, logger="agent.power"):
+    with caplog.at_level(logging.ERROR, logger="agent.device.power"):
         assert pm.step() is ON  # no CAN (bad hook answer), ignition on
     assert "power hook resume_vehicle_requests failed" in caplog.text
     text = format_status(pm.status())

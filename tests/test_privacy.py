@@ -9,15 +9,15 @@ import time
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from agent import schemas
-from agent.clock import now_ms
-from agent.datakey import DataKey
-from agent.location import TABLE, Location
-from agent.model import Sample
-from agent.privacy import ButtonGesture, Privacy, enforce_positions, evaluate, retention_days
-from agent.store import Store
-from tests.gnss_support import GpsFake, needs_gpsd, reference_rows, wait_until
-from tests.privacy_support import DAY, config, consent, events, make_agent, telemetry_records
+from agent.cloud import schemas
+from drivers.core.clock import now_ms
+from agent.owner.datakey import DataKey
+from agent.owner.location import TABLE, Location
+from drivers.core.model import Sample
+from agent.owner.privacy import ButtonGesture, Privacy, enforce_positions, evaluate, retention_days
+from agent.outbox.store import Store
+from scripts.testbed.gps import GpsFake, needs_gpsd, reference_rows, wait_until
+from tests.support.privacy import DAY, config, consent, events, make_agent, telemetry_records
 
 REF_LATS = [float(r["lat_deg"]) for r in reference_rows()]
 
@@ -382,7 +382,7 @@ def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, devi
 def test_driving_behaviour_withdrawn_deletes_unsent_harsh_events(tmp_path):
     from types import SimpleNamespace
 
-    from agent.owner_data import BehaviourRows
+    from agent.owner.owner_data import BehaviourRows
 
     store = Store(tmp_path / "agent.db")
     emitted = []

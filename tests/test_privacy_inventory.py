@@ -1,6 +1,6 @@
 """Every field that leaves the device is in the data inventory (docs/privacy.md).
 
-tests/conftest_privacy.py collects every uplink body the suite produces (sealed by an in-process
+tests/support/inventory.py collects every uplink body the suite produces (sealed by an in-process
 agent, or opened by the reference console for agents run as processes) and runs this test last.
 Run alone, it still checks the bodies of a short scenario it drives itself, with every privacy
 path switched on, so it never passes on nothing.
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 
-from agent import schemas
-from agent.datakey import DataKey
-from agent.location import TABLE, Location
-from agent.privacy import Privacy
-from agent.store import Store
-from tests import conftest_privacy as inv
-from tests.privacy_support import config, consent
+from agent.cloud import schemas
+from agent.owner.datakey import DataKey
+from agent.owner.location import TABLE, Location
+from agent.owner.privacy import Privacy
+from agent.outbox.store import Store
+from tests.support import inventory as inv
+from tests.support.privacy import config, consent
 
 inv.install()   # also when tests/conftest.py does not register the plugin
 

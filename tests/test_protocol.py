@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import protocol
-from agent.protocol import Rejected
-from agent.schemas import SchemaError
+from agent.cloud import protocol
+from agent.cloud.protocol import Rejected
+from agent.cloud.schemas import SchemaError
 
 DEV = "car-0001"
 NOW = 1_750_000_000_000

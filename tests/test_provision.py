@@ -1,4 +1,4 @@
-"""Key files (agent.keys), `dongle provision` and scripts/cloud_keys.py."""
+"""Key files (agent.keys), `dongle provision` and scripts/refcloud/keys.py."""
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from agent import cli, keys, protocol
-from agent.keys import KeyFileError
-from scripts.cloud_keys import generate_cloud_keys
+from agent.cli import main as cli
+from agent.cloud import keys, protocol
+from agent.cloud.keys import KeyFileError
+from scripts.refcloud.keys import generate_cloud_keys
 
 DEVICE = "rav4-2018-0001"
 KEY_FILES = ("device_sign.key", "device_enc.key", "tls.key")
@@ -138,11 +139,11 @@ def test_unreadable_key_is_permission_denied(tmp_path):
 def test_group_readable_private_key_warns(tmp_path, caplog):
     p = tmp_path / "s.key"
     keys.write_private_key(p, Ed25519PrivateKey.generate())
-    with caplog.at_level(logging.WARNING, logger="agent.keys"):
+    with caplog.at_level(logging.WARNING, logger="agent.cloud.keys"):
         keys.load_private_key(p, Ed25519PrivateKey)
     assert not caplog.records
     p.chmod(0o640)
-    with caplog.at_level(logging.WARNING, logger="agent.keys"):
+    with caplog.at_level(logging.WARNING, logger="agent.cloud.keys"):
         keys.load_private_key(p, Ed25519PrivateKey)
     assert any("0640" in r.getMessage() and str(p) in r.getMessage() for r in caplog.records)
 

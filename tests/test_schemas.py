@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from agent import schemas
-from agent.schemas import SchemaError, validate
+from agent.cloud import schemas
+from agent.cloud.schemas import SchemaError, validate
 
 T = 1_750_000_000_000
 DAY = 24 * 3600 * 1000
@@ -224,7 +224,7 @@ def test_unknown_kind():
 @pytest.mark.parametrize("kind", schemas.KINDS)
 def test_schema_files_are_portable_json(kind):
     """Shipped in the package, plain JSON, valid 2020-12 schemas, only document-local $refs."""
-    text = resources.files("config").joinpath("schemas", f"{kind}.json").read_text(encoding="utf-8")
+    text = resources.files("agent.config").joinpath("schemas", f"{kind}.json").read_text(encoding="utf-8")
     doc = json.loads(text)
     assert doc["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     Draft202012Validator.check_schema(doc)

@@ -7,9 +7,9 @@ import sqlite3
 import cbor2
 import pytest
 
-from agent import schemas
-from agent.service_log import ServiceLog, ServiceLogError, verify_rows
-from agent.store import Store
+from agent.cloud import schemas
+from agent.technician.service_log import ServiceLog, ServiceLogError, verify_rows
+from agent.outbox.store import Store
 
 
 @pytest.fixture

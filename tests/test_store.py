@@ -5,9 +5,9 @@ import sqlite3
 
 import pytest
 
-from agent.ingest import Ingest
-from agent.model import Frame, Sample
-from agent.store import PRIO_EVENT, PRIO_TELEMETRY, Store
+from agent.outbox.ingest import Ingest
+from drivers.core.model import Frame, Sample
+from agent.outbox.store import PRIO_EVENT, PRIO_TELEMETRY, Store
 
 
 def _build(seq, samples, frames):
@@ -130,7 +130,7 @@ def test_non_finite_values_are_dropped_not_stored(tmp_path):
 
 
 def test_an_unsendable_event_is_dropped_and_never_holds_up_the_others(tmp_path):
-    from agent import schemas
+    from agent.cloud import schemas
     st = Store(tmp_path / "a.db")
     st.add_event({"type": "dtc", "ts": 1, "codes": [{"code": "p0301", "state": "stored", "desc": ""}], "mil": True})
     st.add_event({"type": "health", "ts": 2, "kind": "snapshot", "level": "info", "detail": {}})
@@ -178,7 +178,7 @@ def test_opens_a_database_written_by_the_sqlite_utils_schema(tmp_path):
 def test_sealed_frames_are_the_columns_of_the_frames_in_wire_order(tmp_path):
     """The store hands frames over as columns sorted by SQLite; the body is the one built from
     the Frame objects themselves (bus, ext, id, time; ties in arrival order)."""
-    from agent.telemetry import telemetry_body
+    from agent.outbox.telemetry import telemetry_body
     rng = __import__("random").Random(7)
     frames = [Frame(rng.choice(["can1", "can0"]), 1_760_000_000_000_000 + rng.randrange(0, 5_000_000),
                     rng.choice([0x7E8, 0x1A0, 0x18DAF110, 0x25]), False, bytes([i % 256, rng.randrange(256)]))

@@ -17,14 +17,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent import clock as clock_mod
-from agent import protocol, schemas
-from agent.clock import PLAUSIBLE_AFTER_MS, Clock
-from agent.ingest import Ingest
-from agent.keys import key_id
-from agent.model import Frame, Sample
-from agent.store import PRIO_EVENT, Store
-from agent.uplink import Sealer, Uplink, upload_policy
+from drivers.core import clock as clock_mod
+from agent.cloud import protocol, schemas
+from drivers.core.clock import PLAUSIBLE_AFTER_MS, Clock
+from agent.outbox.ingest import Ingest
+from agent.cloud.keys import key_id
+from drivers.core.model import Frame, Sample
+from agent.outbox.store import PRIO_EVENT, Store
+from agent.outbox.uplink import Sealer, Uplink, upload_policy
 from tests.conftest import wait_until
 
 DEV = "store-0001"
@@ -269,8 +269,8 @@ def test_full_disk_and_read_only_fs_keep_running_then_recover(tiny_fs, keys):
 
 WRITER = r"""
 import sys, time, os
-from agent.store import Store
-from agent.model import Sample, Frame
+from agent.outbox.store import Store
+from drivers.core.model import Sample, Frame
 st = Store(sys.argv[1])
 n = 0
 while True:
@@ -397,8 +397,8 @@ def test_drain_order_daily_budget_and_events_first_against_the_broker(fleet):
 def test_column_validation_rejects_what_the_schema_rejects_anywhere_in_a_column():
     import copy
 
-    from agent.schemas import SchemaError
-    from agent.telemetry import telemetry_body, validate_telemetry
+    from agent.cloud.schemas import SchemaError
+    from agent.outbox.telemetry import telemetry_body, validate_telemetry
     good = telemetry_body([Sample("a", "", 1_760_000_000_000 + i, i / 3) for i in range(5)],
                           [Frame("can0", 1_760_000_000_000_000 + i, 0x100 + i, False, b"\x01") for i in range(5)])
     validate_telemetry(good)

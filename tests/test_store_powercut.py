@@ -1,6 +1,6 @@
 """Power cuts and broker outages against real processes: a real ``dongle-agent`` daemon reading a
 CAN bus (python-can ``udp_multicast``) loaded with the real RAV4 drive replayed by
-scripts/replay.py, plus a numbered source on the same bus (id 0x6AB, data = a counter), sending
+scripts/vehicle_sim/replay.py, plus a numbered source on the same bus (id 0x6AB, data = a counter), sending
 through a real Mosquitto to the reference cloud console.
 
 Power cut: the agent is SIGKILLed at random moments and restarted. After each cut the database
@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tests.conftest import wait_until
-from scripts.shared_data import SHARED_DATA
+from scripts.testbed.shared_data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = SHARED_DATA / "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
@@ -163,7 +163,7 @@ def can_bus(tmp_path):
 
 
 def _start_replay(tmp_path, group, port, speed="1"):
-    return subprocess.Popen([sys.executable, "-m", "scripts.replay", str(LOG), "--interface", "udp_multicast",
+    return subprocess.Popen([sys.executable, "-m", "scripts.vehicle_sim.replay", str(LOG), "--interface", "udp_multicast",
                              "--channel", group, "--port", str(port), "--loop", "--speed", speed],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "replay.log", "w"))
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import systemd
-from agent.systemd import Watchdog
+from agent.device import systemd
+from agent.device.systemd import Watchdog
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "dongle-agent.service"

@@ -16,8 +16,8 @@ import pytest
 
 from agent.health.traction_battery import (DAY_MS, Settings, TractionBatteryHealth, fit_trend,
                                            format_battery_report, theil_sen)
-from agent.schemas import validate
-from agent.store import Store
+from agent.cloud.schemas import validate
+from agent.outbox.store import Store
 
 T0 = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 

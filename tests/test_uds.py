@@ -1,10 +1,10 @@
-"""Both UDS paths against the simulated EV (scripts/ev_ecu_sim.py) on python-can virtual buses.
+"""Both UDS paths against the simulated EV (scripts/vehicle_sim/ev_ecu_sim.py) on python-can virtual buses.
 
 The simulator is a can-isotp server driven by the same profiles; expected values come from its
 scenario (what it encoded), so every assertion compares a decoded reading with the value the
 simulated car put on the bus. Faults are injected below ISO-TP (frames dropped or with a wrong
 sequence number), in UDS (0x78 pending, 0x31, 0x11) and by silence. The ELM327 path goes
-through scripts/elm_pty.py (a pty speaking ELM327 in front of the same bus). Each test uses
+through scripts/vehicle_sim/elm_pty.py (a pty speaking ELM327 in front of the same bus). Each test uses
 its own virtual channel name, so parallel runs do not meet.
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ import uuid
 import can
 import pytest
 
-from agent.ev import EvReader, SIGNALS
-from agent.ev_profile import load_profiles
+from agent.vehicle.ev import EvReader, SIGNALS
+from agent.vehicle.ev_profile import load_profiles
 from drivers.elm_isotp import ElmIsoTp
 from drivers.uds import Target, UdsClient
-from scripts.elm_pty import ElmPty
-from scripts.ev_ecu_sim import EcuSimulator, Scenario
+from scripts.vehicle_sim.elm_pty import ElmPty
+from scripts.vehicle_sim.ev_ecu_sim import EcuSimulator, Scenario
 
 pytestmark = pytest.mark.timeout(120)
 

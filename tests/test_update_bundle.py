@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.update import bundle, delta, slots
-from scripts.release import PYVER
-from tests.update_support import layout_for, make_tree
+from scripts.refcloud.release import PYVER
+from tests.support.updates import layout_for, make_tree
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,22 +1,22 @@
 """Over-the-air updates end to end, with real peers only: the cloud console builds a release from
-this checkout into a TUF repository (scripts/release.py) served over HTTPS with the dev CA
-(scripts/tuf_server.py) and sends the signed ``down/release`` through Mosquitto; a real
+this checkout into a TUF repository (scripts/refcloud/release.py) served over HTTPS with the dev CA
+(scripts/testbed/tuf_server.py) and sends the signed ``down/release`` through Mosquitto; a real
 ``dongle-agent`` runs from its ``current`` slot under scripts/demo_update.AgentService (what
 systemd does with the update drop-in: prestart/poststop helpers, restart on exit 75, OnFailure=
 rollback), downloads the delta, installs, restarts on trial and reports ``good`` — or, for a
 release that crashes on start, rolls back by itself.
 
-Bundles are code-only (the dependencies stay in the checkout's venv, see scripts/demo_update.py),
+Bundles are code-only (the dependencies stay in the checkout's venv, see scripts/testbed/updates.py),
 so a release is a delta of a few KB.
 """
 from __future__ import annotations
 
 import pytest
 
-from agent import schemas
+from agent.cloud import schemas
 from agent.update import state
-from scripts import demo_update
-from scripts.cloud_console import release
+from scripts.testbed import updates as demo_update
+from scripts.refcloud.console import release
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -19,9 +19,9 @@ import pytest
 
 from agent.update import bundle, slots, state
 from agent.update.slots import Layout
-from scripts.devca import DevCA
-from scripts.tuf_server import TufServer
-from tests.update_support import build_repo, layout_for
+from scripts.testbed.devca import DevCA
+from scripts.testbed.tuf_server import TufServer
+from tests.support.updates import build_repo, layout_for
 
 OLD, NEW = "1.0.0", "1.1.0"
 RATE = 400_000          # bytes/s: the ~200 KB bundle takes ~0.5 s to download

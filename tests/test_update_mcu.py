@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import schemas
+from agent.cloud import schemas
 from agent.update import state
 from agent.update.updater import UpdateSettings, Updater
 from firmware_bridge.link import McuLink
 from firmware_bridge.messages import MsgType
-from scripts.devca import DevCA
-from scripts.mcu_sim import McuSimulator, make_image
-from scripts.release import MCU_HW, ReleaseRepo
-from scripts.tuf_server import TufServer
-from tests.update_support import opened
+from scripts.testbed.devca import DevCA
+from firmware_bridge.sim import McuSimulator, make_image
+from scripts.refcloud.release import MCU_HW, ReleaseRepo
+from scripts.testbed.tuf_server import TufServer
+from tests.support.updates import opened
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main as dongle
+from agent.cli.main import main as dongle
 from agent.update.tuf_client import TufClient, TufError
-from scripts.cloud_keys import generate_cloud_keys
-from scripts.devca import DevCA
-from scripts.release import ReleaseRepo
-from scripts.tuf_server import TufServer
-from tests.update_support import build_repo
+from scripts.refcloud.keys import generate_cloud_keys
+from scripts.testbed.devca import DevCA
+from scripts.refcloud.release import ReleaseRepo
+from scripts.testbed.tuf_server import TufServer
+from tests.support.updates import build_repo
 
 pytestmark = pytest.mark.timeout(60)
 

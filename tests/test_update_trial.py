@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import schemas
+from agent.cloud import schemas
 from agent.update import bundle, slots, state, trial
 from agent.update.cli import main as update_cli
 from agent.update.slots import Layout
 from agent.update.updater import UpdateSettings, Updater
-from tests.update_support import layout_for, make_tree, opened
+from tests.support.updates import layout_for, make_tree, opened
 
 pytestmark = pytest.mark.timeout(60)
 

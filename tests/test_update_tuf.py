@@ -1,5 +1,5 @@
-"""Agent updates through a real TUF repository (scripts/release.py) served over HTTPS with the
-dev CA (scripts/tuf_server.py): the Updater's down/release handler, delta and full bundles,
+"""Agent updates through a real TUF repository (scripts/refcloud/release.py) served over HTTPS with the
+dev CA (scripts/testbed/tuf_server.py): the Updater's down/release handler, delta and full bundles,
 Range resume, and every rejection with its named reason."""
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from agent import schemas
+from agent.cloud import schemas
 from agent.update import state, trial
 from agent.update.tuf_client import TufError
 from agent.update.updater import UpdateSettings, Updater
-from scripts.cloud_keys import generate_cloud_keys
-from scripts.devca import DevCA
-from scripts.release import PYVER, signer_for
-from scripts.tuf_server import TufServer
-from tests.update_support import HW, Env, build_repo, layout_for, make_tree, opened
+from scripts.refcloud.keys import generate_cloud_keys
+from scripts.testbed.devca import DevCA
+from scripts.refcloud.release import PYVER, signer_for
+from scripts.testbed.tuf_server import TufServer
+from tests.support.updates import HW, Env, build_repo, layout_for, make_tree, opened
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from agent import owner_data
+from agent.owner import owner_data
 from agent.app import Agent
-from agent.keys import KeyFileError
+from agent.cloud.keys import KeyFileError
 from agent.settings import SettingsError
-from agent.location import TABLE
-from agent.model import Sample
-from scripts.cloud_console import Registry
-from tests.gnss_support import GpsFake, needs_gpsd, reference_rows, wait_until
-from tests.privacy_support import agent_settings, config, consent, events, make_agent
+from agent.owner.location import TABLE
+from drivers.core.model import Sample
+from scripts.refcloud.console import Registry
+from scripts.testbed.gps import GpsFake, needs_gpsd, reference_rows, wait_until
+from tests.support.privacy import agent_settings, config, consent, events, make_agent
 
 pytestmark = needs_gpsd
 
@@ -168,7 +168,7 @@ def _press_when_asked(io, timeout=60):
 
 
 def test_vehicle_pseudonym_is_stable_keyed_and_gone_with_the_key(tmp_path):
-    from agent.datakey import DataKey
+    from agent.owner.datakey import DataKey
     key = DataKey.in_dir(tmp_path)
     a = key.pseudonym(VIN)
     assert a == key.pseudonym(VIN) and VIN not in a and a != key.pseudonym(VIN[:-1] + "X")

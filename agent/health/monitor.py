@@ -22,12 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.clock import now_ms
+from drivers.core.clock import now_ms
 from agent.health import battery12v, maintenance, severity
 from agent.health.driving import DrivingThresholds, HarshEventDetector, driving_behaviour_allowed
 from agent.health.trips import TripDetector, TripThresholds
-from agent.model import Sample
-from agent.service_log import ServiceLog
+from drivers.core.model import Sample
+from agent.technician.service_log import ServiceLog
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class HealthMonitor:
 
     # -- reporting ----------------------------------------------------------------------------
     def dtc_state(self) -> dict:
-        from agent.dtc import META_KEY
+        from agent.vehicle.dtc import META_KEY
         last = self.store.get_meta(META_KEY) or []
         mil = any(k == "MIL" and v for k, v in last)
         codes = [{"code": k, "state": v} for k, v in last if k != "MIL"]

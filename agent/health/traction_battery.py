@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from agent.clock import now_ms
+from drivers.core.clock import now_ms
 
 log = logging.getLogger(__name__)
 

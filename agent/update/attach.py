@@ -29,7 +29,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from agent.downlink import Outcome
+from agent.cloud.downlink import Outcome
 from agent.update import slots
 from agent.update.trial import RESTART_EXIT_CODE
 from agent.update.updater import UpdateSettings, Updater

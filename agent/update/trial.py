@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from agent.clock import now_ms
+from drivers.core.clock import now_ms
 from agent.update import slots, state
 from agent.update.slots import Layout
 

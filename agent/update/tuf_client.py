@@ -11,7 +11,7 @@ resumable target downloads and named rejection reasons.
   ``length + 1`` bytes), then ``TargetFile.verify_length_and_hashes`` checks them. A ``.part``
   that fails is deleted, so the next try starts clean.
 
-Repository layout (scripts/release.py): ``<repository>/metadata/`` and ``<repository>/targets/``,
+Repository layout (scripts/refcloud/release.py): ``<repository>/metadata/`` and ``<repository>/targets/``,
 consistent snapshots (targets are fetched as ``<sha256>.<name>``, immutable, which also makes a
 resumed ``Range`` download safe while a new release is published).
 """

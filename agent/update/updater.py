@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.clock import is_synced, now_ms
-from agent.downlink import Outcome
+from drivers.core.clock import is_synced, now_ms
+from agent.cloud.downlink import Outcome
 from agent.update import bundle, delta, slots, state, trial
 from agent.update.slots import Layout
 from agent.update.trial import update_event

@@ -1,0 +1,318 @@
+"""What the technician at the car can ask the running agent (through :mod:`agent.control`).
+
+Requests (``op``): ``status``, ``live``, ``dtc``, ``dtc_clear``, ``bookings``,
+``booking_checkin``, ``booking_complete``, ``service_log``, ``config``, ``buffer``, ``capture``.
+
+``dtc_clear`` is the only way trouble codes are cleared, whether the cloud asked for it
+(``clear_dtc`` leaves meta ``pending_clear_dtc``, see agent/cloud/commands.py) or not: the CLI asks
+the person at the terminal first and sends ``confirmed``; then, where the dongle has a button
+and technician mode is not on, the agent blinks the attention LED and waits for a press. Only
+then does it clear (mode 04), record who did it (table ``technician_log``) and send
+``dtc_cleared``.
+
+``booking_complete`` appends the service record to the chain (PROTOCOL §5), marks the booking
+completed and queues the ``service_record`` and ``booking`` events, all in one transaction.
+
+Local settings: ``[control] socket``, ``group`` (see agent.control).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+
+from agent.technician import control
+from agent.device import platform
+from agent.cloud.bookings import safe_text
+from drivers.core.clock import is_synced, now_ms
+from agent.technician.control import ControlError, ControlServer, Peer, Reply
+from agent.technician.service_log import ServiceLog, ServiceLogError
+
+log = logging.getLogger(__name__)
+
+BUTTON_TIMEOUT_S = 60.0
+DTC_TIMEOUT_S = 20.0
+MAX_CAPTURE_S = 3600.0
+
+
+class Technician:
+    def __init__(self, agent, *, socket_path=None, group: str | None = None):
+        self.agent = agent
+        s = agent.settings.data.get("control") or {}
+        path = socket_path or control.socket_path(agent.settings.data, agent.settings.path.resolve().parent)
+        self.service_log = ServiceLog(agent.store)
+        agent.store.create_tables(
+            "technician_log (id INTEGER PRIMARY KEY, ts INTEGER, action TEXT, by TEXT, detail TEXT)")
+        handlers = {
+            "status": self.status_request, "live": self.live, "dtc": self.dtc, "dtc_clear": self.dtc_clear,
+            "bookings": self.bookings, "booking_checkin": self.booking_checkin,
+            "booking_complete": self.booking_complete, "service_log": self.service_log_request,
+            "config": self.config, "buffer": self.buffer, "capture": self.capture,
+            "battery": lambda request, peer=None, reply=None: platform.battery_request(agent, request),
+        }
+        self.server = ControlServer(path, handlers, group=group or s.get("group", control.DEFAULT_GROUP))
+        self._stopping = threading.Event()
+
+    # -- component ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stopping.clear()
+        self.server.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.server.stop()
+
+    def status(self) -> dict:
+        return {"control": self.server.status()}
+
+    # -- helpers --------------------------------------------------------------------------
+    def _record(self, action: str, by: str, detail: dict) -> None:
+        with self.agent.store.batch() as c:
+            c.execute("INSERT INTO technician_log(ts, action, by, detail) VALUES (?,?,?,?)",
+                      (now_ms(), action, by, json.dumps(detail)))
+
+    def _obd(self):
+        obd = self.agent.obd
+        if obd is None:
+            raise ControlError("no_adapter", "no adapter: OBD is disabled in the local settings ([obd] enabled)")
+        st = obd.status()
+        if not st.get("connected"):
+            raise ControlError("no_adapter", f"no adapter: the OBD adapter on {st.get('port')} is not connected "
+                                             f"to a vehicle (plugged in? ignition on?)"
+                                             + (f" — last error: {st['last_error']}" if st.get("last_error") else ""))
+        return obd
+
+    def _booking(self, booking_id: str) -> dict:
+        if not isinstance(booking_id, str) or not booking_id:
+            raise ControlError("bad_request", "a booking id is needed")
+        b = self.agent.bookings.get(booking_id)
+        if b is None:
+            raise ControlError("unknown_booking", f"unknown booking {safe_text(booking_id, 64)!r}: this dongle has no "
+                                                  "such booking (list them: dongle bookings)")
+        return b
+
+    def _set_booking_status(self, c, booking_id: str, status: str) -> None:
+        c.execute("UPDATE bookings SET status=?, updated_ms=? WHERE booking_id=?", (status, now_ms(), booking_id))
+
+    # -- requests -------------------------------------------------------------------------
+    def status_request(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        a = self.agent
+        st = a.status()
+        obd = st.get("obd") or {}
+        vehicle = a.store.get_meta("vehicle") or {}
+        data_dir = a.settings.data_dir
+        disk = shutil.disk_usage(data_dir)
+        db = a.store.path
+        db_bytes = sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
+        oldest = a.store.oldest_pending_ms()
+        errors = {}
+        for name, value in (("obd", obd.get("last_error")), ("ingest", a.ingest.last_error),
+                            ("control", self.server.last_error)):
+            if value:
+                errors[name] = value
+        for bus, b in ((st.get("can") or {}).get("buses") or {}).items():
+            if b.get("last_error"):
+                errors[f"can.{bus}"] = b["last_error"]
+        return {
+            "device_id": a.device_id, "agent": a.version,
+            "vehicle": {"vin": vehicle.get("vin") or obd.get("vin"), "protocol": vehicle.get("protocol") or obd.get("protocol")},
+            "adapter": None if a.obd is None else {"port": obd.get("port"), "connected": obd.get("connected"),
+                                                   "protocol": obd.get("protocol")},
+            "buses": {n: {"state": b.get("state"), "frames": b.get("frames"), "errors": b.get("errors")}
+                      for n, b in ((st.get("can") or {}).get("buses") or {}).items()},
+            "broker": {"connected": st["broker"]["connected"], "endpoint": f"{a.link.host}:{a.link.port}"},
+            "config_version": st.get("config_version"),
+            "buffer": {"depth": st["buffer"], "oldest_age_s": None if oldest is None else round((now_ms() - oldest) / 1000, 1)},
+            "disk": {"data_dir": str(data_dir), "free_bytes": disk.free, "total_bytes": disk.total, "db_bytes": db_bytes},
+            "clock": {"synced": is_synced(), "now_ms": now_ms()},
+            "technician_mode": bool(getattr(getattr(a, "indicators", None), "technician_mode", False)),
+            "pending_clear_dtc": a.store.get_meta("pending_clear_dtc"),
+            "health": self._health_summary(),
+            "last_errors": errors,
+        }
+
+    def _health_summary(self) -> dict | None:
+        health = getattr(self.agent, "health", None)
+        if health is None:
+            return None
+        snap = health.snapshot()
+        return {"trip": snap["trip"]["current"], "odometer_km": snap["odometer_km"],
+                "battery_12v": snap["battery_12v"].get("level"),
+                "maintenance": {d["kind"]: d["level"] for d in snap["maintenance"]},
+                "dtc": snap["dtc"]["severity"]}
+
+    def live(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        health = getattr(self.agent, "health", None)
+        latest = health.live() if health is not None else {}
+        now = now_ms()
+        return {"signals": [{"name": n, "value": v, "unit": u, "age_s": round((now - t) / 1000, 1)}
+                            for n, (t, v, u) in sorted(latest.items())]}
+
+    def dtc(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        from agent.health.severity import code_severity, severity
+        obd = self._obd()
+        reader = getattr(obd, "read_dtcs_now", None)
+        if reader is None:
+            raise ControlError("refused", "this agent's OBD driver cannot read trouble codes on request")
+        body = reader(DTC_TIMEOUT_S)
+        if body is None:
+            raise ControlError("no_adapter", "the vehicle did not answer the trouble code request "
+                                             "(adapter disconnected or ignition off?)")
+        codes = [{**c, "severity": code_severity(c["code"], c["state"], body["mil"])} for c in body["codes"]]
+        return {"codes": codes, "mil": body["mil"], "freeze": body.get("freeze"),
+                "severity": severity(body["codes"], body["mil"]), "ts": body["ts"],
+                "pending_clear_dtc": self.agent.store.get_meta("pending_clear_dtc")}
+
+    def dtc_clear(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        if req.get("confirmed") is not True:
+            raise ControlError("refused", "clearing trouble codes needs a confirmation at the terminal "
+                                          "(dongle dtc clear asks for it)")
+        obd = self._obd()
+        clear = getattr(obd, "clear_dtcs", None)
+        if clear is None:
+            raise ControlError("refused", "this agent's OBD driver cannot clear trouble codes")
+        ind = getattr(self.agent, "indicators", None)
+        how = ["terminal"]
+        if ind is not None and ind.has_button:
+            if ind.technician_mode:
+                how.append("technician mode")
+            else:
+                timeout = float(req.get("button_timeout_s", BUTTON_TIMEOUT_S))
+                reply({"prompt": f"Press the button on the dongle within {timeout:.0f} s to confirm "
+                                 "(the attention light blinks fast)."})
+                if not ind.confirm_by_button(timeout, self._stopping):
+                    self._record("dtc_clear_refused", peer.user, {"reason": "button not pressed"})
+                    raise ControlError("refused", f"not confirmed: the dongle's button was not pressed within "
+                                                  f"{timeout:.0f} s; nothing was cleared")
+                how.append("button")
+        reply({"progress": "clearing trouble codes (mode 04)…"})
+        cleared = clear(DTC_TIMEOUT_S)
+        if cleared is None:
+            raise ControlError("no_adapter", "the vehicle did not confirm the clear (adapter disconnected or "
+                                             "ignition off?); read the codes again to see what is set")
+        pending = self.agent.store.get_meta("pending_clear_dtc")
+        by = f"technician {peer.user} ({' + '.join(how)})"
+        if pending:
+            by += f"; requested by the cloud (command seq {pending.get('ref_seq')})"
+        codes = sorted({c for c in cleared if isinstance(c, str)})
+        with self.agent.store.batch() as c:
+            self.agent.emit_event({"type": "dtc_cleared", "ts": now_ms(), "codes": codes, "by": by})
+            c.execute("DELETE FROM meta WHERE key='pending_clear_dtc'")
+            c.execute("INSERT INTO technician_log(ts, action, by, detail) VALUES (?,?,?,?)",
+                      (now_ms(), "dtc_clear", peer.user, json.dumps({"codes": codes, "how": how, "cloud_request": pending})))
+        log.info("trouble codes cleared by %s: %s", by, ", ".join(codes) or "none were set")
+        return {"cleared": codes, "by": by}
+
+    def bookings(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        return {"bookings": self.agent.bookings.list()}
+
+    def booking_checkin(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        bid = req.get("booking_id")
+        b = self._booking(bid)
+        if b["status"] != "scheduled":
+            raise ControlError("refused", f"booking {safe_text(bid, 64)} is {b['status']}; only a scheduled booking "
+                                          "can be checked in")
+        with self.agent.store.batch() as c:
+            self._set_booking_status(c, bid, "checked_in")
+            self.agent.emit_event({"type": "booking", "ts": now_ms(), "booking_id": bid, "status": "checked_in"})
+        self._record("booking_checkin", peer.user, {"booking_id": bid})
+        return {"booking": self.agent.bookings.get(bid)}
+
+    def booking_complete(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        bid = req.get("booking_id")
+        b = self._booking(bid)
+        if b["status"] != "checked_in":
+            hint = " (check it in first: dongle booking checkin ID)" if b["status"] == "scheduled" else ""
+            raise ControlError("refused", f"booking {safe_text(bid, 64)} is {b['status']}; only a checked-in "
+                                          f"booking can be completed{hint}")
+        technician = req.get("technician") or peer.user
+        try:
+            with self.agent.store.batch() as c:
+                record = self.service_log.append(bid, req.get("odometer_km"), req.get("items") or [], technician)
+                self._set_booking_status(c, bid, "completed")
+                self.agent.emit_event(record)
+                self.agent.emit_event({"type": "booking", "ts": record["ts"], "booking_id": bid, "status": "completed"})
+        except ServiceLogError as e:
+            raise ControlError("bad_request", str(e)) from None
+        self._record("booking_complete", peer.user, {"booking_id": bid, "hash": record["hash"]})
+        health = getattr(self.agent, "health", None)
+        if health is not None:
+            health.wake_maintenance()
+        return {"record": record}
+
+    def service_log_request(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        out: dict = {"records": self.service_log.records()}
+        if req.get("verify"):
+            out["verification"] = self.service_log.verify().as_dict()
+        return out
+
+    def config(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        from agent.cloud.cloudconfig import default_config
+        active = self.agent.config
+        rows = self.agent.store.query("SELECT doc FROM configs WHERE version < ? ORDER BY version DESC LIMIT 1",
+                                      (int(active.get("version", 0)),))
+        return {"active": active, "previous": json.loads(rows[0][0]) if rows else None, "default": default_config()}
+
+    def buffer(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        return buffer_report(self.agent.store.query, ingest_dropped=dict(self.agent.ingest.dropped))
+
+    def capture(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        seconds = req.get("seconds")
+        if not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_CAPTURE_S:
+            raise ControlError("bad_request", f"--seconds must be between 0 and {MAX_CAPTURE_S:g}")
+        if self.agent.can is None:
+            raise ControlError("no_adapter", "no adapter: no CAN bus is configured on this dongle "
+                                             "(local settings [[can.buses]])")
+        buf: list = []
+        lock = threading.Lock()
+
+        def on_frames(frames) -> None:
+            with lock:
+                buf.extend(frames)
+
+        remove = self.agent.add_frame_listener(on_frames)
+        total, buses = 0, set()
+        start = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                elapsed = time.monotonic() - start
+                done = elapsed >= seconds
+                time.sleep(0 if done else min(0.2, seconds - elapsed))
+                with lock:
+                    chunk, buf[:] = list(buf), []
+                total += len(chunk)
+                buses.update(f.bus for f in chunk)
+                reply({"elapsed_s": round(min(time.monotonic() - start, seconds), 2), "seconds": seconds,
+                       "frames": [[f.bus, f.t_us, f.can_id, int(f.extended), f.data.hex()] for f in chunk]})
+                if done:
+                    break
+        finally:
+            remove()
+        return {"frames": total, "buses": sorted(buses), "seconds": seconds}
+
+
+def buffer_report(query, *, ingest_dropped: dict | None = None) -> dict:
+    """Buffer depth per kind, oldest item, evictions — from the store (live or read-only)."""
+    now = now_ms()
+    depth = {t: query(f"SELECT count(*) FROM {t}")[0][0] for t in ("samples", "frames", "events", "outbox")}
+    oldest = {
+        "samples": query("SELECT min(t_ms) FROM samples")[0][0],
+        "frames": (lambda v: v // 1000 if v else None)(query("SELECT min(t_us) FROM frames")[0][0]),
+        "events": query("SELECT min(ts) FROM events")[0][0],
+        "outbox": query("SELECT min(created_ms) FROM outbox")[0][0],
+    }
+    outbox = {s: n for s, n in query("SELECT suffix, count(*) FROM outbox GROUP BY suffix")}
+    ev = query("SELECT value FROM meta WHERE key='buffer.evictions'")
+    return {"depth": depth, "outbox_by_topic": outbox,
+            "oldest_age_s": {k: None if v is None else round((now - v) / 1000, 1) for k, v in oldest.items()},
+            "evictions": json.loads(ev[0][0]) if ev else 0, "ingest_dropped": ingest_dropped}
+
+
+def attach(agent) -> Technician:
+    """Serves the technician's requests on the control socket of ``agent``."""
+    tech = Technician(agent)
+    agent.add_component("technician", tech)
+    agent.technician = tech
+    return tech

@@ -1,0 +1,87 @@
+"""Raw CAN to samples and frames: the buses of the local settings, decoded per the cloud config.
+
+One :class:`~agent.can_decode.CanDecoder` per DBC (buses sharing a DBC share a decoder); buses
+without a DBC only feed raw capture. A new config builds new decoders and swaps them in whole,
+then pushes the matching acceptance filters down to the interfaces.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from agent.vehicle.can_decode import CanDecoder
+from drivers.core.model import Frame, Sample
+from drivers.can import CanReader, load_dbc
+
+if TYPE_CHECKING:
+    from cantools.database.can import Database
+
+log = logging.getLogger(__name__)
+
+
+class CanPipeline:
+    def __init__(self, bus_settings: Sequence[Mapping[str, Any]], can_config: Mapping[str, Any] | None,
+                 *, put_samples: Callable[[list[Sample]], None], put_frames: Callable[[list[Frame]], None]):
+        self._put_samples = put_samples
+        self._put_frames = put_frames
+        self.frame_listeners: list[Callable[[list[Frame]], None]] = []  # e.g. bus activity
+        # One decoder per DBC (None: buses without one, raw capture only).
+        self._groups: dict[str | None, tuple[Database | None, list[str]]] = {}
+        for b in bus_settings:
+            path = b.get("dbc")
+            if path not in self._groups:
+                self._groups[path] = (load_dbc(path) if path else None, [])
+            self._groups[path][1].append(b["name"])
+        self._decoders: list[CanDecoder] = []
+        self.problems: list[str] = []
+        self.apply_can_config(can_config)
+        self.reader = CanReader.from_settings(bus_settings, self._on_frames, self._filters())
+
+    def apply_can_config(self, can_config: Mapping[str, Any] | None) -> list[str]:
+        decoders = [CanDecoder(db, can_config, buses=names) for db, names in self._groups.values()]
+        # A signal is a problem only if no DBC has it; raw-id problems are the same for all.
+        # Buses without a DBC have no say while some bus has one.
+        voters = [d for d, (db, _) in zip(decoders, self._groups.values()) if db is not None] or decoders
+        problems = set(voters[0].problems) if voters else set()
+        for d in voters[1:]:
+            problems &= set(d.problems)
+        self._decoders = decoders  # swapped whole: the receive path never sees a half-built table
+        self.problems = sorted(problems)
+        if hasattr(self, "reader"):
+            self.reader.set_filters(self._filters())
+        return self.problems
+
+    def _filters(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for d, (_, names) in zip(self._decoders, self._groups.values()):
+            f = d.can_filters
+            for name in names:
+                # None = receive everything (raw capture of all ids). python-can reads [] as
+                # "no filtering" too, so a bus with nothing configured is read and ignored.
+                out[name] = f or None
+        return out
+
+    def _on_frames(self, frames: list[Frame]) -> None:
+        for listener in self.frame_listeners:
+            listener(frames)
+        decoders = self._decoders
+        samples: list[Sample] = []
+        for d in decoders:
+            for f in frames:
+                d.feed_into(f, samples)
+        raw = [f for f in frames if decoders and decoders[0].wants_raw(f)]
+        if samples:
+            self._put_samples(samples)
+        if raw:
+            self._put_frames(raw)
+
+    def start(self) -> None:
+        self.reader.start()
+
+    def stop(self) -> None:
+        self.reader.stop()
+
+    def status(self) -> dict:
+        return {"buses": self.reader.status(), "decoders": [d.stats for d in self._decoders],
+                "problems": self.problems}

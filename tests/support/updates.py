@@ -1,0 +1,97 @@
+"""Helpers shared by tests/test_update_*.py: a real TUF repository built with
+scripts/refcloud/release.py, served over HTTPS by scripts/testbed/tuf_server.py with the dev CA."""
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.cloud.protocol import Opened
+from agent.update.slots import Layout
+from agent.update.tuf_client import TufClient
+from scripts.testbed.devca import DevCA
+from scripts.refcloud.release import PYVER, ReleaseRepo, release_body, write_launchers
+from scripts.testbed.tuf_server import TufServer
+
+HW = "dongle-pi-v1"
+
+
+def make_tree(root: Path, version: str, *, filler: int = 20_000, seed: int = 1,
+              modules: int = 0, extra: dict[str, str] | None = None) -> Path:
+    """A small agent environment: a package whose module says its version, plus ``filler``
+    bytes of incompressible data (the 'dependencies') that stay the same across versions."""
+    tree = root / f"tree-{version}"
+    if tree.exists():
+        shutil.rmtree(tree)
+    site = tree / "lib" / PYVER / "site-packages"
+    (site / "stubagent").mkdir(parents=True)
+    (site / "stubagent" / "__init__.py").write_text(f"VERSION = {version!r}\n")
+    (site / "stubdep").mkdir()
+    (site / "stubdep" / "blob.bin").write_bytes(random.Random(seed).randbytes(filler))
+    (site / "stubdep" / "__pycache__").mkdir()
+    (site / "stubdep" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"junk")
+    for i in range(modules):   # many small files: extraction, bytecode and fsync take a while
+        (site / "stubdep" / f"m{i:03d}.py").write_text(
+            "".join(f"def f{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40)))
+    for rel, text in (extra or {}).items():
+        p = site / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    write_launchers(tree)
+    return tree
+
+
+@dataclass
+class Env:
+    """One test's world: repository + keys, HTTPS server, device layout and TUF client."""
+    tmp: Path
+    repo: ReleaseRepo
+    server: TufServer
+    ca: DevCA
+    layout: Layout
+    events: list[dict] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def tuf(self, **kw) -> TufClient:
+        return TufClient(self.tmp / "device-meta", self.repo.root_path,
+                         ca_file=self.ca.ca_cert_path, **kw)
+
+    def release(self, version: str, counter: int, *, delta_from: str | None = None,
+                parked: bool = False, min_supply_v: float = 0, component: str = "agent",
+                target: str | None = None) -> dict:
+        if target is None:
+            target = (f"agent/{version}/bundle.tar.zst" if component == "agent"
+                      else f"mcu/{version}/firmware.bin")
+        return release_body(component, version, counter, self.url, target,
+                            delta_from=delta_from,
+                            delta_target=delta_from and f"agent/{version}/delta-from-{delta_from}.zst",
+                            parked=parked, min_supply_v=min_supply_v)
+
+
+def opened(body: dict, seq: int = 1) -> Opened:
+    header = {"v": 1, "dev": "dongle-test", "kind": "release", "seq": seq, "ts": 0,
+              "enc": "identity", "kid_s": "0" * 16, "kid_r": "0" * 16}
+    return Opened(header=header, body=body, protected=b"")
+
+
+def build_repo(tmp: Path, versions: list[tuple[str, int]], *, filler: int = 20_000,
+               modules: int = 0, keys: Path | None = None) -> ReleaseRepo:
+    """A repository with each (version, counter) as a bundle, and a delta from the one before."""
+    repo = ReleaseRepo.init(tmp / "repo", keys or tmp / "keys")
+    prev = None
+    for version, counter in versions:
+        tree = make_tree(tmp / "trees", version, filler=filler, modules=modules)
+        repo.add_agent_release(version, counter, tree, hardware_ids=[HW],
+                               delta_from=[prev] if prev else [])
+        repo.publish()
+        prev = version
+    return repo
+
+
+def layout_for(tmp: Path) -> Layout:
+    return Layout(tmp / "opt-dongle", sys.executable)
