@@ -23,17 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     logging.basicConfig(
-        level=getattr(logging, args.log_level or settings.data["log"]["level"]),
+        level=getattr(logging, args.log_level or settings.log.level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from agent.device import malloc
-    from agent.app import Agent
     from agent.cloud.keys import KeyFileError
+    from agent.compose import build
+    from agent.device import malloc
 
     malloc.tune()  # before the agent's threads start
 
     try:
-        agent = Agent(settings)
+        agent = build(settings)
     except KeyFileError as e:
         print(f"dongle-agent: {e} (named in {settings.path})", file=sys.stderr)
         return 2

@@ -60,11 +60,9 @@ IMPORT_STEPS = [
                                       "cryptography.hazmat.primitives.asymmetric.ed25519"]),
     ("paho-mqtt (+ ssl)", ["paho.mqtt.client"]),
     ("jsonschema (+ referencing, rpds)", ["jsonschema"]),
-    ("agent.app (the agent's own modules)", ["agent.app"]),
-    ("attached features (platform, technician, health, gpio, owner data)",
-     ["agent.device.platform", "agent.technician.handlers", "agent.health.monitor", "drivers.gpio", "agent.owner.owner_data"]),
+    ("agent.compose (the agent's own modules, every component)", ["agent.compose"]),
     ("CAN: agent.can_pipeline (python-can; cantools only once a bus names a DBC)", ["agent.vehicle.can_pipeline"]),
-    ("OBD: drivers.obd (python-OBD, pint, pyserial)", ["drivers.obd.reader"]),
+    ("OBD: agent.vehicle.obd (python-OBD, pint, pyserial)", ["agent.vehicle.obd"]),
 ]
 
 

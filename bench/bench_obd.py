@@ -5,7 +5,7 @@ pty, behind ``scripts.pty_relay.PtyRelay``, which holds every OBD request ``--de
 (default 50) before passing it on — the ECU round trip of a real car, which the emulator does
 not have. Six PIDs (RPM, SPEED, COOLANT_TEMP, ENGINE_LOAD, THROTTLE_POS, INTAKE_TEMP):
 
-1. ``agent``: ``drivers.obd.ObdPoller`` with every PID due at once (``period_s`` 0.001), so each
+1. ``agent``: ``agent.vehicle.obd.ObdPoller`` with every PID due at once (``period_s`` 0.001), so each
    cycle is one multi-PID mode 01 request; samples counted at its sink.
 2. ``python-obd``: ``obd.OBD(port)`` with its defaults (``fast=True``: response-count hint and
    repeat-by-CR), querying the six commands in turn; non-null values counted.
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import obd  # noqa: E402
 
-from drivers.obd.reader import ObdPoller  # noqa: E402
+from agent.vehicle.obd import ObdPoller  # noqa: E402
 from scripts.vehicle_sim.elm_emulator import ElmEmulator  # noqa: E402
 from scripts.vehicle_sim.pty_relay import PtyRelay  # noqa: E402
 

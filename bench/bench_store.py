@@ -267,7 +267,7 @@ def bench_samples(tmp: Path) -> dict:
 
 def bench_drain(tmp: Path, hours: float = 24.0) -> dict:
     from agent import settings as settings_mod
-    from agent.app import Agent
+    from agent.compose import build
     from scripts.testbed import devenv
     from scripts.refcloud.console import CloudConsole
     run = tmp / "fleet"
@@ -277,7 +277,7 @@ def bench_drain(tmp: Path, hours: float = 24.0) -> dict:
     console = CloudConsole(run)
     console.start()
     try:
-        agent = Agent(settings_mod.load(toml))
+        agent = build(settings_mod.load(toml))
         samples = drive_samples(hours)
         t = time.monotonic()
         st = agent.store

@@ -45,7 +45,7 @@ TARGET_CODE_ONLY = 50 * 1024
 
 def _code_change(tree: Path) -> None:
     site = tree / "lib" / PYVER / "site-packages"
-    for rel in ("agent/update/updater.py", "agent/app.py", "drivers/obd/reader.py"):
+    for rel in ("agent/update/updater.py", "agent/compose.py", "drivers/obd/reader.py"):
         p = site / rel
         text = p.read_text()
         p.write_text(text.replace("log = logging.getLogger(__name__)",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import can
 
 from drivers.core.backoff import Backoff
-from drivers.core.clock import now_us
+from drivers.core.clock import Clock
 from drivers.core.model import Frame
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def open_buses(bus_settings: Sequence[Mapping[str, Any]],
     return buses
 
 
-def frame_from_message(bus: str, msg: can.Message, clock_us: Callable[[], int] = now_us) -> Frame:
+def frame_from_message(bus: str, msg: can.Message, clock_us: Callable[[], int]) -> Frame:
     """A received python-can message as our Frame, stamped in µs since the epoch.
 
     The message's own timestamp (kernel or adapter time) is kept when it is plausible epoch time;
@@ -151,14 +151,14 @@ class CanReader:
 
     def __init__(self, buses: Mapping[str, can.BusABC | None],
                  on_frames: Callable[[list[Frame]], None], *,
-                 clock_us: Callable[[], int] = now_us,
+                 clock_us: Callable[[], int] | None = None,
                  reopen: Callable[[str], can.BusABC] | None = None,
                  queue_size: int = 50_000, batch_max: int = 2_000, batch_interval_s: float = 0.05,
                  recv_timeout_s: float = 0.2, backoff_s: tuple[float, float] = (0.5, 30.0),
                  stable_after_s: float = 10.0):
         self._states = {name: _BusState(name, bus) for name, bus in buses.items()}
         self._on_frames = on_frames
-        self._clock_us = clock_us
+        self._clock_us = clock_us or Clock().now_us
         self._reopen = reopen
         self._queue: collections.deque[Frame] = collections.deque()
         self._queue_size = queue_size

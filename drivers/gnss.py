@@ -13,12 +13,13 @@ States (``status()["state"]``, ``on_state`` on every change, each logged once):
 - ``no_fix``: a receiver, but no position (mode 0/1), or the last fix is older than ``stale_s``;
 - ``fix``: positions are coming.
 
-Time: while the agent's clock is not synchronised (:meth:`agent.clock.Clock.is_synced`), a fix
-whose receiver time is plausible (after ``plausible_after_ms``, 2025 by default: a receiver that
-lost its almanac or hit a GPS week rollover reports years like 2005) goes to ``on_time``, by
-default :meth:`agent.clock.Clock.sync` of the process-wide clock, so the agent stamps with the
-receiver's time until NTP or the MCU set the system clock. :func:`last_time_offset_ms` gives
-the last offset learnt (receiver time minus the system wall clock), for status and logs.
+Time: while the agent's clock (the :class:`drivers.core.clock.Clock` given as ``clock``) is not
+synchronised, a fix whose receiver time is plausible (after ``plausible_after_ms``, 2025 by
+default: a receiver that lost its almanac or hit a GPS week rollover reports years like 2005)
+goes to ``on_time``, by default that clock's :meth:`~drivers.core.clock.Clock.sync`, so the agent
+stamps with the receiver's time until NTP or the MCU set the system clock.
+:attr:`GnssReader.time_offset_ms` is the last offset learnt (receiver time minus the system wall
+clock), for status and logs.
 """
 from __future__ import annotations
 
@@ -33,34 +34,14 @@ from datetime import datetime, timezone
 
 from gpsdclient import GPSDClient
 
-from drivers.core import clock
 from drivers.core.backoff import Backoff
+from drivers.core.clock import PLAUSIBLE_AFTER_MS, Clock
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 2947
 STATES = ("stopped", "gpsd_unreachable", "no_receiver", "no_fix", "fix")
-
-_offset_lock = threading.Lock()
-_offset_ms: int | None = None
-
-
-def last_time_offset_ms() -> int | None:
-    """Receiver time minus system wall time at the last fix that set the time (None: never)."""
-    with _offset_lock:
-        return _offset_ms
-
-
-def _sync_agent_clock(true_ms: int) -> None:
-    c = clock.get_clock()
-    if not c.is_synced():
-        c.sync(true_ms)
-
-
-def _agent_clock_synced() -> bool:
-    return clock.get_clock().is_synced()
-
 
 @dataclass(frozen=True, slots=True)
 class Fix:
@@ -118,17 +99,19 @@ def fix_from_tpv(tpv: dict, t_ms: int) -> Fix | None:
 
 class GnssReader:
     def __init__(self, on_fix: Callable[[Fix], None], *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 on_state: Callable[[str], None] | None = None, now_ms: Callable[[], int] = clock.now_ms,
-                 on_time: Callable[[int], None] = _sync_agent_clock,
-                 clock_synced: Callable[[], bool] = _agent_clock_synced,
-                 plausible_after_ms: int = clock.PLAUSIBLE_AFTER_MS, stale_s: float = 5.0,
+                 on_state: Callable[[str], None] | None = None, clock: Clock | None = None,
+                 on_time: Callable[[int], None] | None = None,
+                 clock_synced: Callable[[], bool] | None = None,
+                 plausible_after_ms: int = PLAUSIBLE_AFTER_MS, stale_s: float = 5.0,
                  backoff: Backoff | None = None):
         self.host, self.port = host, int(port)
         self._on_fix = on_fix
         self._on_state = on_state or (lambda s: None)
-        self._now_ms = now_ms
-        self._on_time = on_time
-        self._clock_synced = clock_synced
+        clock = clock or Clock()
+        self._now_ms = clock.now_ms
+        self._on_time = on_time or clock.sync
+        self._clock_synced = clock_synced or clock.is_synced
+        self.time_offset_ms: int | None = None  # receiver minus system wall time, last time set
         self._plausible_after_ms = plausible_after_ms
         self.stale_s = stale_s
         self._backoff = backoff or Backoff(1.0, 30.0)
@@ -281,10 +264,8 @@ class GnssReader:
         gnss_ms = parse_time_ms(tpv.get("time"))
         if gnss_ms is None or gnss_ms < self._plausible_after_ms or self._clock_synced():
             return
-        global _offset_ms
-        with _offset_lock:
-            first = _offset_ms is None
-            _offset_ms = gnss_ms - time.time_ns() // 1_000_000
+        first = self.time_offset_ms is None
+        self.time_offset_ms = gnss_ms - time.time_ns() // 1_000_000
         try:
             self._on_time(gnss_ms)
         except Exception:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sysconfig
 import sys
 import tempfile
 import threading
@@ -23,8 +24,10 @@ from gpiozero.pins.mock import MockFactory
 from agent.cli import main as cli
 from agent.cloud import schemas
 from agent import settings
-from agent.app import Agent
-from drivers.core.clock import now_ms
+from agent.compose import Agent, build
+from drivers.core.clock import Clock
+
+now_ms = Clock().now_ms
 from agent.cloud.cloudconfig import default_config
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from tests.conftest import wait_until
@@ -77,7 +80,7 @@ class Bench:
         return settings.load(self.cli_toml)
 
     def start(self) -> Agent:
-        self.agent = Agent(self._settings())
+        self.agent = build(self._settings())
         self.agent.start()
         assert self.agent.link.wait_connected(30)
         assert _wait(lambda: self.socket.exists(), 10)
@@ -259,10 +262,13 @@ def _as_nobody(bench, *argv, extra_groups=()):
     cfg = bench.socket.parent / "cli.toml"
     shutil.copy(bench.cli_toml, cfg)
     os.chmod(cfg, 0o644)
-    return subprocess.run([_system_python(), "-m", "agent.cli.main", "--config", str(cfg), *argv],
+    # The system interpreter (nobody cannot run root's), given this venv's libraries and packages.
+    run = (f"import runpy, site, sys; site.addsitedir({sysconfig.get_paths()['purelib']!r}); "
+           "sys.argv[0] = 'dongle'; runpy.run_module('agent.cli.main', run_name='__main__')")
+    return subprocess.run([_system_python(), "-c", run, "--config", str(cfg), *argv],
                           capture_output=True, text=True, timeout=60, user="nobody", group="nogroup",
                           extra_groups=list(extra_groups), cwd="/",
-                          env={"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"})
+                          env={"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"})
 
 
 @needs_root_and_python

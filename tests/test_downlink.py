@@ -14,8 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.cloud import protocol
 from agent import settings
-from agent.app import Agent
-from drivers.core.clock import now_ms
+from agent.compose import build
+from drivers.core.clock import Clock
+
+now_ms = Clock().now_ms
 from tests.conftest import wait_until
 
 DEV = "dl-0001"
@@ -58,7 +60,7 @@ class Cloud:
 def setup(fleet, tmp_path):
     fleet.device(OTHER)
     toml = fleet.device(DEV, extra_toml="[uplink]\nmax_inflight = 8\n")
-    agent = Agent(settings.load(toml))
+    agent = build(settings.load(toml))
     agent.start()
     cloud = Cloud(fleet)
     assert agent.link.wait_connected(30)
@@ -122,7 +124,7 @@ def test_retained_config_redelivered_after_restart_has_no_second_effect(setup, f
     assert cloud.wait_ack("config", 20)["status"] == "applied"
     st["agent"].stop()
     before = len(cloud.acks("config"))
-    agent = st["agent"] = Agent(settings.load(st["toml"]))
+    agent = st["agent"] = build(settings.load(st["toml"]))
     agent.start()
     assert agent.config["version"] == 7  # persisted
     # The broker delivers the retained config again on subscribe: a duplicate, nothing re-applied.
@@ -234,7 +236,7 @@ def test_config_that_breaks_connectivity_rolls_back(fleet):
     toml = fleet.device(DEV, extra_toml="")
     text = toml.read_text().replace("backoff_max_s = 10.0", "backoff_max_s = 1.0\nconfig_rollback_s = 4.0")
     toml.write_text(text)
-    agent = Agent(settings.load(toml))
+    agent = build(settings.load(toml))
     agent.start()
     try:
         cloud = Cloud(fleet)
@@ -259,7 +261,7 @@ def test_config_that_breaks_connectivity_rolls_back(fleet):
 def test_restart_during_probation_still_rolls_back_and_acks_once(fleet):
     toml = fleet.device(DEV)
     toml.write_text(toml.read_text().replace("backoff_max_s = 10.0", "backoff_max_s = 1.0\nconfig_rollback_s = 4.0"))
-    agent = Agent(settings.load(toml))
+    agent = build(settings.load(toml))
     agent.start()
     cloud = Cloud(fleet)
     try:
@@ -270,7 +272,7 @@ def test_restart_during_probation_still_rolls_back_and_acks_once(fleet):
         assert _wait(lambda: agent.store.get_meta("config_probation"), 20)
     finally:
         agent.stop()  # "power cut" in the middle of the probation
-    agent = Agent(settings.load(toml))
+    agent = build(settings.load(toml))
     agent.start()
     try:
         ack = cloud.wait_ack("config", 2, timeout=60)

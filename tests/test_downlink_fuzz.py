@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from agent.cloud import keys
 from agent import settings
-from agent.app import Agent
+from agent.compose import build
 from agent.cloud.bookings import Bookings
 from agent.cloud.downlink import Downlink, Outcome
 from agent.outbox.store import Store
@@ -69,7 +69,7 @@ def test_random_input_never_crashes_or_changes_state(tmp_path):
 
 def test_garbage_through_the_broker_leaves_the_agent_running_and_unchanged(fleet):
     toml = fleet.device("fz-0001")
-    agent = Agent(settings.load(toml))
+    agent = build(settings.load(toml))
     agent.start()
     try:
         assert agent.link.wait_connected(30)

@@ -15,7 +15,8 @@ import pytest
 from agent.cloud import schemas
 from agent.vehicle.dtc import DtcReading, DtcTracker, describe, descriptions
 from agent.outbox.store import Store
-from drivers.obd.reader import ObdPoller, ObdReader
+from agent.vehicle.obd import ObdPoller
+from drivers.obd.reader import ObdReader
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from tests.test_obd import Collector, wait_for
 from scripts.testbed.shared_data import SHARED_DATA
@@ -157,7 +158,7 @@ def test_reader_reads_codes_status_and_freeze_frame(emu, clean):
         assert reading.freeze == {"code": "P0301", "values": {
             "RPM": {"value": 1726.0, "unit": "rpm"}, "SPEED": {"value": 50.0, "unit": "km/h"},
             "COOLANT_TEMP": {"value": 50.0, "unit": "degC"}}}
-        assert reader.read_dtcs("GET_PERMANENT_DTC") == [("P0301", "Cylinder 1 Misfire Detected")]
+        assert reader.read_dtcs("GET_PERMANENT_DTC") == ["P0301"]
         assert reader.clear_dtcs() is True
         assert reader.read_dtcs() == [] and reader.read_status()["mil"] is False
     finally:
@@ -178,7 +179,7 @@ def test_no_data_is_not_read_as_no_codes(emu, clean):
             finally:
                 for name in MODE_03_ENTRIES:
                     emu.clear_answer(name)
-        assert reader.read_dtcs() == [("P0420", describe("P0420"))]
+        assert reader.read_dtcs() == ["P0420"]
     finally:
         reader.close()
 

@@ -1,4 +1,5 @@
-"""LEDs and button on gpiozero's MockFactory: what the LEDs show, press vs long press, no GPIO."""
+"""LEDs and button on gpiozero's MockFactory: what the LEDs show (agent/device/indicators.py),
+press vs long press, no GPIO (drivers/gpio.py)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,9 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from drivers.gpio import DongleIO, led_modes, open_io
+from agent.device.indicators import led_modes
+from agent.settings import GpioSettings
+from drivers.gpio import DongleIO, open_io
 from tests.conftest import wait_until
 
 PINS = {"led_power": 5, "led_cloud": 6, "led_vehicle": 13, "led_attention": 19, "button": 26}
@@ -63,7 +66,8 @@ def test_leds_drive_their_pins(factory):
 
 def test_short_press_confirms_long_press_does_not(factory):
     longs = []
-    io = DongleIO(PINS, pin_factory=factory, long_press_s=0.3, on_long_press=lambda: longs.append(1))
+    io = DongleIO(PINS, pin_factory=factory, long_press_s=0.3)
+    io.when_held = lambda: longs.append(1)
     try:
         # A press before anyone waits does not confirm a later request.
         press(factory)
@@ -97,7 +101,14 @@ def test_no_gpio_on_this_machine_disables_with_one_message(caplog, monkeypatch):
     monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
     monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "no-such-factory")
     with caplog.at_level(logging.INFO, logger="drivers.gpio"):
-        assert open_io({}) is None
+        assert open_io(GpioSettings().pins) is None
     msgs = [r.getMessage() for r in caplog.records if r.name == "drivers.gpio"]
     assert len(msgs) == 1 and "not available" in msgs[0]
-    assert open_io({"enabled": False}) is None
+
+
+def test_backend_is_named(factory):
+    io = DongleIO(PINS, pin_factory=factory)
+    try:
+        assert io.backend == "MockFactory"
+    finally:
+        io.close()

@@ -113,7 +113,7 @@ def test_agent_reports_a_trip_of_the_emulated_car(fleet):
     import time
 
     from agent import settings
-    from agent.app import Agent
+    from agent.compose import build
     from scripts.vehicle_sim.elm_emulator import ElmEmulator
 
     def wait(pred, timeout=60.0):
@@ -129,7 +129,7 @@ def test_agent_reports_a_trip_of_the_emulated_car(fleet):
 
     with ElmEmulator("car") as emu:
         toml = fleet.device("trip-0001", obd_port=emu.port)
-        agent = Agent(settings.load(toml))
+        agent = build(settings.load(toml))
         agent.start()
         try:
             assert agent.link.wait_connected(30)

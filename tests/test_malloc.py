@@ -17,7 +17,7 @@ def _run(code: str, env: dict[str, str]) -> str:
 
 
 def test_tune_sets_the_thresholds_unless_the_environment_does(tmp_path):
-    code = "from agent import malloc; print(malloc.tune()); malloc.trim()"
+    code = "from agent.device import malloc; print(malloc.tune()); malloc.trim()"
     assert _run(code, {"PATH": "/usr/bin:/bin"}) == "True"
     assert _run(code, {"PATH": "/usr/bin:/bin", "MALLOC_MMAP_THRESHOLD_": "65536"}) == "False"
 

@@ -23,7 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from drivers.core.backoff import Backoff
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
+
+now_ms = Clock().now_ms
 from agent.cloud.mqtt import MqttLink, status_payload
 from scripts.testbed.devca import DevCA
 from scripts.testbed.mosquitto import ENVELOPE_MAX, LocalBroker, free_port

@@ -18,7 +18,8 @@ import pytest
 from elm.obd_message import ObdMessage  # test peer only (CC BY-NC-SA), never in agent/drivers
 
 from drivers.core.backoff import Backoff
-from drivers.obd.reader import ObdPoller, ObdReader
+from agent.vehicle.obd import ObdPoller
+from drivers.obd.reader import ObdReader
 from drivers.obd.multi import (MAX_PIDS_PER_REQUEST, MultiPidCommand, adapter_error,
                                answers_to, split_message)
 from scripts.vehicle_sim.elm_emulator import ElmEmulator

@@ -580,35 +580,6 @@ def test_bus_activity_ignores_diagnostic_traffic() -> None:
     assert not is_diagnostic(0x7DE, False) and not is_diagnostic(0x7F0, False)
 
 
-def test_settings_from_mapping() -> None:
-    s = PowerSettings.from_mapping({"mcu_port": "/dev/serial0", "low_voltage_v": 12,
-                                    "sleep_check_in_s": 3600, "halt_without_mcu": False})
-    assert s.low_voltage_v == 12.0 and isinstance(s.low_voltage_v, float)
-    assert PowerSettings.from_mapping(None) == PowerSettings()
-    for bad, msg in [({"sleep_s": 1}, "unknown key 'sleep_s'"),
-                     ({"grace_s": "60"}, "power.grace_s"),
-                     ({"watchdog_s": 1.5}, "power.watchdog_s"),
-                     ({"halt_without_mcu": 1}, "power.halt_without_mcu"),
-                     ({"watchdog_s": 70000}, "at most 65535"),
-                     ({"watchdog_s": 30, "kick_s": 20}, "kick_s"),
-                     ({"low_voltage_v": 12.5}, "low_voltage_v < warn_voltage_v"),
-                     ({"grace_s": -1}, "negative")]:
-        with pytest.raises(ValueError, match=msg):
-            PowerSettings.from_mapping(bad)
-
-
-def test_settings_json_schema_matches_the_dataclass() -> None:
-    schema = PowerSettings.json_schema()
-    jsonschema.Draft202012Validator.check_schema(schema)
-    jsonschema.validate(dataclasses.asdict(PowerSettings()), schema)
-    for bad in ({"grace_s": "60"}, {"watchdog_s": 1.5}, {"sleep_s": 1}, {"watchdog_s": 70000},
-                {"halt_without_mcu": 1}, {"grace_s": -1}):
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(bad, schema)
-        with pytest.raises(ValueError):
-            PowerSettings.from_mapping(bad)
-
-
 def test_status_formatting_and_hook_failures_are_survived(
         sim: McuSimulator, managers: list[PowerManager], caplog: pytest.LogCaptureFixture) -> None:
     def boom(*_: object) -> None:

@@ -10,7 +10,9 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from agent.cloud import schemas
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
+
+now_ms = Clock().now_ms
 from agent.owner.datakey import DataKey
 from agent.owner.location import TABLE, Location
 from drivers.core.model import Sample
@@ -70,7 +72,8 @@ class Rig:
         self._t0, self._m0 = now_ms(), time.monotonic()
         self.privacy = Privacy(self.store, config=lambda: self.doc, emit_event=self._emit, clock=self.clock)
         self.key = DataKey.in_dir(tmp_path)
-        self.loc = Location(self.store, self.privacy, self.key, gpsd_port=gpsd_port, clock=self.clock)
+        self.loc = Location(self.store, self.privacy, self.key, gpsd_port=gpsd_port,
+                            clock=Clock(wall_ns=lambda: self.clock() * 1_000_000))
 
     def clock(self) -> int:
         return self._t0 + int((time.monotonic() - self._m0) * 1000 * self.speed) + self.shift
@@ -192,7 +195,8 @@ def test_button_gesture_pauses_and_only_the_car_resumes(rig_factory):
     rig = rig_factory(config(1, location=consent("precise")))
     rig.privacy.start()
     gesture = ButtonGesture(lambda: rig.privacy.toggle("owner_button"))
-    io = DongleIO({"button": 26}, pin_factory=MockFactory(), on_press=gesture.press)
+    io = DongleIO({"button": 26}, pin_factory=MockFactory())
+    io.when_pressed = gesture.press   # as agent/compose.py wires it
     pin = io.button.pin
     try:
         assert wait_until(lambda: len(rig.rows()) >= 2, 60)
@@ -290,8 +294,8 @@ def test_sealing_gate_strips_location_whatever_the_store_holds(tmp_path):
 def device(fleet, gps, tmp_path):
     agents = []
 
-    def make(dev="priv-0001"):
-        a = make_agent(fleet, dev, gpsd_port=gps.port, sock_dir=tmp_path / "ctl")
+    def make(dev="priv-0001", **kw):
+        a = make_agent(fleet, dev, gpsd_port=gps.port, sock_dir=tmp_path / "ctl", **kw)
         agents.append(a)
         a.start()
         return a
@@ -309,18 +313,17 @@ def _pump_samples(agent, stop: threading.Event):
 def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, device):
     from gpiozero.pins.mock import MockFactory
 
-    from drivers.gpio import DEFAULT_PINS, Indicators
+    from agent.settings import GpioSettings
 
     dev = "priv-0001"
-    agent = device(dev)
-    c = fleet.console
     factory = MockFactory()
-    leds = Indicators(agent, {"enabled": True}, pin_factory=factory)
+    agent = device(dev, pin_factory=factory)     # the agent's own LEDs, on gpiozero's mock pins
+    c = fleet.console
 
     def location_led() -> bool:
         """The LED, read back from the (mock) pin after an update: held to the truth."""
-        leds.update()
-        return bool(factory.pin(DEFAULT_PINS["led_location"]).state)
+        agent.indicators.update()
+        return bool(factory.pin(GpioSettings().led_location).state)
     stop = threading.Event()
     pump = threading.Thread(target=_pump_samples, args=(agent, stop), daemon=True)
     pump.start()
@@ -375,20 +378,18 @@ def test_e2e_fresh_device_sends_no_location_then_coarse_then_precise(fleet, devi
     finally:
         stop.set()
         pump.join(5)
-        leds.stop()
     assert not any(r.get("rejected") for r in c.records)
 
 
 def test_driving_behaviour_withdrawn_deletes_unsent_harsh_events(tmp_path):
-    from types import SimpleNamespace
-
+    from agent.health.driving import HarshEventDetector
     from agent.owner.owner_data import BehaviourRows
 
     store = Store(tmp_path / "agent.db")
     emitted = []
     doc = {"d": config(1, behaviour=consent("on"))}
     p = Privacy(store, config=lambda: doc["d"], emit_event=emitted.append)
-    p.register("driving_behaviour", BehaviourRows(SimpleNamespace(store=store, health=None)))
+    p.register("driving_behaviour", BehaviourRows(store, HarshEventDetector()))
     p.reconcile("config")
     assert p.allowed("driving_behaviour") and emitted[-1]["state"] == "collecting"
     store.add_event({"type": "health", "ts": now_ms(), "kind": "harsh_braking", "level": "info",

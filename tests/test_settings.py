@@ -1,6 +1,7 @@
 """Local settings (agent.toml): validated at start, one clear message naming key and file, exit 2."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,12 @@ def test_good_settings_resolve_paths_and_defaults(tmp_path):
     s = settings.load(_write(tmp_path, GOOD))
     assert s.device_id == "car-0001"
     assert s.data_dir == tmp_path / "data"
-    assert s.data["keys"]["cloud_sign_pubs"] == [str(tmp_path / "cloud_sign.pub")]
-    assert s.mqtt_host_port == ("broker.example.com", 8884)
+    assert s.keys.cloud_sign_pubs == (tmp_path / "cloud_sign.pub",)
+    assert s.mqtt.host_port == ("broker.example.com", 8884)
     assert s.topic_prefix == "dongle/v1/car-0001/"
-    assert s.data["mqtt"]["protocol"] == "5" and s.data["obd"]["enabled"] is True
+    assert s.mqtt.protocol == "5" and s.obd.enabled is True
+    assert s.power is None and s.update is None         # off unless enabled
+    assert s.control.socket == Path("/run/dongle/agent.sock") and s.gpio.pins["button"] == 26
 
 
 def test_example_file_documents_only_valid_keys(tmp_path):
@@ -117,3 +120,60 @@ def test_mqtt_settings_that_would_break_protocol_section_2(tmp_path):
     text = GOOD.replace('key_file = "tls.key"', 'key_file = "tls.key"\ntopic_prefix = "fleet/"')
     with pytest.raises(settings.SettingsError, match="topic_prefix"):
         settings.load(_write(tmp_path, text))
+
+
+def test_schema_and_dataclasses_name_the_same_keys():
+    """One schema validates, the dataclasses type and default: they must not drift apart."""
+    props = settings.schema()["properties"]
+    assert list(props) == list(settings.SECTIONS)
+    for name, cls in settings.SECTIONS.items():
+        keys = set(props[name].get("properties", {})) - {settings.SWITCHES.get(name)}
+        assert keys == {f.name for f in dataclasses.fields(cls)}, name
+
+
+@pytest.mark.parametrize("section, expected", [
+    ('[power]\nenabled = true\nsleep_s = 1\n', "unknown key 'power.sleep_s'"),
+    ('[power]\nenabled = true\ngrace_s = "60"\n', "key 'power.grace_s'"),
+    ('[power]\nenabled = true\nwatchdog_s = 1.5\n', "key 'power.watchdog_s'"),
+    ('[power]\nenabled = true\nhalt_without_mcu = 1\n', "key 'power.halt_without_mcu'"),
+    ('[power]\nenabled = true\nwatchdog_s = 70000\n', "key 'power.watchdog_s'"),
+    ('[power]\nenabled = true\nwatchdog_s = 30\nkick_s = 20\n', "key 'power.kick_s'"),
+    ('[power]\nenabled = true\nlow_voltage_v = 12.5\n', "low_voltage_v < warn_voltage_v"),
+    ('[power]\nenabled = true\ngrace_s = -1\n', "key 'power.grace_s'"),
+    ('[power]\nenabled = true\ngrace_s = inf\n', "key 'power.grace_s': must be a finite number"),
+    ('[update]\nenabled = true\nmax_starts = 0\n', "key 'update.max_starts'"),
+])
+def test_bad_sections_are_refused_in_the_one_format(tmp_path, section, expected):
+    p = _write(tmp_path, GOOD + section)
+    with pytest.raises(settings.SettingsError) as e:
+        settings.load(p)
+    assert str(e.value).startswith(f"{p}: ") and expected in str(e.value)
+
+
+def test_power_and_update_sections_are_typed(tmp_path):
+    s = settings.load(_write(tmp_path, GOOD + """
+[power]
+enabled = true
+mcu_port = "/dev/serial0"
+low_voltage_v = 11
+sleep_check_in_s = 3600
+[update]
+enabled = true
+max_rate_kib_s = 0
+"""))
+    assert s.power.low_voltage_v == 11.0 and isinstance(s.power.low_voltage_v, float)
+    assert s.power.sleep_check_in_s == 3600 and s.power.grace_s == 60.0     # the dataclass default
+    assert s.update.rate_bps is None and s.update.max_bundle_bytes == 256 * 2**20
+    assert s.update.tuf_root == tmp_path / "tuf_root.json"                 # next to keys.sign_key
+    assert s.update.metadata_dir == tmp_path / "data" / "tuf"
+
+
+def test_the_cli_reads_the_same_file_without_the_keys(tmp_path):
+    """A technician may not read the keys: check_files=False, same checks otherwise."""
+    p = tmp_path / "agent.toml"
+    p.write_text('[device]\nid = "car-0001"\ndata_dir = "data"\n[control]\nsocket = "s.sock"\n')
+    s = settings.load(p, check_files=False)
+    assert s.keys is None and s.control.socket == tmp_path / "s.sock" and s.db_path == tmp_path / "data" / "agent.db"
+    p.write_text('[device]\nid = "car-0001"\ndata_dir = "data"\n[control]\nsokket = 1\n')
+    with pytest.raises(settings.SettingsError, match="unknown key 'control.sokket'"):
+        settings.load(p, check_files=False)

@@ -17,7 +17,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from drivers.core import clock as clock_mod
 from agent.cloud import protocol, schemas
 from drivers.core.clock import PLAUSIBLE_AFTER_MS, Clock
 from agent.outbox.ingest import Ingest
@@ -60,10 +59,7 @@ def unsynced_clock():
     def wall_ns():
         return time.time_ns() if state["synced"] else boot_wall + time.monotonic_ns()
 
-    c = Clock(wall_ns=wall_ns, boot_id="boot-now")
-    previous = clock_mod.set_clock(c)
-    yield c, state
-    clock_mod.set_clock(previous)
+    return Clock(wall_ns=wall_ns, boot_id="boot-now"), state
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,16 +68,16 @@ def unsynced_clock():
 
 def test_samples_before_clock_sync_get_true_times_once_synced(tmp_path, keys, unsynced_clock):
     clock, state = unsynced_clock
-    st = Store(tmp_path / "a.db")
+    st = Store(tmp_path / "a.db", clock=clock)
     ing = Ingest(st, window_s=0.05)
     up = Uplink(st, NoLink(), keys.sealer, interval_s=lambda: 1)
     true_times = []
     for i in range(5):
         true_times.append(time.time_ns() // 10**6)
-        ing.put_samples([Sample("rpm", "rpm", clock_mod.now_ms(), 800 + i)])
-        ing.put_frames([Frame("can0", clock_mod.now_us(), 0x123, False, bytes([i]))])
+        ing.put_samples([Sample("rpm", "rpm", clock.now_ms(), 800 + i)])
+        ing.put_frames([Frame("can0", clock.now_us(), 0x123, False, bytes([i]))])
         time.sleep(0.02)
-    st.add_event({"type": "trip_start", "ts": clock_mod.now_ms()})
+    st.add_event({"type": "trip_start", "ts": clock.now_ms()})
     ing.flush()
     rows = st.query("SELECT t_ms FROM samples ORDER BY id")
     assert len(rows) == 5 and all(r[0] < PLAUSIBLE_AFTER_MS for r in rows)  # provisional
@@ -89,7 +85,7 @@ def test_samples_before_clock_sync_get_true_times_once_synced(tmp_path, keys, un
     assert st.counts()["outbox"] == 0
 
     state["synced"] = True  # NTP steps the clock
-    ing.put_samples([Sample("rpm", "rpm", clock_mod.now_ms(), 900)])
+    ing.put_samples([Sample("rpm", "rpm", clock.now_ms(), 900)])
     ing.flush()
     got = [r[0] for r in st.query("SELECT t_ms FROM samples ORDER BY id")]
     assert all(abs(g - t) < 50 for g, t in zip(got, true_times)), (got, true_times)
@@ -108,7 +104,7 @@ def test_samples_before_clock_sync_get_true_times_once_synced(tmp_path, keys, un
 def test_rows_from_a_boot_that_never_synced_are_placed_after_the_last_known_time(tmp_path, keys,
                                                                                   unsynced_clock):
     clock, state = unsynced_clock
-    st = Store(tmp_path / "a.db")
+    st = Store(tmp_path / "a.db", clock=clock)
     last_true = 1_760_000_000_000
     st.set_meta("clock_last_true_ms", last_true)
     st.add_samples([Sample("rpm", "rpm", 5_000 + i, i) for i in range(3)])  # an earlier boot's stamps
@@ -351,9 +347,9 @@ def test_upload_policy_by_vehicle_state():
 
 def test_drain_order_daily_budget_and_events_first_against_the_broker(fleet):
     from agent import settings
-    from agent.app import Agent
+    from agent.compose import build
     toml = fleet.device(DEV)
-    agent = Agent(settings.load(toml))
+    agent = build(settings.load(toml))
     doc = {"upload": {"interval_s": 5, "drain": "newest_first"}}
     up = Uplink(agent.store, agent.link, agent.sealer, config=lambda: doc, batch_max_samples=500)
     agent.link._on_connection = lambda ok: up.on_connection(ok)

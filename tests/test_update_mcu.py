@@ -44,7 +44,7 @@ def world(tmp_path: Path):
 
         up = Updater(UpdateSettings(root=tmp_path / "opt", tuf_root=repo.root_path,
                                     metadata_dir=tmp_path / "meta", ca_file=ca.ca_cert_path,
-                                    rate_bps=None, mcu_trial_s=2),
+                                    max_rate_kib_s=0, mcu_trial_s=2),
                      emit_event=emit, parked=lambda: True, supply_v=lambda: 12.5,
                      mcu=lambda: link, clock_synced=lambda: True)
         yield up, sim, srv, events

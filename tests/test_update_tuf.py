@@ -42,7 +42,7 @@ class Harness:
         self.volts: float | None = 12.6
         s = UpdateSettings(root=env.layout.root, tuf_root=env.repo.root_path,
                            metadata_dir=env.tmp / "device-meta", ca_file=env.ca.ca_cert_path,
-                           python=env.layout.python, rate_bps=None, compile_bytecode=False,
+                           python=env.layout.python, max_rate_kib_s=0, compile_bytecode=False,
                            **settings)
         self.updater = Updater(s, emit_event=self._emit, parked=lambda: self.parked,
                                supply_v=lambda: self.volts, restart=self._restart,

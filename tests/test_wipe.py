@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from agent.owner import owner_data
-from agent.app import Agent
+from agent.cli import owner as owner_cli
+from agent.compose import build
 from agent.cloud.keys import KeyFileError
 from agent.settings import SettingsError
 from agent.owner.location import TABLE
@@ -85,7 +85,7 @@ def test_export_and_wipe(fleet, gps, tmp_path):
     try:
         assert c.wait_for(lambda r: r.get("dev") == DEV and r.get("topic") == "status"
                           and r["status"].get("state") == "online", 60)
-        agent._on_vehicle({"vin": VIN, "protocol": "ISO 15765-4 (CAN 11/500)", "ecus": ["7E8"]})
+        agent.identity.on_vehicle({"vin": VIN, "protocol": "ISO 15765-4 (CAN 11/500)", "ecus": ["7E8"]})
         agent.ingest.put_samples([Sample("engine.rpm", "rpm", int(time.time() * 1000), 800.0)])
         c.publish(DEV, "config", config(1, location=consent("precise"), interval_s=30))
         assert wait_until(lambda: agent.location.pending() >= 3, 60), agent.status()["owner_data"]
@@ -93,7 +93,7 @@ def test_export_and_wipe(fleet, gps, tmp_path):
         # -- export: everything held, as JSON Lines -----------------------------------------
         out = tmp_path / "export.jsonl"
         args = argparse.Namespace(config=str(_cli_toml(toml, sock_dir / "ctl.sock")), out=str(out), json=True)
-        assert owner_data.cmd_export(args) == 0
+        assert owner_cli.cmd_export(args) == 0
         recs = [json.loads(line) for line in out.read_text().splitlines()]
         assert recs[0]["record"] == "export" and recs[0]["device_id"] == DEV
         kinds = {r["record"] for r in recs}
@@ -108,9 +108,9 @@ def test_export_and_wipe(fleet, gps, tmp_path):
         pressed = threading.Thread(target=_press_when_asked, args=(io,), daemon=True)
         pressed.start()
         wargs = argparse.Namespace(config=args.config, json=True, by="new owner handover")
-        refused = owner_data.wipe_cli(wargs, ask=lambda prompt: "not-the-id")
+        refused = owner_cli.wipe_cli(wargs, ask=lambda prompt: "not-the-id")
         assert refused == 1 and (toml.parent / "device_sign.key").exists(), "a wrong answer must wipe nothing"
-        assert owner_data.wipe_cli(wargs, ask=lambda prompt: DEV) == 0
+        assert owner_cli.wipe_cli(wargs, ask=lambda prompt: DEV) == 0
         assert stopped.wait(30)
     finally:
         if not stopped.is_set():
@@ -126,7 +126,7 @@ def test_export_and_wipe(fleet, gps, tmp_path):
         assert not (toml.parent / name).exists(), name
     # The wiped device cannot start (no keys), so it cannot reach the broker (no TLS key).
     with pytest.raises((SettingsError, KeyFileError)):
-        Agent(agent_settings(toml, gpsd_port=gps.port, sock_dir=sock_dir))
+        build(agent_settings(toml, gpsd_port=gps.port, sock_dir=sock_dir))
     # The console no longer knows it: its registration is gone; an envelope signed with a copy
     # of the old key is refused.
     assert Registry(fleet.run_dir / "devices").get(DEV) is None

@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from agent import settings as settings_mod
+from agent.settings import Settings
 from agent.technician import control
 from agent.technician.control import AgentNotRunning, ClientError
 
@@ -90,14 +92,19 @@ def fail(args: argparse.Namespace, e: ClientError) -> int:
 # Talking to the agent, or reading its store
 # --------------------------------------------------------------------------------------------
 
-def settings_of(args: argparse.Namespace) -> control.LocalSettings:
-    return control.read_local_settings(getattr(args, "config", None) or control.DEFAULT_SETTINGS)
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The agent's settings, read as the daemon reads them but without opening its key files."""
+    try:
+        return settings_mod.load(getattr(args, "config", None) or settings_mod.DEFAULT_PATH, check_files=False)
+    except settings_mod.SettingsError as e:
+        code = "no_settings" if "not found" in str(e) else "bad_settings"
+        raise ClientError(code, str(e)) from None
 
 
 def ask_agent(args: argparse.Namespace, op: str, *, timeout: float | None = 30.0,
               on_interim: Callable[[dict], None] | None = None, **kw) -> dict:
     s = settings_of(args)
-    return control.call(s.socket, op, timeout=timeout, on_interim=on_interim, group=s.group, **kw)
+    return control.call(s.control.socket, op, timeout=timeout, on_interim=on_interim, group=s.control.group, **kw)
 
 
 def offline(args: argparse.Namespace):
@@ -647,9 +654,9 @@ def _message(bus: str, t_us: int, can_id: int, ext: bool, data: bytes):
     return can.Message(timestamp=t_us / 1e6, arbitration_id=can_id, is_extended_id=bool(ext), data=data, channel=bus)
 
 
-def _capture_direct(args, s: control.LocalSettings, progress: Progress) -> dict:
+def _capture_direct(args, s: Settings, progress: Progress) -> dict:
     from drivers.can import open_bus
-    buses = [b for b in s.can_buses if not args.bus or b.get("name") in args.bus]
+    buses = [b for b in s.can.buses if not args.bus or b.get("name") in args.bus]
     if not buses:
         raise ClientError("no_adapter", f"no adapter: no CAN bus {'named ' + ', '.join(args.bus) + ' ' if args.bus else ''}"
                                         f"is configured in {s.path} ([[can.buses]])")
@@ -709,8 +716,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
                 progress.show(m.get("elapsed_s", 0.0), count[0])
 
             try:
-                res = control.call(s.socket, "capture", timeout=args.seconds + 30, on_interim=interim,
-                                   group=s.group, seconds=args.seconds)
+                res = control.call(s.control.socket, "capture", timeout=args.seconds + 30, on_interim=interim,
+                                   group=s.control.group, seconds=args.seconds)
             finally:
                 if writer is not None:
                     writer.stop()
@@ -748,14 +755,13 @@ def add_capture_parser(sub) -> None:
 # --------------------------------------------------------------------------------------------
 # logs
 # --------------------------------------------------------------------------------------------
-# the owner's data: export, privacy, wipe (the work is in agent/owner/owner_data.py, imported only
-# when one of these runs, so the other commands need nothing beyond the standard library)
+# the owner's data: export, privacy, wipe (agent/cli/owner.py, imported only when one of these runs)
 # --------------------------------------------------------------------------------------------
 
 def _owner_data(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from agent.owner import owner_data
-        return getattr(owner_data, name)(args)
+        from agent.cli import owner
+        return getattr(owner, name)(args)
     return run
 
 
@@ -791,7 +797,7 @@ def add_wipe_parser(sub) -> None:
 
 # --------------------------------------------------------------------------------------------
 
-def log_file_candidates(s: control.LocalSettings | None) -> list[Path]:
+def log_file_candidates(s: Settings | None) -> list[Path]:
     out = []
     if s is not None:
         out += [s.path.resolve().parent / "agent.log", s.data_dir / "agent.log"]
@@ -852,14 +858,14 @@ def add_logs_parser(sub) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
-                   help=f"the agent's settings file (default {control.DEFAULT_SETTINGS})")
+                   help=f"the agent's settings file (default {settings_mod.DEFAULT_PATH})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dongle", description="In-car telematics dongle tools.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
-    parser.add_argument("--config", default=os.environ.get("DONGLE_CONFIG", control.DEFAULT_SETTINGS),
-                        metavar="FILE", help=f"the agent's settings file (default {control.DEFAULT_SETTINGS})")
+    parser.add_argument("--config", default=os.environ.get("DONGLE_CONFIG", settings_mod.DEFAULT_PATH),
+                        metavar="FILE", help=f"the agent's settings file (default {settings_mod.DEFAULT_PATH})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_provision_parser(sub)
     add_status_parser(sub)

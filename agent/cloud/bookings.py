@@ -11,7 +11,6 @@ import json
 import logging
 from collections.abc import Callable
 
-from drivers.core.clock import synced_now_ms
 from agent.cloud.downlink import Outcome
 from agent.outbox.store import Store
 
@@ -51,9 +50,9 @@ def _problems(body: dict, now: int | None) -> str | None:
 
 
 class Bookings:
-    def __init__(self, store: Store, *, now_ms: Callable[[], int | None] = synced_now_ms):
+    def __init__(self, store: Store, *, now_ms: Callable[[], int | None] | None = None):
         self.store = store
-        self._now_ms = now_ms
+        self._now_ms = now_ms or store.clock.synced_now_ms
         store.create_tables("bookings (booking_id TEXT PRIMARY KEY, doc TEXT, status TEXT, updated_ms INTEGER)")
 
     def handle(self, opened) -> Outcome:

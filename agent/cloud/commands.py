@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
 from agent.cloud.downlink import Outcome
 from agent.outbox.store import Store
 
@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 class Commands:
     def __init__(self, store: Store, *, read_dtc: Callable[[], dict | None],
                  snapshot: Callable[[], dict], delete_data: Callable[[list[str]], dict[str, int]],
-                 wake_uplink: Callable[[], None] = lambda: None):
+                 wake_uplink: Callable[[], None] = lambda: None, clock: Clock | None = None):
         self.store = store
+        self._clock = clock or store.clock
         self._read_dtc = read_dtc
         self._snapshot = snapshot
         self._delete_data = delete_data
@@ -43,11 +44,11 @@ class Commands:
             return Outcome("done", result={**(result or {}), "codes": len(event["codes"])},
                            after_commit=self._wake)
         if op == "report":
-            self.store.add_event({"type": "health", "ts": now_ms(), "kind": "snapshot", "level": "info",
+            self.store.add_event({"type": "health", "ts": self._clock.now_ms(), "kind": "snapshot", "level": "info",
                                   "detail": self._snapshot()})
             return Outcome("done", result=result, after_commit=self._wake)
         if op == "clear_dtc":
-            self.store.set_meta("pending_clear_dtc", {"ref_seq": opened.seq, "requested_ms": now_ms(),
+            self.store.set_meta("pending_clear_dtc", {"ref_seq": opened.seq, "requested_ms": self._clock.now_ms(),
                                                       "by": "cloud"})
             return Outcome("accepted", result=result)
         if op == "delete_data":

@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.cloud import protocol
-from drivers.core.clock import synced_now_ms
 from agent.outbox.store import PRIO_CONTROL, Store
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class Downlink:
     def __init__(self, store: Store, seal: Callable[[str, dict, int], bytes], *, device_id: str,
                  recipient_key, trusted_signers: Callable[[], Mapping],
                  handlers: Mapping[str, Handler], on_ack: Callable[[], None] = lambda: None,
-                 now_ms: Callable[[], int | None] = synced_now_ms,
+                 now_ms: Callable[[], int | None] | None = None,
                  config_version: Callable[[], int] | None = None):
         self.store = store
         self._seal = seal
@@ -64,7 +63,7 @@ class Downlink:
         self._trusted_signers = trusted_signers
         self.handlers = dict(handlers)
         self._on_ack = on_ack
-        self._now_ms = now_ms
+        self._now_ms = now_ms or store.clock.synced_now_ms
         self._config_version = config_version
         self.unauthenticated: Counter[str] = Counter()   # reason -> count (no ack sent)
         self.acks: Counter[str] = Counter()              # ack status -> count

@@ -16,6 +16,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -185,3 +186,22 @@ def write_private_key(path: str | os.PathLike[str], key: PrivateKey, force: bool
 def write_public_key(path: str | os.PathLike[str], key: PublicKey, force: bool = True) -> None:
     """Writes ``key`` as SubjectPublicKeyInfo PEM, mode 0644 (replacing any existing file by default)."""
     _write_atomic(Path(path), public_pem(key), 0o644, exclusive=not force)
+
+
+@dataclass(frozen=True)
+class DeviceKeys:
+    """The keys the running agent uses (PROTOCOL §1), loaded from the ``[keys]`` settings."""
+
+    sign: Ed25519PrivateKey                      # signs every uplink envelope
+    enc: X25519PrivateKey                        # opens downlink envelopes
+    cloud_enc: X25519PublicKey                   # uplink envelopes are sealed to it
+    trusted_signers: dict[str, Ed25519PublicKey]  # kid -> cloud key trusted to sign downlink
+
+    @classmethod
+    def load(cls, sign_key: os.PathLike[str], enc_key: os.PathLike[str], cloud_enc_pub: os.PathLike[str],
+             cloud_sign_pubs: Iterable[os.PathLike[str]]) -> DeviceKeys:
+        """Raises :class:`KeyFileError` naming the first file that cannot be used."""
+        return cls(sign=load_private_key(sign_key, Ed25519PrivateKey),
+                   enc=load_private_key(enc_key, X25519PrivateKey),
+                   cloud_enc=load_public_key(cloud_enc_pub, X25519PublicKey),
+                   trusted_signers=trusted_signers(load_public_key(p, Ed25519PublicKey) for p in cloud_sign_pubs))

@@ -30,8 +30,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.cloud import topics
 from drivers.core.backoff import Backoff
-from drivers.core.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class _Pending:
 def status_payload(state: Literal["online", "offline"], agent_version: str, config_version: int,
                    ts_ms: int | None = None) -> bytes:
     """The retained ``status`` document of PROTOCOL §2, compact JSON, keys in protocol order."""
-    doc = {"state": state, "ts": now_ms() if ts_ms is None else ts_ms, "agent": agent_version,
+    doc = {"state": state, "ts": time.time_ns() // 1_000_000 if ts_ms is None else ts_ms, "agent": agent_version,
            "config_version": config_version}
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -57,7 +57,7 @@ def status_payload(state: Literal["online", "offline"], agent_version: str, conf
 class MqttLink:
     def __init__(self, *, device_id: str, host: str, port: int, ca_file: str | Any,
                  cert_file: str | Any, key_file: str | Any,
-                 topic_prefix: str = "dongle/v1/{device_id}/",
+                 topic_prefix: str = topics.PREFIX_TEMPLATE,
                  protocol: Literal["5", "3.1.1"] = "5", keepalive_s: int = 30,
                  session_expiry_s: int = 7 * 86400, backoff: Backoff | None = None,
                  stable_after_s: float = 60.0, agent_version: str,
@@ -72,7 +72,7 @@ class MqttLink:
         self.device_id = device_id
         self.host, self.port = host, int(port)
         self._ca_file, self._cert_file, self._key_file = str(ca_file), str(cert_file), str(key_file)
-        self.prefix = topic_prefix.format(device_id=device_id)
+        self.prefix = topics.prefix(device_id, topic_prefix)
         self._v5 = protocol == "5"
         self._keepalive_s = int(keepalive_s)
         self._session_expiry_s = int(session_expiry_s)
@@ -166,6 +166,12 @@ class MqttLink:
         """Publishes sent (or queued in the session) and not yet acknowledged by the broker."""
         with self._state_lock:
             return len(self._pending)
+
+    def status(self) -> dict[str, Any]:
+        return {"connected": self.connected, "endpoint": f"{self.host}:{self.port}", **self.stats}
+
+    def apply_config(self, doc: dict) -> list[str]:
+        return []   # a new endpoint is the config applier's (agent/cloud/config_apply.py)
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,8 +66,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from drivers.core import clock
-from agent.cloud import schemas
+from agent.cloud import schemas, topics
 from agent.cloud.keys import key_id
 
 log = logging.getLogger(__name__)
@@ -81,18 +81,10 @@ SIG_CONTEXT = "dongle-envelope/v1"
 #: docs/performance.md).
 DEFAULT_ZSTD_LEVEL = 3
 
-UPLINK_KINDS = frozenset({"telemetry", "event", "ack"})
-DOWNLINK_KINDS = frozenset({"config", "booking", "command", "release"})
+UPLINK_KINDS = frozenset(topics.UPLINK.values())
+DOWNLINK_KINDS = frozenset(topics.DOWNLINK.values())
 KINDS = UPLINK_KINDS | DOWNLINK_KINDS
-TOPIC_KINDS = {
-    "up/telemetry": "telemetry",
-    "up/event": "event",
-    "up/ack": "ack",
-    "down/config": "config",
-    "down/booking": "booking",
-    "down/command": "command",
-    "down/release": "release",
-}
+TOPIC_KINDS = topics.KIND_OF
 ENCODINGS = frozenset({"zstd", "identity"})
 DEVICE_ID_RE = re.compile(r"[a-z0-9-]{4,64}")
 
@@ -286,7 +278,7 @@ def seal(kind: str, body: Mapping[str, Any], *, dev: str, seq: int, signer: Ed25
         raise ValueError(f"seq must be an unsigned 64-bit integer, got {seq!r}")
     if enc not in ENCODINGS:
         raise ValueError(f"unknown content encoding {enc!r}")
-    ts = clock.now_ms() if ts_ms is None else ts_ms
+    ts = time.time_ns() // 1_000_000 if ts_ms is None else ts_ms
     if not _is_uint(ts) or (exp_ms is not None and not _is_uint(exp_ms)):
         raise ValueError("ts_ms and exp_ms must be unsigned 64-bit integers (ms since the epoch)")
     if check_schema:

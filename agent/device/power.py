@@ -37,12 +37,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import serial
 
-from drivers.core.clock import now_ms
+from agent.settings import PowerSettings
+from drivers.core.clock import Clock
 from agent.device.vehicle_state import (
     AWAKE_STATES, Evidence, Thresholds, VehicleState, VoltageTrend, decide)
 from firmware_bridge.link import (
@@ -50,115 +51,10 @@ from firmware_bridge.link import (
 
 log = logging.getLogger(__name__)
 
-U16 = 0xFFFF
-U32 = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
-class PowerSettings:
-    """The ``[power]`` section of the local settings (docs/power.md lists every key)."""
-
-    mcu_port: str = ""                 # "" = no MCU; e.g. "/dev/serial0"
-    mcu_timeout_s: float = 0.5         # per attempt; McuLink retries 3 times
-    mcu_retry_s: float = 60.0          # reopen a missing/lost MCU link this often
-    watchdog_s: int = 120              # MCU watchdog timeout the agent sets (0 = off)
-    kick_s: float = 20.0               # kick period (< watchdog_s / 2)
-    stop_watchdog_s: int = 3600        # watchdog left armed on a clean agent stop (not sleep)
-    supply_report_s: int = 10          # EVT_SUPPLY period asked of the MCU (0 = off)
-    ignition_poll_s: float = 5.0       # GET_IGNITION backstop for lost events
-    supply_poll_s: float = 5.0         # 12 V read (MCU GET_SUPPLY, else the supply hook)
-    tick_s: float = 1.0                # decision loop period
-    grace_s: float = 60.0              # after ignition off, before any sleep
-    flush_timeout_s: float = 30.0      # flush() budget before sleeping
-    bus_quiet_s: float = 30.0          # no broadcast CAN frame this long = the bus sleeps
-    max_settle_s: float = 900.0        # ignition off but the bus never sleeps: sleep anyway
-    charge_v: float = 13.2             # 12 V held at or above this ...
-    charge_detect_s: float = 60.0      # ... this long = something charges it
-    warn_voltage_v: float = 12.2       # parked, sustained: health battery_12v warn (once)
-    low_voltage_v: float = 11.8        # parked, sustained: health battery_12v critical + sleep
-    low_voltage_s: float = 60.0        # "sustained"
-    sleep_check_in_s: int = 6 * 3600   # wake timer of a normal sleep (0 = none)
-    low_voltage_check_in_s: int = 0    # wake timer after a low-battery cut (0 = none)
-    check_in_s: float = 90.0           # awake time after a timer wake
-    power_off_delay_s: int = 20        # MCU cuts power this long after SLEEP (OS halt time)
-    probe_after_s: float = 120.0       # no MCU: "on" without charging this long -> probe
-    probe_s: float = 90.0              # no MCU: requests paused this long to see if the bus sleeps
-    probe_interval_s: float = 900.0    # no MCU: at most one probe per this
-    halt_without_mcu: bool = True      # no MCU + low battery: halt the OS (unplug to restart)
-
-    @classmethod
-    def from_mapping(cls, section: Mapping[str, Any] | None) -> PowerSettings:
-        """Builds settings from a TOML section; raises ValueError naming the bad key."""
-        section = dict(section or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(section) - set(known))
-        if unknown:
-            raise ValueError(f"power: unknown key '{unknown[0]}'")
-        values: dict[str, Any] = {}
-        for name, value in section.items():
-            kind = type(getattr(cls, name))
-            if kind is bool:
-                ok = isinstance(value, bool)
-            elif kind is int:
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)  # JSON Schema's "integer" admits 120.0
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif kind is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and math.isfinite(value)
-                value = float(value) if ok else value
-            else:
-                ok = isinstance(value, str)
-            if not ok:
-                raise ValueError(f"power.{name}: expected {kind.__name__}, got {value!r}")
-            values[name] = value
-        settings = cls(**values)
-        settings.check()
-        return settings
-
-    def check(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ValueError(f"power.{f.name}: must not be negative")
-        for name in ("watchdog_s", "stop_watchdog_s", "supply_report_s", "power_off_delay_s"):
-            if getattr(self, name) > U16:
-                raise ValueError(f"power.{name}: at most {U16}")
-        for name in ("sleep_check_in_s", "low_voltage_check_in_s"):
-            if getattr(self, name) > U32:
-                raise ValueError(f"power.{name}: at most {U32}")
-        if self.watchdog_s and not 0 < self.kick_s <= self.watchdog_s / 2:
-            raise ValueError("power.kick_s: must be above 0 and at most half of watchdog_s")
-        if self.tick_s <= 0:
-            raise ValueError("power.tick_s: must be above 0")
-        if not self.low_voltage_v < self.warn_voltage_v < self.charge_v:
-            raise ValueError("power: need low_voltage_v < warn_voltage_v < charge_v")
-
-    @classmethod
-    def json_schema(cls) -> dict[str, Any]:
-        """The ``[power]`` section as JSON Schema, for config/settings.schema.json. Checks that
-        span keys (kick_s vs watchdog_s, the voltage order) stay in :meth:`check`."""
-        props: dict[str, Any] = {}
-        for f in fields(cls):
-            default = getattr(cls, f.name)
-            if isinstance(default, bool):
-                props[f.name] = {"type": "boolean"}
-            elif isinstance(default, int):
-                props[f.name] = {"type": "integer", "minimum": 0}
-                if f.name in ("watchdog_s", "stop_watchdog_s", "supply_report_s",
-                              "power_off_delay_s"):
-                    props[f.name]["maximum"] = U16
-                elif f.name.endswith("check_in_s"):
-                    props[f.name]["maximum"] = U32
-            elif isinstance(default, float):
-                props[f.name] = {"type": "number", "minimum": 0}
-            else:
-                props[f.name] = {"type": "string"}
-        return {"type": "object", "additionalProperties": False, "properties": props}
-
-    @property
-    def thresholds(self) -> Thresholds:
-        return Thresholds(self.bus_quiet_s, self.charge_v, self.charge_detect_s)
+def thresholds(settings: PowerSettings) -> Thresholds:
+    return Thresholds(settings.bus_quiet_s, settings.charge_v, settings.charge_detect_s)
 
 
 def systemctl_poweroff() -> None:
@@ -227,14 +123,14 @@ class PowerManager:
     def __init__(self, mcu: McuLink | None, *, hooks: PowerHooks,
                  settings: PowerSettings | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_ms: Callable[[], int] = now_ms) -> None:
+                 wall_ms: Callable[[], int] | None = None) -> None:
         self.settings = settings or PowerSettings()
         self.settings.check()
         self.hooks = hooks
         self._mcu = mcu
         self._clock = clock
-        self._wall_ms = wall_ms
-        self._th = self.settings.thresholds
+        self._wall_ms = wall_ms or Clock().now_ms
+        self._th = thresholds(self.settings)
         self._lock = threading.Lock()        # fields written by the MCU event thread
         self._step_lock = threading.Lock()   # one decision at a time
         self._stop = threading.Event()
@@ -361,6 +257,9 @@ class PowerManager:
                 self._rearm = True
                 self._mcu_version = event.version
         self._wake.set()
+
+    def apply_config(self, doc: dict) -> list[str]:
+        return []
 
     def status(self) -> dict[str, Any]:
         """For ``dongle status`` (see :func:`format_status`)."""

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
 from agent.health import battery12v, maintenance, severity
 from agent.health.driving import DrivingThresholds, HarshEventDetector, driving_behaviour_allowed
 from agent.health.trips import TripDetector, TripThresholds
@@ -66,7 +66,7 @@ def config_problems(doc: dict) -> list[str]:
 
 class HealthMonitor:
     def __init__(self, *, store, emit_event: Callable[[dict], None], config: Callable[[], dict],
-                 clock: Callable[[], int] = now_ms, max_queued: int = 20_000,
+                 clock: Callable[[], int] | None = None, max_queued: int = 20_000,
                  driving_allowed: Callable[[], bool] | None = None):
         self.store = store
         # The consent gate for driving behaviour (PROTOCOL §6): the privacy module's when the
@@ -74,7 +74,7 @@ class HealthMonitor:
         self._driving_allowed = driving_allowed or (lambda: driving_behaviour_allowed(self._config(), self._clock()))
         self.emit = emit_event
         self._config = config
-        self._clock = clock
+        self._clock = clock or Clock().now_ms
         self.service_log = ServiceLog(store)
         store.create_tables("health_battery (ts INTEGER PRIMARY KEY, rest_v REAL, crank_min_v REAL)")
         self._q: queue.Queue[list[Sample]] = queue.Queue(maxsize=max_queued)
@@ -295,20 +295,3 @@ class HealthMonitor:
         return {"processed": self.processed, "dropped": self.dropped, "errors": self.errors,
                 "in_trip": self.trips.trip is not None and self.trips.trip.started_sent,
                 "roles": sorted(set(self._roles.values())), "driving_behaviour": self.driving_allowed}
-
-
-def attach(agent) -> HealthMonitor:
-    """Wires the health rules into ``agent`` (samples, events, ``report`` snapshot)."""
-    def driving_allowed() -> bool:
-        privacy = getattr(agent, "privacy", None)  # agent.privacy.Privacy, once attached
-        if privacy is not None and hasattr(privacy, "allowed"):
-            return privacy.allowed("driving_behaviour")
-        return driving_behaviour_allowed(agent.config, now_ms())
-
-    monitor = HealthMonitor(store=agent.store, emit_event=agent.emit_event, config=lambda: agent.config,
-                            driving_allowed=driving_allowed)
-    agent.add_sample_listener(monitor.on_samples)
-    agent.add_snapshot_part("health", monitor.snapshot)
-    agent.add_component("health", monitor)
-    agent.health = monitor
-    return monitor

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
 
 log = logging.getLogger(__name__)
 
@@ -284,11 +284,11 @@ class TractionBatteryHealth:
     """
 
     def __init__(self, store: Any, emit_event: Callable[[dict], None] | None = None, *,
-                 settings: Settings = Settings(), clock: Callable[[], int] = now_ms):
+                 settings: Settings = Settings(), clock: Callable[[], int] | None = None):
         self._store = store
         self._emit = emit_event
         self.settings = settings
-        self._clock = clock
+        self._clock = clock or Clock().now_ms
         self._lock = threading.RLock()
         self._last_row: dict[str, int] = {}
         self._last_eval: dict[str, int] = {}

@@ -21,9 +21,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from drivers.core.clock import PLAUSIBLE_AFTER_MS, PLAUSIBLE_AFTER_US, get_clock
+from drivers.core.clock import PLAUSIBLE_AFTER_MS, PLAUSIBLE_AFTER_US
 from drivers.core.model import Frame, Sample
 from agent.outbox.store import STORAGE_ERRORS, Store, storage_problem
 
@@ -35,10 +35,11 @@ LAST_TRUE_EVERY_S = 30.0
 class Ingest:
     def __init__(self, store: Store, *, window_s: float = 0.25, max_queued: int = 2000,
                  max_held_samples: int = 200_000, max_held_frames: int = 100_000,
-                 heartbeat=lambda: None, on_event: Callable[[], None] | None = None):
+                 heartbeat=lambda: None, on_event: Callable[[], None] | None = None,
+                 sample_listeners: Sequence[Callable[[list[Sample]], None]] = ()):
         self.store = store
         # fn(list[Sample]) on every batch, on the driver's thread: must only queue (health rules).
-        self.sample_listeners: list = []
+        self.sample_listeners = list(sample_listeners)
         self._heartbeat = heartbeat
         self._on_event = on_event or (lambda: None)  # an eviction event was queued: wake uplink
         self.window_s = window_s
@@ -142,7 +143,7 @@ class Ingest:
 
     def _flush(self) -> None:
         self._drain()
-        clock = get_clock()
+        clock = self.store.clock
         provisional = self._retime(clock)
         samples, frames = self._held_samples, self._held_frames
         st = self.store
@@ -219,6 +220,9 @@ class Ingest:
         if over_s > 0:
             del self._held_samples[:over_s]
             self._drop("samples", over_s, "storage failing, memory bound")
+
+    def apply_config(self, doc: dict) -> list[str]:
+        return []
 
     def status(self) -> dict:
         return {"stored": dict(self.stored), "dropped": dict(self.dropped), "errors": self.errors,

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import cbor2
 
-from drivers.core.clock import PLAUSIBLE_AFTER_MS, PLAUSIBLE_AFTER_US, Clock, get_clock, now_ms
+from drivers.core.clock import PLAUSIBLE_AFTER_MS, PLAUSIBLE_AFTER_US, Clock
 from drivers.core.model import Frame, Sample
 from agent.outbox.telemetry import FrameColumns
 
@@ -96,11 +96,11 @@ def storage_problem(e: BaseException) -> str:
 
 
 class Store:
-    def __init__(self, path: str | Path, *, clock: Callable[[], int] = now_ms,
+    def __init__(self, path: str | Path, *, clock: Clock | None = None,
                  budget_bytes: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._clock = clock
+        self.clock = clock or Clock()
         self._lock = threading.RLock()
         self._depth = 0  # transaction nesting of the thread holding the lock
         self.non_finite = 0      # sample values dropped as NaN/inf (add_samples)
@@ -245,7 +245,7 @@ class Store:
         with self._txn() as c:
             c.execute("DELETE FROM outbox WHERE priority=? AND content=? AND seq<=?",
                       (PRIO_TELEMETRY, content, take[-1]))
-            body = {"type": "buffer_evicted", "ts": self._clock(), "from_seq": take[0],
+            body = {"type": "buffer_evicted", "ts": self.clock.now_ms(), "from_seq": take[0],
                     "to_seq": take[-1], "count": len(take), "reason": f"{reason}: {content} telemetry"}
             self._insert_event(c, body)
         self.evicted["envelopes"] += len(take)
@@ -258,7 +258,7 @@ class Store:
         with self._txn() as c:
             seq = self._next_seq(c)  # burnt: the gap it leaves is the explanation's anchor
             c.execute(f"DELETE FROM {table} WHERE id<=?", (rows[-1][0],))
-            body = {"type": "buffer_evicted", "ts": self._clock(), "from_seq": seq, "to_seq": seq,
+            body = {"type": "buffer_evicted", "ts": self.clock.now_ms(), "from_seq": seq, "to_seq": seq,
                     "count": 1, "reason": f"{reason}: unsealed {table}", table: len(rows)}
             self._insert_event(c, body)
         self.evicted[table] += len(rows)
@@ -271,7 +271,7 @@ class Store:
             return None
         with self._txn() as c:
             seq = self._next_seq(c)
-            body = {"type": "buffer_evicted", "ts": self._clock(), "from_seq": seq, "to_seq": seq,
+            body = {"type": "buffer_evicted", "ts": self.clock.now_ms(), "from_seq": seq, "to_seq": seq,
                     "count": 1, "reason": reason, "samples": samples, "frames": frames}
             self._insert_event(c, body)
         return body
@@ -305,7 +305,7 @@ class Store:
         return len(rows)
 
     def _insert_event(self, c: sqlite3.Connection, body: dict) -> int:
-        ts = int(body.get("ts", self._clock()))
+        ts = int(body.get("ts", self.clock.now_ms()))
         if ts < PLAUSIBLE_AFTER_MS:
             self._note_provisional(c)
         return c.execute("INSERT INTO events(ts, body) VALUES (?, ?)", (ts, cbor2.dumps(body))).lastrowid
@@ -354,7 +354,7 @@ class Store:
 
     # -- time fix-up ----------------------------------------------------------------------
     def _note_provisional(self, c: sqlite3.Connection, boot_id: str | None = None) -> None:
-        boot = boot_id or get_clock().boot_id
+        boot = boot_id or self.clock.boot_id
         row = c.execute("SELECT value FROM meta WHERE key='clock_provisional_boot'").fetchone()
         if row is None:
             c.execute("INSERT INTO meta(key, value) VALUES ('clock_provisional_boot', ?)",
@@ -376,7 +376,7 @@ class Store:
         last true time this device saw (meta ``clock_last_true_ms``), a lower bound, and a
         ``health`` event (kind ``clock``) says how many were estimated. Returns rows changed.
         """
-        clock = clock or get_clock()
+        clock = clock or self.clock
         boot = self.get_meta("clock_provisional_boot")
         if boot is None:
             return 0
@@ -423,7 +423,7 @@ class Store:
     def _put_outbox(self, c, seq: int, suffix: str, payload: bytes, priority: int,
                     content: str | None = None) -> None:
         c.execute("INSERT INTO outbox(seq, suffix, payload, priority, created_ms, content) "
-                  "VALUES (?,?,?,?,?,?)", (seq, suffix, payload, priority, self._clock(), content))
+                  "VALUES (?,?,?,?,?,?)", (seq, suffix, payload, priority, self.clock.now_ms(), content))
 
     def enqueue(self, build: Callable[[int], bytes], suffix: str, priority: int = PRIO_CONTROL) -> int:
         """Takes the next uplink seq, builds the envelope for it and queues it, atomically."""
@@ -541,7 +541,7 @@ class Store:
             row = c.execute("SELECT length(payload) FROM outbox WHERE seq=?", (seq,)).fetchone()
             c.execute("DELETE FROM outbox WHERE seq=?", (seq,))
             if row:
-                day = _utc_day(self._clock())
+                day = _utc_day(self.clock.now_ms())
                 cur = c.execute("SELECT value FROM meta WHERE key='uplink_daily'").fetchone()
                 daily = json.loads(cur[0]) if cur else {}
                 if daily.get("day") != day:
@@ -554,7 +554,7 @@ class Store:
     def daily_bytes(self) -> int:
         """Envelope bytes acknowledged today (UTC day of the agent's clock)."""
         daily = self.get_meta("uplink_daily", {})
-        return int(daily.get("bytes", 0)) if daily.get("day") == _utc_day(self._clock()) else 0
+        return int(daily.get("bytes", 0)) if daily.get("day") == _utc_day(self.clock.now_ms()) else 0
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """A read under the store's lock (the connection is shared by threads)."""
@@ -607,7 +607,7 @@ class Store:
         """Stores ``doc`` and makes it the active cloud config (also used to roll back)."""
         with self._txn() as c:
             c.execute("INSERT OR REPLACE INTO configs(version, doc, applied_ms) VALUES (?,?,?)",
-                      (int(doc["version"]), json.dumps(doc), self._clock()))
+                      (int(doc["version"]), json.dumps(doc), self.clock.now_ms()))
             c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('active_config', ?)",
                       (json.dumps(int(doc["version"])),))
 

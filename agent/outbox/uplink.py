@@ -27,14 +27,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import zstandard
 
 from agent.device import malloc
 from agent.cloud import protocol, schemas
-from drivers.core.clock import get_clock, now_ms
+from drivers.core.clock import Clock
 from agent.outbox.store import PRIO_TELEMETRY, Store
 from agent.outbox.telemetry import telemetry_body, validate_telemetry
 
@@ -88,12 +88,12 @@ def upload_policy(doc: dict | None, state: str | None = None) -> UploadPolicy:
 class Sealer:
     """Seals uplink bodies for one device: signed with its key, encrypted to the cloud."""
 
-    def __init__(self, device_id: str, sign_key, cloud_enc_pub, *, clock: Callable[[], int] = now_ms,
+    def __init__(self, device_id: str, sign_key, cloud_enc_pub, *, clock: Callable[[], int] | None = None,
                  telemetry_zstd: protocol.ZstdLevel = TELEMETRY_ZSTD):
         self.device_id = device_id
         self._sign_key = sign_key
         self._cloud_enc_pub = cloud_enc_pub
-        self._clock = clock
+        self._clock = clock or Clock().now_ms
         self.telemetry_zstd = telemetry_zstd
 
     def seal(self, kind: str, body: dict, seq: int) -> bytes:
@@ -129,15 +129,16 @@ class Uplink:
                  vehicle_state: Callable[[], str] | None = None,
                  batch_max_samples: int = 20_000, batch_max_frames: int = 40_000, max_inflight: int = 8,
                  offline_seal_age_s: float = 3600.0,
-                 heartbeat: Callable[[], None] | None = None):
+                 heartbeat: Callable[[], None] | None = None,
+                 body_filters: Sequence[Callable[[dict], dict | None]] = (),
+                 event_filters: Sequence[Callable[[dict], dict | None]] = ()):
         self.store = store
-        # Contributors to each telemetry body (e.g. GNSS positions): called inside the sealing
-        # transaction, so rows they take leave the store atomically with the envelope.
-        self.body_extras: list[Callable[[], dict]] = []
-        # Last look at every body before it is sealed (e.g. the privacy gate of PROTOCOL §6).
-        self.body_filters: list[Callable[[dict], dict]] = []
+        # In order, every telemetry body before it is sealed (GNSS positions added, then the
+        # privacy gate of PROTOCOL §6, last): called inside the sealing transaction, so rows
+        # they take leave the store atomically with the envelope.
+        self.body_filters = list(body_filters)
         # Last look at every event before it is sealed; None drops it (the privacy gate).
-        self.event_filters: list[Callable[[dict], dict | None]] = []
+        self.event_filters = list(event_filters)
         self.link = link
         self.sealer = sealer
         self._interval_s = interval_s
@@ -245,7 +246,7 @@ class Uplink:
 
     def _clock_ready(self) -> bool:
         """Sealing needs true timestamps: the clock synchronised and provisional rows re-timed."""
-        clock = get_clock()
+        clock = self.store.clock
         if not clock.is_synced():
             return False
         if self.store.has_provisional():
@@ -354,8 +355,6 @@ class Uplink:
         return seqs
 
     def _finish_body(self, body: dict) -> dict:
-        for extra in self.body_extras:
-            body.update(extra())
         for f in self.body_filters:
             body = f(body)
         return body
@@ -407,6 +406,9 @@ class Uplink:
             self._inflight.pop(seq, None)
         self.acked += 1
         self._wake.set()
+
+    def apply_config(self, doc: dict) -> list[str]:
+        return []
 
     def status(self) -> dict:
         with self._inflight_lock:

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 
 from agent.owner import privacy as pv
-from drivers.core.clock import is_provisional_ms, now_ms
+from drivers.core.clock import Clock, is_provisional_ms
 from agent.owner.datakey import DataKey
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ PRIO_TELEMETRY = 5
 class Location:
     def __init__(self, store, privacy: pv.Privacy, datakey: DataKey, *,
                  reader_factory: Callable[..., object] | None = None, gpsd_host: str = "127.0.0.1",
-                 gpsd_port: int = 2947, clock: Callable[[], int] = now_ms,
+                 gpsd_port: int = 2947, clock: Clock | None = None,
                  seal: Callable[[str, dict, int], bytes] | None = None,
                  interval_s: Callable[[], float] = lambda: 5.0, wake_uplink: Callable[[], None] = lambda: None,
                  emit_event: Callable[[dict], None] = lambda body: None):
@@ -53,7 +53,7 @@ class Location:
         self.datakey = datakey
         self.gpsd_host, self.gpsd_port = gpsd_host, gpsd_port
         self._reader_factory = reader_factory or self._default_reader
-        self._clock = clock
+        self._clock = clock or Clock()
         self._seal = seal
         self._interval_s = interval_s
         self._wake = wake_uplink
@@ -77,7 +77,7 @@ class Location:
 
     def _default_reader(self, on_fix, on_state):
         from drivers.gnss import GnssReader
-        return GnssReader(on_fix, host=self.gpsd_host, port=self.gpsd_port, on_state=on_state, now_ms=self._clock)
+        return GnssReader(on_fix, host=self.gpsd_host, port=self.gpsd_port, on_state=on_state, clock=self._clock)
 
     # -- privacy handler ------------------------------------------------------------------
     def on_collecting(self, mode: str) -> None:
@@ -138,7 +138,7 @@ class Location:
             else:
                 runs.append([seq, seq])
         for a, b in runs:
-            self._emit({"type": "buffer_evicted", "ts": self._clock(), "from_seq": a, "to_seq": b,
+            self._emit({"type": "buffer_evicted", "ts": self._clock.now_ms(), "from_seq": a, "to_seq": b,
                         "count": b - a + 1, "reason": "privacy: location data withdrawn by its owner"})
         return sum(n for _, n in evicted)
 
@@ -253,7 +253,7 @@ class Location:
             return None
         age = min_age_ms if min_age_ms is not None else int(2000 * self._interval_s())
         oldest = self.store.query(f"SELECT min(t_ms) FROM {TABLE}")[0][0]
-        if oldest is None or self._clock() - oldest < age:
+        if oldest is None or self._clock.now_ms() - oldest < age:
             return None
 
         def build(seq: int) -> bytes:

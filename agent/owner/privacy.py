@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +143,11 @@ class CategoryHandler(Protocol):
 
 class Privacy:
     def __init__(self, store, *, config: Callable[[], dict], emit_event: Callable[[dict], None],
-                 clock: Callable[[], int] = now_ms, tick_s: float = 0.5, retention_every_s: float = 60.0):
+                 clock: Callable[[], int] | None = None, tick_s: float = 0.5, retention_every_s: float = 60.0):
         self.store = store
         self._config = config
         self._emit = emit_event
-        self._clock = clock
+        self._clock = clock or Clock().now_ms
         self.tick_s = tick_s
         self.retention_every_s = retention_every_s
         self._handlers: dict[str, list[CategoryHandler]] = {c: [] for c in CATEGORIES}

@@ -27,7 +27,6 @@ import sqlite3
 import stat
 import struct
 import threading
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = "/run/dongle/agent.sock"
-DEFAULT_GROUP = "dongle"
-DEFAULT_SETTINGS = "/etc/dongle/agent.toml"
 MAX_REQUEST = 64 * 1024
 
 
@@ -95,7 +91,7 @@ class ControlServer:
     and may call ``reply(map)`` for interim lines. Each connection runs on its own thread, so a
     request waiting for a button press does not hold up ``status``."""
 
-    def __init__(self, path: str | os.PathLike, handlers: dict[str, Handler], *, group: str = DEFAULT_GROUP):
+    def __init__(self, path: str | os.PathLike, handlers: dict[str, Handler], *, group: str):
         self.path = Path(path)
         self.handlers = dict(handlers)
         self.group = group
@@ -269,7 +265,7 @@ class AgentNotRunning(ClientError):
 
 
 def call(path: str | os.PathLike, op: str, *, timeout: float | None = 30.0,
-         on_interim: Callable[[dict], None] | None = None, group: str = DEFAULT_GROUP, **args: Any) -> dict:
+         on_interim: Callable[[dict], None] | None = None, group: str = "dongle", **args: Any) -> dict:
     """Sends one request and returns the final answer's map (``ok`` true). Raises
     :class:`AgentNotRunning` when nothing listens, :class:`ClientError` on a refusal."""
     path = str(path)
@@ -306,60 +302,6 @@ def call(path: str | os.PathLike, op: str, *, timeout: float | None = 30.0,
             return msg
     finally:
         sock.close()
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    """What the CLI needs from agent.toml, read without the daemon's key checks (a technician
-    may not read the keys, and does not need to)."""
-
-    path: Path
-    data: dict
-
-    @property
-    def device_id(self) -> str:
-        return str(self.data.get("device", {}).get("id", "?"))
-
-    @property
-    def data_dir(self) -> Path:
-        d = Path(self.data.get("device", {}).get("data_dir", "/var/lib/dongle")).expanduser()
-        return d if d.is_absolute() else self.path.resolve().parent / d
-
-    @property
-    def db_path(self) -> Path:
-        return self.data_dir / "agent.db"
-
-    @property
-    def socket(self) -> Path:
-        s = Path(self.data.get("control", {}).get("socket", DEFAULT_SOCKET)).expanduser()
-        return s if s.is_absolute() else self.path.resolve().parent / s
-
-    @property
-    def group(self) -> str:
-        return str(self.data.get("control", {}).get("group", DEFAULT_GROUP))
-
-    @property
-    def can_buses(self) -> list[dict]:
-        return list(self.data.get("can", {}).get("buses", []))
-
-
-def read_local_settings(path: str | os.PathLike = DEFAULT_SETTINGS) -> LocalSettings:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise ClientError("no_settings", f"settings file {path} not found (give it with --config FILE)") from None
-    except PermissionError:
-        raise ClientError("not_permitted", f"not permitted to read {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ClientError("bad_settings", f"{path}: not valid TOML: {e}") from None
-    return LocalSettings(path, data)
-
-
-def socket_path(settings_data: dict, base: Path | None = None) -> Path:
-    """The socket path from the daemon's (validated) settings dict."""
-    s = Path((settings_data.get("control") or {}).get("socket", DEFAULT_SOCKET)).expanduser()
-    return s if s.is_absolute() or base is None else base / s
 
 
 def open_store_readonly(db_path: str | os.PathLike) -> sqlite3.Connection:

@@ -13,7 +13,7 @@ then does it clear (mode 04), record who did it (table ``technician_log``) and s
 ``booking_complete`` appends the service record to the chain (PROTOCOL §5), marks the booking
 completed and queues the ``service_record`` and ``booking`` events, all in one transaction.
 
-Local settings: ``[control] socket``, ``group`` (see agent.control).
+Local settings: ``[control] socket``, ``group`` (agent/technician/control.py serves them).
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
-from agent.technician import control
-from agent.device import platform
 from agent.cloud.bookings import safe_text
-from drivers.core.clock import is_synced, now_ms
+from drivers.core.clock import Clock
 from agent.technician.control import ControlError, ControlServer, Peer, Reply
 from agent.technician.service_log import ServiceLog, ServiceLogError
 
@@ -38,21 +38,46 @@ MAX_CAPTURE_S = 3600.0
 
 
 class Technician:
-    def __init__(self, agent, *, socket_path=None, group: str | None = None):
-        self.agent = agent
-        s = agent.settings.data.get("control") or {}
-        path = socket_path or control.socket_path(agent.settings.data, agent.settings.path.resolve().parent)
-        self.service_log = ServiceLog(agent.store)
-        agent.store.create_tables(
+    """The control-socket requests of the technician at the car (see the module docstring).
+
+    Given, by the composition root: the store and clock, the agent's ``status()``, and each
+    part of the agent a request needs (OBD poller, CAN pipeline, health rules, indicators,
+    bookings, the active config, the ingest's counters, the last vehicle seen). ``handlers``
+    adds requests served by other components (the owner's ``privacy`` and ``wipe``)."""
+
+    def __init__(self, *, store, clock: Clock, socket_path, group: str, data_dir, device_id: str,
+                 version: str, agent_status: Callable[[], dict], broker_endpoint: Callable[[], str],
+                 obd=None, can=None, health=None, indicators=None, bookings, config,
+                 ingest, identity, emit_event: Callable[[dict], None],
+                 battery_report: Callable[[], dict], handlers: dict | None = None):
+        self._store = store
+        self._clock = clock
+        self._data_dir = Path(data_dir)
+        self._device_id = device_id
+        self._version = version
+        self._agent_status = agent_status
+        self._broker_endpoint = broker_endpoint
+        self._obd_poller = obd
+        self._can = can
+        self._health = health
+        self._indicators = indicators
+        self._bookings = bookings
+        self._config = config
+        self._ingest = ingest
+        self._identity = identity
+        self._emit_event = emit_event
+        self.service_log = ServiceLog(store, clock=clock.now_ms)
+        store.create_tables(
             "technician_log (id INTEGER PRIMARY KEY, ts INTEGER, action TEXT, by TEXT, detail TEXT)")
-        handlers = {
+        requests = {
             "status": self.status_request, "live": self.live, "dtc": self.dtc, "dtc_clear": self.dtc_clear,
             "bookings": self.bookings, "booking_checkin": self.booking_checkin,
             "booking_complete": self.booking_complete, "service_log": self.service_log_request,
             "config": self.config, "buffer": self.buffer, "capture": self.capture,
-            "battery": lambda request, peer=None, reply=None: platform.battery_request(agent, request),
+            "battery": lambda request, peer=None, reply=None: battery_report(),
+            **(handlers or {}),
         }
-        self.server = ControlServer(path, handlers, group=group or s.get("group", control.DEFAULT_GROUP))
+        self.server = ControlServer(socket_path, requests, group=group)
         self._stopping = threading.Event()
 
     # -- component ------------------------------------------------------------------------
@@ -67,14 +92,17 @@ class Technician:
     def status(self) -> dict:
         return {"control": self.server.status()}
 
+    def apply_config(self, doc: dict) -> list[str]:
+        return []
+
     # -- helpers --------------------------------------------------------------------------
     def _record(self, action: str, by: str, detail: dict) -> None:
-        with self.agent.store.batch() as c:
+        with self._store.batch() as c:
             c.execute("INSERT INTO technician_log(ts, action, by, detail) VALUES (?,?,?,?)",
-                      (now_ms(), action, by, json.dumps(detail)))
+                      (self._clock.now_ms(), action, by, json.dumps(detail)))
 
     def _obd(self):
-        obd = self.agent.obd
+        obd = self._obd_poller
         if obd is None:
             raise ControlError("no_adapter", "no adapter: OBD is disabled in the local settings ([obd] enabled)")
         st = obd.status()
@@ -87,28 +115,27 @@ class Technician:
     def _booking(self, booking_id: str) -> dict:
         if not isinstance(booking_id, str) or not booking_id:
             raise ControlError("bad_request", "a booking id is needed")
-        b = self.agent.bookings.get(booking_id)
+        b = self._bookings.get(booking_id)
         if b is None:
             raise ControlError("unknown_booking", f"unknown booking {safe_text(booking_id, 64)!r}: this dongle has no "
                                                   "such booking (list them: dongle bookings)")
         return b
 
     def _set_booking_status(self, c, booking_id: str, status: str) -> None:
-        c.execute("UPDATE bookings SET status=?, updated_ms=? WHERE booking_id=?", (status, now_ms(), booking_id))
+        c.execute("UPDATE bookings SET status=?, updated_ms=? WHERE booking_id=?", (status, self._clock.now_ms(), booking_id))
 
     # -- requests -------------------------------------------------------------------------
     def status_request(self, req: dict, peer: Peer, reply: Reply) -> dict:
-        a = self.agent
-        st = a.status()
+        st = self._agent_status()
         obd = st.get("obd") or {}
-        vehicle = a.store.get_meta("vehicle") or {}
-        data_dir = a.settings.data_dir
+        vehicle = self._identity.last() or {}
+        data_dir = self._data_dir
         disk = shutil.disk_usage(data_dir)
-        db = a.store.path
+        db = self._store.path
         db_bytes = sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
-        oldest = a.store.oldest_pending_ms()
+        oldest = self._store.oldest_pending_ms()
         errors = {}
-        for name, value in (("obd", obd.get("last_error")), ("ingest", a.ingest.last_error),
+        for name, value in (("obd", obd.get("last_error")), ("ingest", self._ingest.last_error),
                             ("control", self.server.last_error)):
             if value:
                 errors[name] = value
@@ -116,64 +143,55 @@ class Technician:
             if b.get("last_error"):
                 errors[f"can.{bus}"] = b["last_error"]
         return {
-            "device_id": a.device_id, "agent": a.version,
+            "device_id": self._device_id, "agent": self._version,
             "vehicle": {"vin": vehicle.get("vin") or obd.get("vin"), "protocol": vehicle.get("protocol") or obd.get("protocol")},
-            "adapter": None if a.obd is None else {"port": obd.get("port"), "connected": obd.get("connected"),
+            "adapter": None if self._obd_poller is None else {"port": obd.get("port"), "connected": obd.get("connected"),
                                                    "protocol": obd.get("protocol")},
             "buses": {n: {"state": b.get("state"), "frames": b.get("frames"), "errors": b.get("errors")}
                       for n, b in ((st.get("can") or {}).get("buses") or {}).items()},
-            "broker": {"connected": st["broker"]["connected"], "endpoint": f"{a.link.host}:{a.link.port}"},
+            "broker": {"connected": st["broker"]["connected"], "endpoint": self._broker_endpoint()},
             "config_version": st.get("config_version"),
-            "buffer": {"depth": st["buffer"], "oldest_age_s": None if oldest is None else round((now_ms() - oldest) / 1000, 1)},
+            "buffer": {"depth": st["buffer"], "oldest_age_s": None if oldest is None else round((self._clock.now_ms() - oldest) / 1000, 1)},
             "disk": {"data_dir": str(data_dir), "free_bytes": disk.free, "total_bytes": disk.total, "db_bytes": db_bytes},
-            "clock": {"synced": is_synced(), "now_ms": now_ms()},
-            "technician_mode": bool(getattr(getattr(a, "indicators", None), "technician_mode", False)),
-            "pending_clear_dtc": a.store.get_meta("pending_clear_dtc"),
+            "clock": {"synced": self._clock.is_synced(), "now_ms": self._clock.now_ms()},
+            "technician_mode": bool(self._indicators is not None and self._indicators.technician_mode),
+            "pending_clear_dtc": self._store.get_meta("pending_clear_dtc"),
             "health": self._health_summary(),
             "last_errors": errors,
         }
 
     def _health_summary(self) -> dict | None:
-        health = getattr(self.agent, "health", None)
-        if health is None:
+        if self._health is None:
             return None
-        snap = health.snapshot()
+        snap = self._health.snapshot()
         return {"trip": snap["trip"]["current"], "odometer_km": snap["odometer_km"],
                 "battery_12v": snap["battery_12v"].get("level"),
                 "maintenance": {d["kind"]: d["level"] for d in snap["maintenance"]},
                 "dtc": snap["dtc"]["severity"]}
 
     def live(self, req: dict, peer: Peer, reply: Reply) -> dict:
-        health = getattr(self.agent, "health", None)
-        latest = health.live() if health is not None else {}
-        now = now_ms()
+        latest = self._health.live() if self._health is not None else {}
+        now = self._clock.now_ms()
         return {"signals": [{"name": n, "value": v, "unit": u, "age_s": round((now - t) / 1000, 1)}
                             for n, (t, v, u) in sorted(latest.items())]}
 
     def dtc(self, req: dict, peer: Peer, reply: Reply) -> dict:
         from agent.health.severity import code_severity, severity
-        obd = self._obd()
-        reader = getattr(obd, "read_dtcs_now", None)
-        if reader is None:
-            raise ControlError("refused", "this agent's OBD driver cannot read trouble codes on request")
-        body = reader(DTC_TIMEOUT_S)
+        body = self._obd().read_dtcs_now(DTC_TIMEOUT_S)
         if body is None:
             raise ControlError("no_adapter", "the vehicle did not answer the trouble code request "
                                              "(adapter disconnected or ignition off?)")
         codes = [{**c, "severity": code_severity(c["code"], c["state"], body["mil"])} for c in body["codes"]]
         return {"codes": codes, "mil": body["mil"], "freeze": body.get("freeze"),
                 "severity": severity(body["codes"], body["mil"]), "ts": body["ts"],
-                "pending_clear_dtc": self.agent.store.get_meta("pending_clear_dtc")}
+                "pending_clear_dtc": self._store.get_meta("pending_clear_dtc")}
 
     def dtc_clear(self, req: dict, peer: Peer, reply: Reply) -> dict:
         if req.get("confirmed") is not True:
             raise ControlError("refused", "clearing trouble codes needs a confirmation at the terminal "
                                           "(dongle dtc clear asks for it)")
         obd = self._obd()
-        clear = getattr(obd, "clear_dtcs", None)
-        if clear is None:
-            raise ControlError("refused", "this agent's OBD driver cannot clear trouble codes")
-        ind = getattr(self.agent, "indicators", None)
+        ind = self._indicators
         how = ["terminal"]
         if ind is not None and ind.has_button:
             if ind.technician_mode:
@@ -188,25 +206,25 @@ class Technician:
                                                   f"{timeout:.0f} s; nothing was cleared")
                 how.append("button")
         reply({"progress": "clearing trouble codes (mode 04)…"})
-        cleared = clear(DTC_TIMEOUT_S)
+        cleared = obd.clear_dtcs(DTC_TIMEOUT_S)
         if cleared is None:
             raise ControlError("no_adapter", "the vehicle did not confirm the clear (adapter disconnected or "
                                              "ignition off?); read the codes again to see what is set")
-        pending = self.agent.store.get_meta("pending_clear_dtc")
+        pending = self._store.get_meta("pending_clear_dtc")
         by = f"technician {peer.user} ({' + '.join(how)})"
         if pending:
             by += f"; requested by the cloud (command seq {pending.get('ref_seq')})"
         codes = sorted({c for c in cleared if isinstance(c, str)})
-        with self.agent.store.batch() as c:
-            self.agent.emit_event({"type": "dtc_cleared", "ts": now_ms(), "codes": codes, "by": by})
+        with self._store.batch() as c:
+            self._emit_event({"type": "dtc_cleared", "ts": self._clock.now_ms(), "codes": codes, "by": by})
             c.execute("DELETE FROM meta WHERE key='pending_clear_dtc'")
             c.execute("INSERT INTO technician_log(ts, action, by, detail) VALUES (?,?,?,?)",
-                      (now_ms(), "dtc_clear", peer.user, json.dumps({"codes": codes, "how": how, "cloud_request": pending})))
+                      (self._clock.now_ms(), "dtc_clear", peer.user, json.dumps({"codes": codes, "how": how, "cloud_request": pending})))
         log.info("trouble codes cleared by %s: %s", by, ", ".join(codes) or "none were set")
         return {"cleared": codes, "by": by}
 
     def bookings(self, req: dict, peer: Peer, reply: Reply) -> dict:
-        return {"bookings": self.agent.bookings.list()}
+        return {"bookings": self._bookings.list()}
 
     def booking_checkin(self, req: dict, peer: Peer, reply: Reply) -> dict:
         bid = req.get("booking_id")
@@ -214,11 +232,11 @@ class Technician:
         if b["status"] != "scheduled":
             raise ControlError("refused", f"booking {safe_text(bid, 64)} is {b['status']}; only a scheduled booking "
                                           "can be checked in")
-        with self.agent.store.batch() as c:
+        with self._store.batch() as c:
             self._set_booking_status(c, bid, "checked_in")
-            self.agent.emit_event({"type": "booking", "ts": now_ms(), "booking_id": bid, "status": "checked_in"})
+            self._emit_event({"type": "booking", "ts": self._clock.now_ms(), "booking_id": bid, "status": "checked_in"})
         self._record("booking_checkin", peer.user, {"booking_id": bid})
-        return {"booking": self.agent.bookings.get(bid)}
+        return {"booking": self._bookings.get(bid)}
 
     def booking_complete(self, req: dict, peer: Peer, reply: Reply) -> dict:
         bid = req.get("booking_id")
@@ -229,17 +247,16 @@ class Technician:
                                           f"booking can be completed{hint}")
         technician = req.get("technician") or peer.user
         try:
-            with self.agent.store.batch() as c:
+            with self._store.batch() as c:
                 record = self.service_log.append(bid, req.get("odometer_km"), req.get("items") or [], technician)
                 self._set_booking_status(c, bid, "completed")
-                self.agent.emit_event(record)
-                self.agent.emit_event({"type": "booking", "ts": record["ts"], "booking_id": bid, "status": "completed"})
+                self._emit_event(record)
+                self._emit_event({"type": "booking", "ts": record["ts"], "booking_id": bid, "status": "completed"})
         except ServiceLogError as e:
             raise ControlError("bad_request", str(e)) from None
         self._record("booking_complete", peer.user, {"booking_id": bid, "hash": record["hash"]})
-        health = getattr(self.agent, "health", None)
-        if health is not None:
-            health.wake_maintenance()
+        if self._health is not None:
+            self._health.wake_maintenance()
         return {"record": record}
 
     def service_log_request(self, req: dict, peer: Peer, reply: Reply) -> dict:
@@ -250,19 +267,19 @@ class Technician:
 
     def config(self, req: dict, peer: Peer, reply: Reply) -> dict:
         from agent.cloud.cloudconfig import default_config
-        active = self.agent.config
-        rows = self.agent.store.query("SELECT doc FROM configs WHERE version < ? ORDER BY version DESC LIMIT 1",
+        active = self._config.current()
+        rows = self._store.query("SELECT doc FROM configs WHERE version < ? ORDER BY version DESC LIMIT 1",
                                       (int(active.get("version", 0)),))
         return {"active": active, "previous": json.loads(rows[0][0]) if rows else None, "default": default_config()}
 
     def buffer(self, req: dict, peer: Peer, reply: Reply) -> dict:
-        return buffer_report(self.agent.store.query, ingest_dropped=dict(self.agent.ingest.dropped))
+        return buffer_report(self._store.query, ingest_dropped=dict(self._ingest.dropped), now=self._clock.now_ms())
 
     def capture(self, req: dict, peer: Peer, reply: Reply) -> dict:
         seconds = req.get("seconds")
         if not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_CAPTURE_S:
             raise ControlError("bad_request", f"--seconds must be between 0 and {MAX_CAPTURE_S:g}")
-        if self.agent.can is None:
+        if self._can is None:
             raise ControlError("no_adapter", "no adapter: no CAN bus is configured on this dongle "
                                              "(local settings [[can.buses]])")
         buf: list = []
@@ -272,7 +289,7 @@ class Technician:
             with lock:
                 buf.extend(frames)
 
-        remove = self.agent.add_frame_listener(on_frames)
+        remove = self._can.add_capture(on_frames)
         total, buses = 0, set()
         start = time.monotonic()
         try:
@@ -293,9 +310,9 @@ class Technician:
         return {"frames": total, "buses": sorted(buses), "seconds": seconds}
 
 
-def buffer_report(query, *, ingest_dropped: dict | None = None) -> dict:
+def buffer_report(query, *, ingest_dropped: dict | None = None, now: int | None = None) -> dict:
     """Buffer depth per kind, oldest item, evictions — from the store (live or read-only)."""
-    now = now_ms()
+    now = Clock().now_ms() if now is None else now
     depth = {t: query(f"SELECT count(*) FROM {t}")[0][0] for t in ("samples", "frames", "events", "outbox")}
     oldest = {
         "samples": query("SELECT min(t_ms) FROM samples")[0][0],
@@ -308,11 +325,3 @@ def buffer_report(query, *, ingest_dropped: dict | None = None) -> dict:
     return {"depth": depth, "outbox_by_topic": outbox,
             "oldest_age_s": {k: None if v is None else round((now - v) / 1000, 1) for k, v in oldest.items()},
             "evictions": json.loads(ev[0][0]) if ev else 0, "ingest_dropped": ingest_dropped}
-
-
-def attach(agent) -> Technician:
-    """Serves the technician's requests on the control socket of ``agent``."""
-    tech = Technician(agent)
-    agent.add_component("technician", tech)
-    agent.technician = tech
-    return tech

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import cbor2
 
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ class Verification:
 class ServiceLog:
     """The chain in the agent's store (``agent.store.Store``)."""
 
-    def __init__(self, store, *, clock=now_ms):
+    def __init__(self, store, *, clock: Callable[[], int] | None = None):
         self.store = store
-        self._clock = clock
+        self._clock = clock or Clock().now_ms
         store.create_tables(f"{TABLE} (idx INTEGER PRIMARY KEY, ts INTEGER NOT NULL, "
                             "booking_id TEXT NOT NULL, record BLOB NOT NULL, hash TEXT NOT NULL)")
         with store.batch() as c:

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
 from agent.update import slots, state
 from agent.update.slots import Layout
 
@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 RESTART_EXIT_CODE = 75   # the agent exits with this to be restarted into another slot
 MAX_STARTS = 3
+
+
+def now_ms() -> int:
+    """These functions also run in the systemd hooks (``dongle-update``), outside the agent: a
+    clock of their own, provisional (and so re-timed by the agent's store) before the time is set."""
+    return Clock().now_ms()
 
 
 def update_event(component: str, frm: str | None, to: str, st: str, reason: str | None = None,

@@ -1,6 +1,6 @@
 """The agent's updater: ``down/release`` handler, download/install worker, trial monitor.
 
-Wiring (agent/app.py)::
+Wiring (agent/compose.py)::
 
     up = Updater(UpdateSettings(root=Path("/opt/dongle"), tuf_root=keys_dir / "tuf_root.json",
                                 metadata_dir=data_dir / "tuf", ca_file=...),
@@ -24,11 +24,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drivers.core.clock import is_synced, now_ms
+from agent.settings import UpdateSettings
+from drivers.core.clock import Clock
 from agent.cloud.downlink import Outcome
 from agent.update import bundle, delta, slots, state, trial
 from agent.update.slots import Layout
@@ -46,29 +46,6 @@ STALE_COUNTER = "stale_counter"
 BLOCKED = "blocked_counter"
 INSTALL_FAILED = "install_failed"
 MCU_REJECTED = "mcu_rejected"
-
-
-@dataclass
-class UpdateSettings:
-    root: Path = Path("/opt/dongle")                 # install layout (agent.update.slots)
-    tuf_root: Path = Path("/etc/dongle/keys/tuf_root.json")   # pinned at provisioning
-    metadata_dir: Path = Path("/var/lib/dongle/tuf")
-    ca_file: Path | None = None                      # None: the system's CA bundle
-    hardware_id: str = "dongle-pi-v1"
-    mcu_hardware_id: str = "dongle-mcu-v1"
-    python: str = "/usr/bin/python3"
-    rate_bps: float | None = 256 * 1024              # cellular-friendly cap; None = unlimited
-    max_bundle_bytes: int = 256 * 1024 * 1024
-    stable_s: float = 300
-    trial_s: float = 900
-    max_starts: int = trial.MAX_STARTS
-    retry_s: float = 60
-    poll_s: float = 5
-    compile_bytecode: bool = True
-    mcu_trial_s: int = 60                            # MCU must confirm the new image within
-
-    def layout(self) -> Layout:
-        return Layout(Path(self.root), self.python)
 
 
 class Rejected(Exception):
@@ -177,7 +154,7 @@ class Updater:
                  mcu: Callable[[], Any] = lambda: None,
                  agent_version: str | None = None,
                  tuf: TufClient | None = None,
-                 clock_synced: Callable[[], bool] = is_synced,
+                 clock: Clock | None = None, clock_synced: Callable[[], bool] | None = None,
                  monotonic: Callable[[], float] = time.monotonic):
         self.settings = settings
         self.layout = settings.layout()
@@ -188,7 +165,8 @@ class Updater:
         self._mcu = mcu
         self.agent_version = agent_version
         self._tuf = tuf
-        self._synced = clock_synced
+        self._clock = clock or Clock()
+        self._synced = clock_synced or self._clock.is_synced
         self.monitor = trial.TrialMonitor(self.layout, health, stable_s=settings.stable_s,
                                           trial_s=settings.trial_s, monotonic=monotonic)
         self._wake = threading.Event()
@@ -234,7 +212,7 @@ class Updater:
                 return Outcome("rejected", reason=(
                     f"{STALE_COUNTER}: counter {prev['release']['release_counter']} is pending"))
             st["pending"][comp] = {"release": dict(body), "seq": opened.seq,
-                                   "accepted_ms": now_ms()}
+                                   "accepted_ms": self._clock.now_ms()}
         log.info("update: accepted %s %s (counter %d)", comp, version, counter)
         self._retry_at.pop(comp, None)
         return Outcome("accepted", after_commit=self._wake.set)
@@ -317,7 +295,7 @@ class Updater:
         return None
 
     def _process(self, comp: str, release: Mapping[str, Any]) -> str:
-        if release.get("not_before") and now_ms() < int(release["not_before"]):
+        if release.get("not_before") and self._clock.now_ms() < int(release["not_before"]):
             return self._waiting(comp, release, "not_before")
         if not self._synced():
             return self._waiting(comp, release, "clock sync (TUF expiry needs the time)")
@@ -449,6 +427,9 @@ class Updater:
         return "good"
 
     # --- status -----------------------------------------------------------------------------------
+
+    def apply_config(self, doc: dict) -> list[str]:
+        return []
 
     def status(self) -> dict:
         st = state.load(self.layout)

@@ -22,10 +22,14 @@ log = logging.getLogger(__name__)
 
 class CanPipeline:
     def __init__(self, bus_settings: Sequence[Mapping[str, Any]], can_config: Mapping[str, Any] | None,
-                 *, put_samples: Callable[[list[Sample]], None], put_frames: Callable[[list[Frame]], None]):
+                 *, put_samples: Callable[[list[Sample]], None], put_frames: Callable[[list[Frame]], None],
+                 frame_listeners: Sequence[Callable[[list[Frame]], None]] = ()):
         self._put_samples = put_samples
         self._put_frames = put_frames
-        self.frame_listeners: list[Callable[[list[Frame]], None]] = []  # e.g. bus activity
+        # Every received frame, before decoding (e.g. bus activity for power management).
+        self.frame_listeners: list[Callable[[list[Frame]], None]] = list(frame_listeners)
+        self._captures: list[Callable[[list[Frame]], None]] = []
+        self._can_config = can_config
         # One decoder per DBC (None: buses without one, raw capture only).
         self._groups: dict[str | None, tuple[Database | None, list[str]]] = {}
         for b in bus_settings:
@@ -38,7 +42,12 @@ class CanPipeline:
         self.apply_can_config(can_config)
         self.reader = CanReader.from_settings(bus_settings, self._on_frames, self._filters())
 
+    def apply_config(self, doc: Mapping[str, Any]) -> list[str]:
+        """The ``can`` part of a cloud config (PROTOCOL §4)."""
+        return self.apply_can_config(doc.get("can"))
+
     def apply_can_config(self, can_config: Mapping[str, Any] | None) -> list[str]:
+        self._can_config = can_config
         decoders = [CanDecoder(db, can_config, buses=names) for db, names in self._groups.values()]
         # A signal is a problem only if no DBC has it; raw-id problems are the same for all.
         # Buses without a DBC have no say while some bus has one.
@@ -48,7 +57,7 @@ class CanPipeline:
             problems &= set(d.problems)
         self._decoders = decoders  # swapped whole: the receive path never sees a half-built table
         self.problems = sorted(problems)
-        if hasattr(self, "reader"):
+        if hasattr(self, "reader") and not self._captures:
             self.reader.set_filters(self._filters())
         return self.problems
 
@@ -62,8 +71,22 @@ class CanPipeline:
                 out[name] = f or None
         return out
 
+    def add_capture(self, listener: Callable[[list[Frame]], None]) -> Callable[[], None]:
+        """``listener(frames)`` sees every frame the buses receive, the acceptance filters
+        lifted while any capture runs (``dongle capture``). Returns the function that ends it."""
+        if not self._captures:
+            self.reader.set_filters(None)
+        self._captures.append(listener)
+
+        def remove() -> None:
+            if listener in self._captures:
+                self._captures.remove(listener)
+            if not self._captures:
+                self.reader.set_filters(self._filters())
+        return remove
+
     def _on_frames(self, frames: list[Frame]) -> None:
-        for listener in self.frame_listeners:
+        for listener in (*self.frame_listeners, *self._captures):
             listener(frames)
         decoders = self._decoders
         samples: list[Sample] = []

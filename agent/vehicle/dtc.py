@@ -21,7 +21,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
+from drivers.obd.diag import DtcReading
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +67,6 @@ def describe(code: str) -> str:
     return f"{system} code ({kind}), no description known"
 
 
-@dataclass
-class DtcReading:
-    """What one DTC poll got from the vehicle; ``None`` for what did not answer (e.g. mode 0A on
-    cars made before permanent codes existed)."""
-
-    stored: list[str] | None = None
-    pending: list[str] | None = None
-    permanent: list[str] | None = None
-    mil: bool | None = None
-    monitors: dict[str, Any] | None = None
-    freeze: dict[str, Any] | None = None
-    ts: int | None = None
-
-    @property
-    def answered(self) -> bool:
-        """True when the vehicle answered at least one of the code lists or PID 01 01."""
-        return any(x is not None for x in (self.stored, self.pending, self.permanent, self.mil))
-
-
 def event_body(codes: list[tuple[str, str]], mil: bool, ts: int, *,
                freeze: dict[str, Any] | None = None,
                monitors: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -105,10 +87,10 @@ class DtcTracker:
     """Turns readings into ``dtc`` events on change. Thread-safe."""
 
     def __init__(self, on_dtc: Callable[[dict[str, Any]], None] | None = None, *,
-                 store: Any | None = None, clock: Callable[[], int] = now_ms):
+                 store: Any | None = None, clock: Callable[[], int] | None = None):
         self._on_dtc = on_dtc
         self._store = store
-        self._clock = clock
+        self._clock = clock or Clock().now_ms
         self._lock = threading.Lock()
         self._lists: dict[str, list[str]] = {}  # last known list per state
         self._mil = False

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from drivers.core.backoff import Backoff
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
 from agent.vehicle.ev_profile import Profile, Request, candidates_for_vin, load_profiles
 from drivers.core.model import Sample
 
@@ -128,7 +128,7 @@ class EvReader:
                  profiles: Mapping[str, Profile] | None = None,
                  on_snapshot: Callable[[Snapshot], None] | None = None,
                  on_profile: Callable[[str | None], None] | None = None,
-                 clock: Callable[[], int] = now_ms, max_silent: int = 3,
+                 clock: Callable[[], int] | None = None, max_silent: int = 3,
                  backoff: Backoff | None = None):
         self._factory = transport_factory
         self._put = put_samples
@@ -136,7 +136,7 @@ class EvReader:
         self._profiles = dict(profiles) if profiles is not None else load_profiles()
         self._on_snapshot = on_snapshot
         self._on_profile = on_profile
-        self._clock = clock
+        self._clock = clock or Clock().now_ms
         self._max_silent = max_silent
         self._backoff = backoff or Backoff(2.0, 300.0)
         self._lock = threading.RLock()     # configuration state; never held across I/O

@@ -15,9 +15,10 @@ GNSS or the MCU sets it. Data taken before then must still get correct timestamp
 Synchronised means: the system wall clock reads a plausible time (after 2025-01-01), or an
 external source (GNSS, the MCU) has told us the true time with :meth:`Clock.sync`.
 
-Everything that stamps data calls the module functions (:func:`now_ms`, :func:`now_us`), which
-delegate to one process-wide :class:`Clock`; tests install their own with :func:`set_clock`
-(e.g. a wall clock stuck in 1970 that is "set by NTP" later).
+There is no process-wide clock: the composition root (agent/compose.py) makes one
+:class:`Clock` and gives it, or its :meth:`Clock.now_ms`, to every component that stamps data;
+a component built on its own (a test, a tool) makes its own. Tests pass a Clock with their own
+``wall_ns``/``mono_ns`` (e.g. a wall clock stuck in 1970 that is "set by NTP" later).
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 # real-time clock boots at its last saved time or 1970 until NTP or GNSS sets it.
 PLAUSIBLE_AFTER_MS = 1_735_689_600_000
 PLAUSIBLE_AFTER_US = PLAUSIBLE_AFTER_MS * 1000
-_PLAUSIBLE_AFTER_MS = PLAUSIBLE_AFTER_MS  # older name, kept for callers
 
 
 def _read_boot_id() -> str:
@@ -85,6 +85,11 @@ class Clock:
     def is_synced(self) -> bool:
         return self._true_ns() is not None
 
+    def synced_now_ms(self) -> int | None:
+        """:meth:`now_ms`, or None while not synchronised (PROTOCOL §3 skips ``exp`` then)."""
+        true = self._true_ns()
+        return None if true is None else true // 1_000_000
+
     def offset_ms(self) -> int | None:
         """``true time - monotonic time`` in ms now, or None while not synchronised."""
         mono = self._mono_ns()
@@ -105,37 +110,6 @@ class Clock:
         log.info("clock: synchronised from an external source")
 
 
-_clock = Clock()
-
-
-def get_clock() -> Clock:
-    return _clock
-
-
-def set_clock(clock: Clock) -> Clock:
-    """Installs ``clock`` as the process-wide source (tests); returns the previous one."""
-    global _clock
-    previous, _clock = _clock, clock
-    return previous
-
-
-def now_ms() -> int:
-    return _clock.now_ms()
-
-
-def now_us() -> int:
-    return _clock.now_us()
-
-
 def is_provisional_ms(t_ms: int) -> bool:
+    """True for a provisional stamp (monotonic time since boot, taken before the clock was synced)."""
     return t_ms < PLAUSIBLE_AFTER_MS
-
-
-def is_synced(now: int | None = None) -> bool:
-    """True once the clock is synchronised (with ``now``: whether that ms time is plausible)."""
-    return _clock.is_synced() if now is None else now >= PLAUSIBLE_AFTER_MS
-
-
-def synced_now_ms() -> int | None:
-    """``now_ms()``, or None while the clock is not synchronised (PROTOCOL §3 skips ``exp`` then)."""
-    return _clock.now_ms() if _clock.is_synced() else None

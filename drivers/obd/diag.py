@@ -16,6 +16,7 @@ What python-OBD 0.7.3 lacks and is added here:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import obd
@@ -27,6 +28,25 @@ from obd.protocols.protocol import Message
 from drivers.obd.units import value_and_unit
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DtcReading:
+    """What one DTC poll got from the vehicle; ``None`` for what did not answer (e.g. mode 0A on
+    cars made before permanent codes existed)."""
+
+    stored: list[str] | None = None
+    pending: list[str] | None = None
+    permanent: list[str] | None = None
+    mil: bool | None = None
+    monitors: dict[str, Any] | None = None
+    freeze: dict[str, Any] | None = None
+    ts: int | None = None
+
+    @property
+    def answered(self) -> bool:
+        """True when the vehicle answered at least one of the code lists or PID 01 01."""
+        return any(x is not None for x in (self.stored, self.pending, self.permanent, self.mil))
 
 Send = Callable[[OBDCommand], "list[Message] | None"]
 

@@ -38,12 +38,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.cloud import keys, protocol
-from drivers.core.clock import now_ms
+from agent.cloud import keys, protocol, topics
+from drivers.core.clock import Clock
+
+now_ms = Clock().now_ms
 
 log = logging.getLogger("cloud_console")
 
-PREFIX_ROOT = "dongle/v1"
+PREFIX_ROOT = topics.ROOT
 
 
 def _safe(text: str, limit: int = 200) -> str:

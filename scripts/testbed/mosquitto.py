@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from agent.cloud import topics
 from scripts.testbed.devca import DevCA
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def free_port(host: str = HOST) -> int:
 
 class LocalBroker:
     def __init__(self, workdir: Path, ca: DevCA, *, port: int = 0,
-                 cloud_users: tuple[str, ...] = ("cloud-console",), prefix: str = "dongle/v1"):
+                 cloud_users: tuple[str, ...] = ("cloud-console",), prefix: str = topics.ROOT):
         self.workdir = Path(workdir)
         self.ca = ca
         self.cloud_users = tuple(cloud_users)

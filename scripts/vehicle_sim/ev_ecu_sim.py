@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 import can
 import isotp
 
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
+
+now_ms = Clock().now_ms
 from agent.vehicle.ev_profile import Profile, Request, load_profiles
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,13 @@
 """Helpers shared by the privacy, wipe and inventory tests: configs with consent, in-process agents."""
 from __future__ import annotations
 
-import copy
+import dataclasses
 from pathlib import Path
 
 from agent import settings as settings_mod
-from drivers.core.clock import now_ms
+from drivers.core.clock import Clock
+
+now_ms = Clock().now_ms
 
 DAY = 24 * 3600 * 1000
 
@@ -36,21 +38,21 @@ def consent(mode: str, *, now: int | None = None, days: float = 30, per_drive: b
     return c
 
 
-def agent_settings(toml: Path, *, gpsd_port: int, sock_dir: Path) -> settings_mod.Settings:
-    """The device's validated settings with the test's gpsd, control socket and no GPIO."""
+def agent_settings(toml: Path, *, gpsd_port: int, sock_dir: Path, gpio: bool = False) -> settings_mod.Settings:
+    """The device's validated settings with the test's gpsd and control socket; GPIO off unless
+    asked for (then on the pin factory given to build())."""
     st = settings_mod.load(toml)
-    data = copy.deepcopy(st.data)
-    data["gnss"] = {"host": "127.0.0.1", "port": gpsd_port}
-    data["control"] = {"socket": str(sock_dir / "ctl.sock")}
-    data["gpio"] = {"enabled": False}
-    return settings_mod.Settings(st.path, data)
+    return dataclasses.replace(st, gnss=settings_mod.GnssSettings("127.0.0.1", gpsd_port),
+                               control=settings_mod.ControlSettings(socket=sock_dir / "ctl.sock"),
+                               gpio=settings_mod.GpioSettings(enabled=gpio))
 
 
-def make_agent(fleet, dev: str, *, gpsd_port: int, sock_dir: Path):
-    from agent.app import Agent
+def make_agent(fleet, dev: str, *, gpsd_port: int, sock_dir: Path, pin_factory=None):
+    from agent.compose import build
 
     sock_dir.mkdir(parents=True, exist_ok=True)
-    return Agent(agent_settings(fleet.device(dev), gpsd_port=gpsd_port, sock_dir=sock_dir))
+    return build(agent_settings(fleet.device(dev), gpsd_port=gpsd_port, sock_dir=sock_dir,
+                                gpio=pin_factory is not None), pin_factory=pin_factory)
 
 
 def telemetry_records(console, dev: str) -> list[dict]:

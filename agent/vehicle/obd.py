@@ -1,0 +1,618 @@
+"""The OBD poller: what the agent asks of the car through the ELM327, and when.
+
+:class:`ObdPoller` owns a thread that keeps a :class:`drivers.obd.reader.ObdReader` connected
+(reconnecting with backoff), polls the configured PIDs (PROTOCOL §4 ``obd.pids``) each on its
+own period and hands :class:`~drivers.core.model.Sample` lists to a sink (the ingest); it reads
+the trouble codes every ``obd.dtc_period_s`` and reports changes as ``dtc`` event bodies
+(:class:`agent.vehicle.dtc.DtcTracker`), serves on-demand reads and clears between requests,
+and holds every request while power management lets the car sleep (:meth:`ObdPoller.hold`).
+
+The port and the protocol (python-OBD, multi-PID, mode 02/03/04/07/0A, the ELM327's quirks) are
+the driver's: drivers/obd/.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from agent.vehicle.dtc import DtcTracker
+from drivers.core.backoff import Backoff
+from drivers.core.clock import Clock
+from drivers.core.model import Sample
+from drivers.core import vin as vin_check
+from drivers.obd.reader import ObdReader, command_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pid:
+    name: str
+    command: str
+    period_s: float
+    next_due: float = 0.0
+
+
+Sink = Callable[[list[Sample]], None]
+
+
+@dataclass
+class _Request:
+    kind: str  # "read_dtc" | "clear_dtc"
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    cancelled: bool = False
+
+
+class ObdPoller:
+    """Keeps an ELM327 connected and polls PIDs on their periods into ``sink``.
+
+    ``sink`` is called from the poller's thread with small lists of samples; it must return
+    quickly (hand the list to a queue). An exception from it is logged and the samples are
+    dropped. ``on_vehicle({"vin", "vin_valid", "protocol"})`` is called when a vehicle is first
+    seen and whenever its VIN or protocol changes.
+
+    PIDs that are due together go out in one multi-PID request (up to 6, CAN only; see
+    :meth:`ObdReader.read_pids` for the fallback to one PID per request).
+
+    Trouble codes are read every ``dtc_period_s`` (and right after each connect):
+    ``on_dtc(body)`` gets a PROTOCOL §4 ``dtc`` event body whenever the set of codes or the MIL
+    changes (:class:`agent.dtc.DtcTracker`; ``dtc_store``, an ``agent.store.Store``, keeps the
+    last reported set across restarts). :meth:`read_dtcs_now` and :meth:`clear_dtcs` run on the
+    poller's thread, between requests.
+
+    A connection is dropped and re-made (after a backoff wait) when the adapter is lost or
+    ``fail_limit`` requests in a row get nothing; the backoff is reset once a connection has
+    delivered ``stable_after`` samples. A PID whose every query fails, polled alone, keeps the
+    poller reconnecting: that is by design, as it cannot tell such a PID from a dead link.
+    """
+
+    def __init__(self, port: str, pids: list[dict[str, Any]], sink: Sink, *,
+                 clock: Callable[[], int] | None = None, backoff: Backoff | None = None,
+                 on_vehicle: Callable[[dict[str, Any]], None] | None = None,
+                 on_dtc: Callable[[dict[str, Any]], None] | None = None,
+                 dtc_period_s: float | None = 60.0, dtc_store: Any | None = None,
+                 baudrate: int | None = None, protocol: str | int | None = None,
+                 timeout_s: float = 2.0, fail_limit: int = 5, stable_after: int = 3,
+                 batch_size: int = 16, batch_age_s: float = 0.5,
+                 reader_factory: Callable[..., ObdReader] = ObdReader):
+        self._port = port
+        self._sink = sink
+        self._clock = clock or Clock().now_ms
+        self._backoff = backoff or Backoff(0.5, 30.0)
+        self._on_vehicle = on_vehicle
+        self._reader_kwargs = {"baudrate": baudrate, "protocol": protocol, "timeout_s": timeout_s}
+        self._reader_factory = reader_factory
+        self._fail_limit = max(1, fail_limit)
+        self._stable_after = stable_after
+        self._batch_size = max(1, batch_size)
+        self._batch_age_s = batch_age_s
+
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._hold = threading.Event()  # set: send nothing to the vehicle (it is going to sleep)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending_pids: list[_Pid] | None = None
+        self._pending_port: str | None = None
+        self._unknown: list[str] = []
+        self._invalid: list[str] = []
+        self._active: list[_Pid] = []
+        self._configured: list[_Pid] = []
+        self._unsupported: set[str] = set()
+        self._unsupported_logged: set[str] = set()
+        self._supported: set[str] | None = None  # from the last vehicle's PID bitmaps
+        self._vehicle: tuple[str | None, str | None] | None = None
+        self._reader: ObdReader | None = None
+        self._batch: list[Sample] = []
+        self._batch_started = 0.0
+        self._good = 0  # samples on the current connection
+        self._failures = 0  # failed requests in a row
+        self._tracker = DtcTracker(on_dtc, store=dtc_store, clock=clock)
+        self._dtc_period_s = self._check_period(dtc_period_s)
+        self._dtc_due = 0.0
+        self._freeze_for: tuple[str, ...] = ()
+        self._freeze: dict[str, Any] | None = None
+        self._requests: list[_Request] = []
+        self._stats: dict[str, Any] = {
+            "connected": False, "port": port, "protocol": None, "vin": None, "samples": 0,
+            "errors": 0, "last_error": None, "connects": 0, "attempts": 0,
+            "sink_errors": 0, "requests": 0, "multi_pid": None, "count_hint": None,
+            "dtc_reads": 0, "dtc": None}
+        self.apply_pids(pids)
+
+    # -- public API --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="obd-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Stops the thread; True if it ended within ``timeout`` (a connect attempt in progress
+        is not interruptible)."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def apply_pids(self, pids: Iterable[dict[str, Any]]) -> list[str]:
+        """Replaces the polled PIDs (thread-safe, effective at the next cycle, no reconnect).
+        Entries naming a PID python-OBD does not know, and malformed entries, are logged,
+        skipped and listed in :meth:`status` (``unknown_pids``, ``invalid_pids``); returns both."""
+        parsed, unknown, invalid = self._parse_pids(pids)
+        with self._lock:
+            self._pending_pids = parsed
+            self._unknown = unknown
+            self._invalid = invalid
+        self._wake.set()
+        return unknown + invalid
+
+    def apply_config(self, doc: dict[str, Any]) -> list[str]:
+        """Applies the ``obd`` part of a PROTOCOL §4 config document (``pids`` and
+        ``dtc_period_s``) at run time, without a reconnect. Returns what could not be applied:
+        unknown PIDs, malformed entries, and PIDs the vehicle does not support (as its
+        supported-PID bitmaps said at the last connect; unknown before the first one — those
+        show later in :meth:`status` ``unsupported_pids``)."""
+        problems: list[str] = []
+        section = doc.get("obd") if isinstance(doc, dict) else None
+        if not isinstance(section, dict):
+            return ["obd: missing or not an object; OBD settings unchanged"]
+        pids = section.get("pids", [])
+        if not isinstance(pids, list):
+            problems.append("obd.pids: not a list; PIDs unchanged")
+        else:
+            parsed, unknown, invalid = self._parse_pids(pids)
+            problems += [f"obd.pids: unknown PID {p!r}" for p in unknown]
+            problems += [f"obd.pids: malformed entry {p}" for p in invalid]
+            with self._lock:
+                supported = self._supported
+            if supported is not None:
+                problems += [f"obd.pids: {p.command} ({p.name}) is not supported by the vehicle"
+                             for p in parsed if p.command not in supported]
+            with self._lock:
+                self._pending_pids = parsed
+                self._unknown = unknown
+                self._invalid = invalid
+        if "dtc_period_s" in section:
+            period = self._check_period(section.get("dtc_period_s"))
+            if period is None:
+                problems.append(f"obd.dtc_period_s: bad value {section.get('dtc_period_s')!r}; "
+                                "DTC period unchanged")
+            else:
+                with self._lock:
+                    if period != self._dtc_period_s:
+                        self._dtc_period_s = period
+                        self._dtc_due = min(self._dtc_due, time.monotonic() + period)
+        self._wake.set()
+        for p in problems:
+            log.warning("OBD config: %s", p)
+        return problems
+
+    def set_port(self, port: str) -> None:
+        """Points the poller at another port; it reconnects there at the next cycle."""
+        with self._lock:
+            self._pending_port = port
+        self._wake.set()
+
+    def read_dtcs_now(self, timeout_s: float = 30.0) -> dict[str, Any] | None:
+        """Reads the trouble codes now (on the poller's thread) and returns the ``dtc`` event
+        body (also reported through ``on_dtc`` if the set changed); ``None`` when no vehicle is
+        connected or it does not answer within ``timeout_s``. Thread-safe."""
+        return self._request("read_dtc", timeout_s)
+
+    def clear_dtcs(self, timeout_s: float = 30.0) -> list[str] | None:
+        """Mode 04 (on the poller's thread), then a fresh read (so ``on_dtc`` reports the empty
+        set). Returns the codes that were set before, ``None`` if not connected, not confirmed
+        by an ECU or not done within ``timeout_s``. Only for a confirmed technician request."""
+        return self._request("clear_dtc", timeout_s)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            result = dict(self._stats)
+            result["unknown_pids"] = list(self._unknown)
+            result["invalid_pids"] = list(self._invalid)
+            result["unsupported_pids"] = sorted(self._unsupported)
+            result["polling"] = [p.command for p in self._active]
+            result["dtc_period_s"] = self._dtc_period_s
+            result["running"] = self._thread is not None and self._thread.is_alive()
+            result["held"] = self._hold.is_set()
+            return result
+
+    # -- config ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_period(period: Any) -> float | None:
+        if period is None:
+            return None
+        if isinstance(period, bool) or not isinstance(period, (int, float)) \
+                or not math.isfinite(period) or period <= 0:
+            return None
+        return float(period)
+
+    def _parse_pids(self, pids: Iterable[Any]) -> tuple[list[_Pid], list[str], list[str]]:
+        parsed: list[_Pid] = []
+        unknown: list[str] = []
+        invalid: list[str] = []
+        for entry in pids or []:
+            pid = self._parse_pid(entry)
+            if isinstance(pid, _Pid):
+                parsed.append(pid)
+            elif pid == "unknown":
+                unknown.append(str(entry.get("pid")))
+            else:
+                invalid.append(self._describe(entry))
+        return parsed, unknown, invalid
+
+    @staticmethod
+    def _describe(entry: Any) -> str:
+        if isinstance(entry, dict):
+            return str(entry.get("pid") or entry.get("name") or entry)
+        return repr(entry)
+
+    @staticmethod
+    def _parse_pid(entry: Any) -> _Pid | str:
+        """A :class:`_Pid`, or ``"unknown"`` / ``"invalid"`` (logged)."""
+        if not isinstance(entry, dict):
+            log.warning("OBD config: ignoring %r (not an object)", entry)
+            return "invalid"
+        command, name, period = entry.get("pid"), entry.get("name"), entry.get("period_s")
+        if not isinstance(command, str) or not command:
+            log.warning("OBD config: entry %r has no PID, skipped", entry)
+            return "invalid"
+        if command_for(command) is None:
+            log.warning("OBD config: unknown PID %r (signal %r), skipped", command, name)
+            return "unknown"
+        if not isinstance(name, str) or not name:
+            log.warning("OBD config: PID %s has no signal name, skipped", command)
+            return "invalid"
+        if isinstance(period, bool) or not isinstance(period, (int, float)) \
+                or not math.isfinite(period) or period <= 0:
+            log.warning("OBD config: PID %s has a bad period_s %r, skipped", command, period)
+            return "invalid"
+        return _Pid(name=name, command=command, period_s=float(period))
+
+    def _take_pending(self) -> None:
+        with self._lock:
+            pending, self._pending_pids = self._pending_pids, None
+        if pending is None:
+            return
+        now = time.monotonic()
+        previous = {(p.name, p.command): p.next_due for p in self._configured}
+        for p in pending:
+            p.next_due = previous.get((p.name, p.command), now)
+        self._configured = pending
+        self._select_active()
+
+    def _select_active(self) -> None:
+        reader = self._reader
+        active: list[_Pid] = []
+        unsupported: set[str] = set()
+        for p in self._configured:
+            if reader is not None and not reader.supports(p.command):
+                unsupported.add(p.command)
+                if p.command not in self._unsupported_logged:
+                    self._unsupported_logged.add(p.command)
+                    log.warning("OBD: the vehicle does not support %s (signal %s), skipped",
+                                p.command, p.name)
+                continue
+            active.append(p)
+        with self._lock:
+            self._active = active
+            if reader is not None:
+                self._unsupported = unsupported
+
+    # -- requests from other threads ---------------------------------------------------------
+
+    def _request(self, kind: str, timeout_s: float) -> Any:
+        thread = self._thread
+        if thread is None or not thread.is_alive() or not self.status()["connected"]:
+            return None
+        request = _Request(kind)
+        with self._lock:
+            self._requests.append(request)
+        self._wake.set()
+        if not request.done.wait(timeout_s):
+            with self._lock:
+                request.cancelled = True
+                if request in self._requests:
+                    self._requests.remove(request)
+            return None
+        return request.result
+
+    def _serve_requests(self) -> None:
+        while True:
+            with self._lock:
+                if not self._requests:
+                    return
+                request = self._requests.pop(0)
+            try:
+                if request.kind == "read_dtc":
+                    request.result = self._poll_dtcs()
+                elif request.kind == "clear_dtc":
+                    request.result = self._clear_dtcs()
+            finally:
+                request.done.set()
+
+    def _fail_requests(self) -> None:
+        with self._lock:
+            requests, self._requests = self._requests, []
+        for request in requests:
+            request.done.set()
+
+    # -- thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._cycle()
+                except Exception as e:  # noqa: BLE001 - the poller must survive anything
+                    log.exception("OBD poller cycle failed")
+                    self._record_error(f"internal error: {e!r}")
+                    self._disconnect()
+                    self._pause(self._backoff.next())
+        finally:
+            self._flush(force=True)
+            self._disconnect()
+            self._fail_requests()
+
+    def hold(self) -> None:
+        """Stops all requests to the vehicle (power management: the car is going to sleep, and
+        polling would keep its ECUs awake). Connecting is held too: the protocol search sends
+        requests on the bus. Pending one-off requests fail at once."""
+        self._hold.set()
+        self._wake.set()
+
+    def release(self) -> None:
+        """Resumes polling after :meth:`hold`."""
+        self._hold.clear()
+        self._wake.set()
+
+    @property
+    def held(self) -> bool:
+        return self._hold.is_set()
+
+    def _cycle(self) -> None:
+        if self._hold.is_set():
+            self._fail_requests()
+            self._flush(force=True)
+            if self._wake.wait(0.25):
+                self._wake.clear()
+            return
+        with self._lock:
+            new_port, self._pending_port = self._pending_port, None
+        if new_port is not None and new_port != self._port:
+            log.info("OBD: port changed from %s to %s", self._port, new_port)
+            self._port = new_port
+            with self._lock:
+                self._stats["port"] = new_port
+            self._disconnect()
+        if self._reader is None:
+            self._fail_requests()
+            self._take_pending()
+            if not self._connect():
+                self._flush(force=True)
+                self._pause(self._backoff.next())
+            return
+        self._take_pending()
+        self._serve_requests()
+        if self._reader is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            dtc_period = self._dtc_period_s
+            dtc_due = self._dtc_due
+        if dtc_period is not None and dtc_due <= now:
+            with self._lock:
+                self._dtc_due = now + dtc_period
+            self._poll_dtcs()
+            return
+        due = [p for p in self._active if p.next_due <= now]
+        if not due:
+            self._flush(force=False)
+            wait = min((p.next_due for p in self._active), default=now + 0.25) - now
+            if dtc_period is not None:
+                wait = min(wait, dtc_due - now)
+            if self._batch:
+                wait = min(wait, max(0.0, self._batch_started + self._batch_age_s - now))
+            if self._wake.wait(min(max(wait, 0.0), 0.25)):
+                self._wake.clear()
+            return
+        group = self._next_group(due)
+        commands = list(dict.fromkeys(p.command for p in group))
+        results = self._reader.read_pids(commands)
+        t_ms = self._clock()
+        with self._lock:
+            self._stats["requests"] += 1
+            self._stats["multi_pid"] = self._reader.multi_pid
+            self._stats["count_hint"] = self._reader.count_hint
+        for pid in group:
+            pid.next_due += pid.period_s
+            if pid.next_due < now:  # fell behind: don't burst to catch up
+                pid.next_due = now + pid.period_s
+        if not results:
+            self._on_query_failure(group[0])
+            return
+        if len(results) < len(commands):
+            self._record_error(self._reader.last_error or "some PIDs got no answer")
+        if not self._batch:
+            self._batch_started = time.monotonic()
+        delivered = 0
+        for pid in group:
+            result = results.get(pid.command)
+            if result is not None:
+                self._batch.append(Sample(name=pid.name, unit=result[1], t_ms=t_ms,
+                                          value=result[0]))
+                delivered += 1
+        before = self._good
+        self._good += delivered
+        self._failures = 0
+        with self._lock:
+            self._stats["samples"] += delivered
+        if before < self._stable_after <= self._good:
+            self._backoff.reset()
+        self._flush(force=False)
+
+    def _next_group(self, due: list[_Pid]) -> list[_Pid]:
+        """The PIDs of the next request: the most overdue one and, when it can share a request,
+        the other due PIDs that can (up to the reader's limit of distinct PIDs)."""
+        reader = self._reader
+        assert reader is not None
+        ordered = sorted(due, key=lambda p: p.next_due)
+        first = ordered[0]
+        limit = reader.max_pids_per_request
+        if limit <= 1 or not reader.can_group(first.command):
+            return [p for p in ordered if p.command == first.command]
+        commands: list[str] = [first.command]
+        for p in ordered[1:]:
+            if p.command not in commands and len(commands) < limit \
+                    and reader.can_group(p.command):
+                commands.append(p.command)
+        return [p for p in ordered if p.command in commands]
+
+    def _poll_dtcs(self) -> dict[str, Any] | None:
+        reader = self._reader
+        if reader is None:
+            return None
+        reading = reader.read_dtc_reading()
+        reading.ts = self._clock()
+        stored = tuple(sorted(reading.stored or ()))
+        if stored and stored != self._freeze_for:
+            self._freeze = reader.read_freeze_frame()
+            self._freeze_for = stored
+        elif reading.stored is not None and not stored:
+            self._freeze, self._freeze_for = None, ()
+        reading.freeze = self._freeze if stored else None
+        body = self._tracker.update(reading)
+        with self._lock:
+            self._stats["dtc_reads"] += 1
+            if body is not None:
+                self._stats["dtc"] = {"codes": [(c["code"], c["state"]) for c in body["codes"]],
+                                      "mil": body["mil"], "monitors": body.get("monitors")}
+        if body is None:
+            self._record_error(f"trouble codes: {reader.last_error or 'no answer'}")
+        return body
+
+    def _clear_dtcs(self) -> list[str] | None:
+        reader = self._reader
+        if reader is None:
+            return None
+        before = self._poll_dtcs()
+        if not reader.clear_dtcs():
+            self._record_error(f"clearing trouble codes: {reader.last_error or 'no answer'}")
+            return None
+        self._freeze, self._freeze_for = None, ()
+        self._poll_dtcs()
+        codes = [c["code"] for c in (before or {}).get("codes", [])]
+        return list(dict.fromkeys(codes))
+
+    def _connect(self) -> bool:
+        with self._lock:
+            self._stats["attempts"] += 1
+        reader = self._reader_factory(self._port, **self._reader_kwargs)
+        if not reader.connect():
+            reader.close()
+            self._record_error(reader.last_error or "connect failed")
+            return False
+        self._reader = reader
+        self._good = 0
+        self._failures = 0
+        self._freeze, self._freeze_for = None, ()
+        protocol = reader.protocol_name
+        vin = reader.read_vin()
+        supported = reader.supported_pids()
+        with self._lock:
+            self._stats.update(connected=True, protocol=protocol, vin=vin, multi_pid=None,
+                               count_hint=None)
+            self._stats["connects"] += 1
+            self._supported = supported or None
+            self._dtc_due = time.monotonic()  # codes first: they may have changed while away
+        self._select_active()
+        vehicle = (vin, protocol)
+        if vehicle != self._vehicle:
+            self._vehicle = vehicle
+            valid, reason = vin_check.validate(vin)
+            if vin is not None and not valid:
+                log.warning("OBD: the vehicle reports a malformed VIN %r (%s); not trusted",
+                            vin, reason)
+            if self._on_vehicle is not None:
+                try:
+                    self._on_vehicle({"vin": vin, "vin_valid": valid, "protocol": protocol})
+                except Exception:  # noqa: BLE001
+                    log.exception("OBD on_vehicle callback failed")
+        return True
+
+    def _on_query_failure(self, pid: _Pid) -> None:
+        reader = self._reader
+        assert reader is not None
+        self._failures += 1
+        self._record_error(reader.last_error or f"{pid.command}: no answer")
+        lost = not reader.connected
+        if lost or self._failures >= self._fail_limit:
+            reason = "adapter lost" if lost else f"{self._failures} requests in a row failed"
+            log.warning("OBD: %s on %s, reconnecting", reason, self._port)
+            self._disconnect()
+            self._flush(force=True)
+            self._pause(self._backoff.next())
+
+    def _pause(self, seconds: float) -> None:
+        """Waits ``seconds``; returns early on :meth:`stop` or :meth:`set_port`."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._wake.wait(min(remaining, 0.25)):
+                self._wake.clear()
+                with self._lock:
+                    if self._pending_port is not None:
+                        return
+
+    def _disconnect(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+        with self._lock:
+            self._stats["connected"] = False
+        self._fail_requests()
+
+    def _record_error(self, message: str) -> None:
+        with self._lock:
+            self._stats["errors"] += 1
+            previous = self._stats["last_error"]
+            self._stats["last_error"] = message
+        if message != previous:
+            log.warning("OBD: %s", message)
+
+    def _flush(self, *, force: bool) -> None:
+        """Hands samples to the sink in lists of at most ``batch_size``: full lists at once, the
+        rest when ``force`` or once the oldest waited ``batch_age_s``."""
+        if not self._batch:
+            return
+        aged = time.monotonic() - self._batch_started >= self._batch_age_s
+        while self._batch and (force or aged or len(self._batch) >= self._batch_size):
+            batch = self._batch[:self._batch_size]
+            del self._batch[:self._batch_size]
+            self._hand_over(batch)
+
+    def _hand_over(self, batch: list[Sample]) -> None:
+        started = time.monotonic()
+        try:
+            self._sink(batch)
+        except Exception:  # noqa: BLE001 - a broken sink must not stop acquisition
+            with self._lock:
+                self._stats["sink_errors"] += 1
+            log.exception("OBD sink failed; %d samples dropped", len(batch))
+        took = time.monotonic() - started
+        if took > 0.5:
+            log.warning("OBD sink took %.1f s; it must hand samples off, not process them", took)
