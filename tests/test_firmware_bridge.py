@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -130,28 +131,131 @@ def test_deframer_resyncs_after_garbage_truncation_and_overlong_runs() -> None:
 # --- messages ---------------------------------------------------------------------------------
 
 SHA = hashlib.sha256(b"x").digest()
-ALL_MESSAGES: list[tuple[m.Message, m.MsgType | None]] = [
-    (m.GetVersion(), None), (m.GetIgnition(), None), (m.GetSupply(), None),
-    (m.GetWakeReason(), None), (m.Sleep(3600, 10), None), (m.KickWatchdog(), None),
-    (m.SetWatchdog(30), None), (m.SetSupplyReport(5), None),
-    (m.FwBegin(70000, SHA, bytes(range(64))), None), (m.FwChunk(65536, b"\x00\x01\xff"), None),
-    (m.GetFwStatus(), None), (m.FwSwitch(60), None), (m.FwConfirm(SHA), None),
-    (m.VersionInfo(1, "2.1.0-rc1"), None), (m.IgnitionState(True), None),
-    (m.SupplyReading(11870), None), (m.WakeReasonInfo(m.WakeReason.WATCHDOG), None),
-    (m.Ack(), m.MsgType.SLEEP), (m.FwProgress(1234), m.MsgType.FW_CHUNK),
-    (m.FwStatus(m.FwState.RECEIVING, 0, 70000, 1234, SHA), None),
-    (m.ErrorReply(m.ErrorCode.BAD_SIGNATURE), m.MsgType.FW_SWITCH),
-    (m.IgnitionChanged(False), None), (m.SupplyVoltage(13.812), None),
-    (m.McuBooted(1, m.FwState.TRIAL, "2.0.0"), None),
+SHA_HEX = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"  # SHA-256 of b"x"
+T = m.MsgType
+
+# Every message type as packet bytes (seq 0x2A), captured from the hand-written encoders
+# messages.py had before its codec table (commit 2ac5801): the wire format must not move.
+WIRE: list[tuple[m.Message, m.MsgType | None, str]] = [
+    (m.GetVersion(), None, "102a01"),
+    (m.GetIgnition(), None, "102a02"),
+    (m.GetSupply(), None, "102a03"),
+    (m.GetWakeReason(), None, "102a04"),
+    (m.Sleep(3600, 10), None, "102a05100e00000a00"),
+    (m.Sleep(0, 0), None, "102a05000000000000"),
+    (m.Sleep(0xFFFFFFFF, 0xFFFF), None, "102a05ffffffffffff"),
+    (m.KickWatchdog(), None, "102a06"),
+    (m.SetWatchdog(30), None, "102a071e00"),
+    (m.SetWatchdog(0), None, "102a070000"),
+    (m.SetWatchdog(0xFFFF), None, "102a07ffff"),
+    (m.SetSupplyReport(5), None, "102a080500"),
+    (m.SetSupplyReport(0), None, "102a080000"),
+    (m.FwBegin(70000, SHA, bytes(range(64))), None,
+     "102a10" "70110100" + SHA_HEX + bytes(range(64)).hex()),
+    (m.FwBegin(0xFFFFFFFF, bytes(32), bytes(64)), None, "102a10" "ffffffff" + "00" * 96),
+    (m.FwChunk(65536, b"\x00\x01\xff"), None, "102a11000001000001ff"),
+    (m.FwChunk(0, b"\x00"), None, "102a110000000000"),
+    (m.FwChunk(0xFFFFFFFF, bytes(range(252))), None, "102a11ffffffff" + bytes(range(252)).hex()),
+    (m.GetFwStatus(), None, "102a12"),
+    (m.FwSwitch(60), None, "102a133c00"),
+    (m.FwSwitch(0), None, "102a130000"),
+    (m.FwConfirm(SHA), None, "102a14" + SHA_HEX),
+    (m.VersionInfo(1, "2.1.0-rc1"), None, "112a0101322e312e302d726331"),
+    (m.VersionInfo(0, ""), None, "112a0100"),
+    (m.VersionInfo(1, "\u00fc" * 16), None, "112a0101" + "c3bc" * 16),
+    (m.IgnitionState(True), None, "112a0201"),
+    (m.IgnitionState(False), None, "112a0200"),
+    (m.SupplyReading(11870), None, "112a035e2e"),
+    (m.SupplyReading(0xFFFF), None, "112a03ffff"),
+    *[(m.WakeReasonInfo(r), None, f"112a04{r:02x}") for r in m.WakeReason],
+    (m.Ack(), T.SLEEP, "112a05"),
+    (m.Ack(), T.FW_CONFIRM, "112a14"),
+    (m.FwProgress(1234), T.FW_CHUNK, "112a11d2040000"),
+    (m.FwProgress(0), T.FW_BEGIN, "112a1000000000"),
+    *[(m.FwStatus(s, s % 2, 70000, 1234, SHA), None,
+       f"112a12{s:02x}{s % 2:02x}" "70110100" "d2040000" + SHA_HEX) for s in m.FwState],
+    (m.FwStatus(m.FwState.IDLE, 0, 0, 0, bytes(32)), None, "112a12" + "00" * 42),
+    *[(m.ErrorReply(c), T.FW_SWITCH, f"122a13{c:02x}") for c in m.ErrorCode],
+    (m.ErrorReply(200), T.GET_VERSION, "122a01c8"),  # a newer MCU's code: kept as a number
+    (m.IgnitionChanged(False), None, "132a4000"),
+    (m.IgnitionChanged(True), None, "132a4001"),
+    (m.SupplyVoltage(13.812), None, "132a41f435"),
+    (m.SupplyVoltage(0.0), None, "132a410000"),
+    (m.SupplyVoltage(65.535), None, "132a41ffff"),
+    (m.McuBooted(1, m.FwState.TRIAL, "2.0.0"), None, "132a420103322e302e30"),
+    (m.McuBooted(0, m.FwState.ROLLED_BACK, ""), None, "132a420005"),
 ]
 
 
-@pytest.mark.parametrize(("msg", "msg_type"), ALL_MESSAGES, ids=lambda x: type(x).__name__)
-def test_message_round_trip(msg: m.Message, msg_type: m.MsgType | None) -> None:
+def test_wire_covers_every_message_type() -> None:
+    every = {*m.REQUESTS.values(), *m.RESPONSES.values(), *m.EVENTS.values(), m.ErrorReply}
+    assert every <= {type(msg) for msg, _, _ in WIRE}
+
+
+@pytest.mark.parametrize(("msg", "msg_type", "wire"), WIRE, ids=lambda x: type(x).__name__)
+def test_message_wire_bytes_and_round_trip(msg: m.Message, msg_type: m.MsgType | None,
+                                           wire: str) -> None:
     body = m.encode_packet(0x2A, msg, msg_type=msg_type)
-    packet = m.decode_packet(body)
+    assert body.hex() == wire
+    packet = m.decode_packet(bytes.fromhex(wire))
     assert (packet.kind, packet.seq) == (msg.KIND, 0x2A)
     assert m.parse_message(packet) == msg
+
+
+# Payload lengths each (kind, type) accepts (zero-filled payloads), captured like WIRE.
+# ERROR packets take one byte for any type.
+ACCEPTED_LENGTHS: dict[tuple[m.Kind, m.MsgType], range] = {
+    **{(m.Kind.REQUEST, t): range(0, 1) for t in (
+        T.GET_VERSION, T.GET_IGNITION, T.GET_SUPPLY, T.GET_WAKE_REASON, T.WDT_KICK,
+        T.FW_STATUS)},
+    (m.Kind.REQUEST, T.SLEEP): range(6, 7),
+    (m.Kind.REQUEST, T.WDT_SET): range(2, 3),
+    (m.Kind.REQUEST, T.SET_SUPPLY_REPORT): range(2, 3),
+    (m.Kind.REQUEST, T.FW_BEGIN): range(100, 101),
+    (m.Kind.REQUEST, T.FW_CHUNK): range(5, 257),
+    (m.Kind.REQUEST, T.FW_SWITCH): range(2, 3),
+    (m.Kind.REQUEST, T.FW_CONFIRM): range(32, 33),
+    (m.Kind.RESPONSE, T.GET_VERSION): range(1, 34),
+    (m.Kind.RESPONSE, T.GET_IGNITION): range(1, 2),
+    (m.Kind.RESPONSE, T.GET_SUPPLY): range(2, 3),
+    (m.Kind.RESPONSE, T.GET_WAKE_REASON): range(1, 2),
+    **{(m.Kind.RESPONSE, t): range(0, 1) for t in (
+        T.SLEEP, T.WDT_KICK, T.WDT_SET, T.SET_SUPPLY_REPORT, T.FW_SWITCH, T.FW_CONFIRM)},
+    (m.Kind.RESPONSE, T.FW_BEGIN): range(4, 5),
+    (m.Kind.RESPONSE, T.FW_CHUNK): range(4, 5),
+    (m.Kind.RESPONSE, T.FW_STATUS): range(42, 43),
+    **{(m.Kind.ERROR, t): range(1, 2) for t in m.MsgType},
+    (m.Kind.EVENT, T.EVT_IGNITION): range(1, 2),
+    (m.Kind.EVENT, T.EVT_SUPPLY): range(2, 3),
+    (m.Kind.EVENT, T.EVT_BOOTED): range(2, 35),
+}
+
+
+@pytest.mark.parametrize("kind", list(m.Kind), ids=lambda k: k.name)
+def test_parse_accepts_exactly_the_documented_lengths(kind: m.Kind) -> None:
+    for t in m.MsgType:
+        accepted = []
+        for n in range(m.MAX_PAYLOAD + 1):
+            try:
+                m.parse_message(m.Packet(kind, 1, t, bytes(n)))
+            except m.MessageError:
+                continue
+            accepted.append(n)
+        assert accepted == list(ACCEPTED_LENGTHS.get((kind, t), ())), t
+
+
+def test_encoders_refuse_what_the_wire_cannot_carry() -> None:
+    for msg in (m.FwBegin(1, SHA[:31], bytes(64)), m.FwBegin(1, SHA, bytes(63)),
+                m.FwChunk(0, b""), m.FwChunk(0, bytes(m.MAX_CHUNK + 1)),
+                m.VersionInfo(0, "x" * 33), m.McuBooted(0, m.FwState.IDLE, "\u00fc" * 17)):
+        with pytest.raises(ValueError):
+            msg.payload()
+    for msg in (m.SetWatchdog(0x10000), m.Sleep(-1, 0), m.FwProgress(1 << 32)):
+        with pytest.raises(struct.error):
+            msg.payload()
+    # volts are clamped to what a u16 of millivolts holds
+    assert m.SupplyVoltage(70.0).payload() == b"\xff\xff"
+    assert m.SupplyVoltage(-1.0).payload() == b"\x00\x00"
 
 
 def test_documented_example_bytes() -> None:
