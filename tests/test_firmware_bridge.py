@@ -2,6 +2,7 @@
 real pty through pyserial."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import struct
@@ -202,33 +203,36 @@ def test_message_wire_bytes_and_round_trip(msg: m.Message, msg_type: m.MsgType |
     assert m.parse_message(packet) == msg
 
 
-# Payload lengths each (kind, type) accepts (zero-filled payloads), captured like WIRE.
-# ERROR packets take one byte for any type.
-ACCEPTED_LENGTHS: dict[tuple[m.Kind, m.MsgType], range] = {
-    **{(m.Kind.REQUEST, t): range(0, 1) for t in (
-        T.GET_VERSION, T.GET_IGNITION, T.GET_SUPPLY, T.GET_WAKE_REASON, T.WDT_KICK,
-        T.FW_STATUS)},
-    (m.Kind.REQUEST, T.SLEEP): range(6, 7),
-    (m.Kind.REQUEST, T.WDT_SET): range(2, 3),
-    (m.Kind.REQUEST, T.SET_SUPPLY_REPORT): range(2, 3),
-    (m.Kind.REQUEST, T.FW_BEGIN): range(100, 101),
-    (m.Kind.REQUEST, T.FW_CHUNK): range(5, 257),
-    (m.Kind.REQUEST, T.FW_SWITCH): range(2, 3),
-    (m.Kind.REQUEST, T.FW_CONFIRM): range(32, 33),
-    (m.Kind.RESPONSE, T.GET_VERSION): range(1, 34),
-    (m.Kind.RESPONSE, T.GET_IGNITION): range(1, 2),
-    (m.Kind.RESPONSE, T.GET_SUPPLY): range(2, 3),
-    (m.Kind.RESPONSE, T.GET_WAKE_REASON): range(1, 2),
-    **{(m.Kind.RESPONSE, t): range(0, 1) for t in (
-        T.SLEEP, T.WDT_KICK, T.WDT_SET, T.SET_SUPPLY_REPORT, T.FW_SWITCH, T.FW_CONFIRM)},
-    (m.Kind.RESPONSE, T.FW_BEGIN): range(4, 5),
-    (m.Kind.RESPONSE, T.FW_CHUNK): range(4, 5),
-    (m.Kind.RESPONSE, T.FW_STATUS): range(42, 43),
-    **{(m.Kind.ERROR, t): range(1, 2) for t in m.MsgType},
-    (m.Kind.EVENT, T.EVT_IGNITION): range(1, 2),
-    (m.Kind.EVENT, T.EVT_SUPPLY): range(2, 3),
-    (m.Kind.EVENT, T.EVT_BOOTED): range(2, 35),
-}
+# Payload lengths each (kind, type) accepts (zero-filled payloads), captured like WIRE:
+# kind, the types, the lengths ("a..b": a to b inclusive). Types not listed take none.
+ACCEPTED_LENGTHS = """
+REQUEST   GET_VERSION GET_IGNITION GET_SUPPLY GET_WAKE_REASON WDT_KICK FW_STATUS  0
+REQUEST   SLEEP                                                                  6
+REQUEST   WDT_SET SET_SUPPLY_REPORT FW_SWITCH                                    2
+REQUEST   FW_BEGIN                                                               100
+REQUEST   FW_CHUNK                                                               5..256
+REQUEST   FW_CONFIRM                                                             32
+RESPONSE  GET_VERSION                                                            1..33
+RESPONSE  GET_IGNITION GET_WAKE_REASON                                           1
+RESPONSE  GET_SUPPLY                                                             2
+RESPONSE  SLEEP WDT_KICK WDT_SET SET_SUPPLY_REPORT FW_SWITCH FW_CONFIRM          0
+RESPONSE  FW_BEGIN FW_CHUNK                                                      4
+RESPONSE  FW_STATUS                                                              42
+ERROR     *                                                                      1
+EVENT     EVT_IGNITION                                                           1
+EVENT     EVT_SUPPLY                                                             2
+EVENT     EVT_BOOTED                                                             2..34
+"""
+
+
+def _accepted_lengths() -> dict[tuple[m.Kind, m.MsgType], list[int]]:
+    table = {}
+    for line in ACCEPTED_LENGTHS.strip().splitlines():
+        kind, *types, lengths = line.split()
+        lo, _, hi = lengths.partition("..")
+        for t in m.MsgType if types == ["*"] else [T[name] for name in types]:
+            table[m.Kind[kind], t] = list(range(int(lo), int(hi or lo) + 1))
+    return table
 
 
 @pytest.mark.parametrize("kind", list(m.Kind), ids=lambda k: k.name)
@@ -241,7 +245,7 @@ def test_parse_accepts_exactly_the_documented_lengths(kind: m.Kind) -> None:
             except m.MessageError:
                 continue
             accepted.append(n)
-        assert accepted == list(ACCEPTED_LENGTHS.get((kind, t), ())), t
+        assert accepted == _accepted_lengths().get((kind, t), []), t
 
 
 def test_encoders_refuse_what_the_wire_cannot_carry() -> None:
@@ -250,12 +254,29 @@ def test_encoders_refuse_what_the_wire_cannot_carry() -> None:
                 m.VersionInfo(0, "x" * 33), m.McuBooted(0, m.FwState.IDLE, "\u00fc" * 17)):
         with pytest.raises(ValueError):
             msg.payload()
-    for msg in (m.SetWatchdog(0x10000), m.Sleep(-1, 0), m.FwProgress(1 << 32)):
+    for msg in (m.SetWatchdog(0x10000), m.Sleep(-1, 0), m.FwProgress(1 << 32), m.FwSwitch(1.5)):
         with pytest.raises(struct.error):
             msg.payload()
     # volts are clamped to what a u16 of millivolts holds
     assert m.SupplyVoltage(70.0).payload() == b"\xff\xff"
     assert m.SupplyVoltage(-1.0).payload() == b"\x00\x00"
+
+
+def test_a_message_field_without_a_codec_is_a_declaration_error() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Untyped(m.Message):
+        KIND = m.Kind.REQUEST
+        value: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class TailFirst(m.Message):
+        KIND = m.Kind.REQUEST
+        version: m.Text
+        slot: m.U8
+
+    for cls, args in ((Untyped, (1,)), (TailFirst, ("1.0", 0))):
+        with pytest.raises(TypeError, match=cls.__name__):
+            cls(*args).payload()
 
 
 def test_documented_example_bytes() -> None:
