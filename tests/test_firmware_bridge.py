@@ -1,18 +1,23 @@
-"""firmware_bridge: framing and messages (pure), and McuLink against the MCU simulator over a
-real pty through pyserial."""
+"""firmware_bridge: framing and messages (pure), McuLink against the MCU simulator over a real
+pty through pyserial, and the port interface that picks one or the other from the settings."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import random
+import re
 import struct
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from crccheck.crc import Crc16CcittFalse
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +26,9 @@ from firmware_bridge import framing, messages as m
 from firmware_bridge.framing import CrcError, Deframer, FrameError
 from firmware_bridge.link import (
     FirmwareRejected, FirmwareRolledBack, McuLink, McuRejected, McuTimeout)
-from firmware_bridge.sim import McuSimulator, make_image
+from firmware_bridge.port import McuError, McuLinkClosed, McuPort, make_port
+from firmware_bridge.sim import McuSimulator, SimulatedLink, make_image
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -316,14 +323,6 @@ def test_random_packets_raise_only_message_error(body: bytes) -> None:
 
 # --- link against the simulator ---------------------------------------------------------------
 
-def wait_for(pred: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
 class Events:
     def __init__(self) -> None:
         self.items: list[m.Event] = []
@@ -374,9 +373,9 @@ def test_queries(sim: McuSimulator, link: McuLink) -> None:
 
 def test_ignition_events(sim: McuSimulator, link: McuLink, events: Events) -> None:
     sim.set_ignition(True)
-    wait_for(lambda: events.of(m.IgnitionChanged))
+    assert wait_until(lambda: events.of(m.IgnitionChanged))
     sim.set_ignition(False)
-    wait_for(lambda: len(events.of(m.IgnitionChanged)) == 2)
+    assert wait_until(lambda: len(events.of(m.IgnitionChanged)) == 2)
     assert events.of(m.IgnitionChanged) == [m.IgnitionChanged(True), m.IgnitionChanged(False)]
 
 
@@ -390,7 +389,7 @@ def test_a_failing_callback_does_not_stop_events(sim: McuSimulator) -> None:
     with McuLink(sim.port, on_event=cb) as lk:
         sim.set_ignition(True)
         sim.set_ignition(False)
-        wait_for(lambda: len(seen) == 2)
+        assert wait_until(lambda: len(seen) == 2)
         assert lk.ignition() is False
 
 
@@ -398,7 +397,7 @@ def test_periodic_supply_event(sim: McuSimulator, link: McuLink, events: Events)
     link.set_supply_report(5)
     sim.set_supply_voltage(13.9)
     sim.advance(5)
-    wait_for(lambda: events.of(m.SupplyVoltage))
+    assert wait_until(lambda: events.of(m.SupplyVoltage))
     assert events.of(m.SupplyVoltage)[0].volts == pytest.approx(13.9)
     link.set_supply_report(0)
     n = len(events.of(m.SupplyVoltage))
@@ -572,7 +571,7 @@ def test_firmware_update_full(sim: McuSimulator, link: McuLink, events: Events,
     assert sim.fw_state is m.FwState.COMMITTED
     assert seen[0] == (0, 20_000) and seen[-1] == (20_000, 20_000)
     assert [a for a, _ in seen] == sorted(a for a, _ in seen)
-    wait_for(lambda: events.of(m.McuBooted))
+    assert wait_until(lambda: events.of(m.McuBooted))
     assert events.of(m.McuBooted)[0] == m.McuBooted(1, m.FwState.TRIAL, "2.0.0")
     st = link.firmware_status()
     assert (st.state, st.active_slot, st.sha256) == (
@@ -636,7 +635,7 @@ def test_image_that_never_handshakes_falls_back(sim: McuSimulator, link: McuLink
     image = make_image("2.0.0-broken", 8_000, healthy=False, seed=6)
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(link.update_firmware, image, key.sign(image), trial_s=30)
-        wait_for(lambda: sim.fw_state is m.FwState.TRIAL)
+        assert wait_until(lambda: sim.fw_state is m.FwState.TRIAL)
         assert sim.active_slot == 1
         sim.advance(31)  # nobody confirmed within the trial window
         with pytest.raises(FirmwareRolledBack):
@@ -644,7 +643,7 @@ def test_image_that_never_handshakes_falls_back(sim: McuSimulator, link: McuLink
     assert sim.active_slot == 0 and sim.version == "1.0.0"
     assert link.firmware_version() == "1.0.0"
     assert link.firmware_status().state is m.FwState.ROLLED_BACK
-    wait_for(lambda: events.of(m.McuBooted))
+    assert wait_until(lambda: events.of(m.McuBooted))
     assert events.of(m.McuBooted)[-1] == m.McuBooted(0, m.FwState.ROLLED_BACK, "1.0.0")
 
 
@@ -654,6 +653,114 @@ def test_unconfirmed_trial_rolls_back(sim: McuSimulator, link: McuLink,
     assert link.update_firmware(image, key.sign(image), trial_s=20, confirm=False) == "2.0.0"
     assert link.firmware_status().state is m.FwState.TRIAL
     sim.advance(21)
-    wait_for(lambda: sim.reboots == 2 and sim.version == "1.0.0")
+    assert wait_until(lambda: sim.reboots == 2 and sim.version == "1.0.0")
     assert link.firmware_version() == "1.0.0"
     assert link.firmware_status().state is m.FwState.ROLLED_BACK
+
+
+# --- the port: McuLink on a UART, or on the simulator's pty -----------------------------------
+
+@pytest.fixture
+def sim_port(request: pytest.FixtureRequest,
+             events: Events) -> Callable[[str], SimulatedLink]:
+    """make_port for a ``sim`` spec; the simulators it starts end with the test."""
+    def make(spec: str) -> SimulatedLink:
+        port = make_port(spec, on_event=events, timeout_s=2.0)
+        assert isinstance(port, SimulatedLink)
+        request.addfinalizer(port.simulator.stop)
+        request.addfinalizer(port.close)  # finalizers run last-in first-out
+        return port
+    return make
+
+
+def test_make_port_picks_the_implementation_from_the_setting(
+        sim: McuSimulator, events: Events, sim_port: Callable[[str], SimulatedLink]) -> None:
+    assert make_port("", on_event=events) is None
+    uart = make_port(sim.port, on_event=events)
+    assert type(uart) is McuLink and isinstance(uart, McuPort)
+    twin = sim_port("sim")
+    assert isinstance(twin, McuPort) and twin.simulator.port != sim.port
+    with uart:
+        twin.open()
+        assert uart.ignition() is False  # the fixture's simulator
+        assert twin.ignition() is True   # "sim" starts with the key turned (see from_spec)
+        assert uart.status()["open"] and "simulated" not in uart.status()
+        assert twin.status()["simulated"] and twin.status()["port"] == twin.simulator.port
+
+
+def test_sim_port_is_the_simulator_in_process_and_outlives_the_link(
+        events: Events, sim_port: Callable[[str], SimulatedLink]) -> None:
+    port = sim_port("sim://?version=3.1.4&ignition=off&supply_v=11.9")
+    port.open()
+    assert (port.firmware_version(), port.ignition()) == ("3.1.4", False)
+    assert port.supply_voltage() == pytest.approx(11.9)
+    port.simulator.set_ignition(True)
+    assert wait_until(lambda: events.of(m.IgnitionChanged))
+    assert events.of(m.IgnitionChanged) == [m.IgnitionChanged(True)]
+    port.set_watchdog(30)
+    port.close()
+    assert not port.status()["open"]
+    port.open()  # the MCU kept running while the agent's port was closed
+    assert port.ignition() is True and port.simulator.watchdog_timeout_s == 30
+    assert port.status()["frames"] >= 5 and port.status()["bad_frames"] == 0
+
+
+def test_sim_port_verifies_images_with_the_configured_key(
+        tmp_path, key: Ed25519PrivateKey, events: Events,
+        sim_port: Callable[[str], SimulatedLink]) -> None:
+    pem = tmp_path / "mcu-fw.pub"
+    pem.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    image = make_image("2.0.0", 4000, seed=8)
+    port = sim_port(f"sim://?pubkey={pem}")
+    port.open()
+    assert port.update_firmware(image, key.sign(image), trial_s=5) == "2.0.0"
+    assert port.simulator.fw_state is m.FwState.COMMITTED
+    stranger = sim_port("sim")  # no pubkey: a key nobody signs with
+    stranger.open()
+    with pytest.raises(FirmwareRejected, match="BAD_SIGNATURE"):
+        stranger.update_firmware(image, key.sign(image))
+
+
+@pytest.mark.parametrize("spec", [
+    "sim:foo", "sim://host", "sim://?bogus=1", "sim://?ignition=maybe", "sim://?supply_v=x",
+    "sim://?pubkey=/nonexistent/key.pem", "sim://?version"])
+def test_unreadable_sim_settings_raise_value_error(spec: str, events: Events) -> None:
+    with pytest.raises(ValueError, match="mcu_port"):
+        make_port(spec, on_event=events)
+
+
+def test_a_port_that_cannot_be_opened_raises_mcu_error(tmp_path, events: Events) -> None:
+    port = make_port(str(tmp_path / "ttyNONE"), on_event=events)
+    assert port is not None
+    with pytest.raises(McuLinkClosed, match="cannot open MCU port"):
+        port.open()
+    assert port.status()["open"] is False and "No such file" in port.status()["error"]
+    with pytest.raises(McuError):
+        port.ignition()
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    return set(out.split())
+
+
+def test_the_port_loads_only_what_it_needs() -> None:
+    port = _modules_after("import firmware_bridge.port")
+    assert "serial" not in port and "firmware_bridge.sim" not in port
+    link = _modules_after("import firmware_bridge.link")
+    assert "firmware_bridge.sim" not in link and "cryptography" not in link
+
+
+def test_the_shipped_twin_imports_no_test_tools_and_nothing_above_it() -> None:
+    loaded = {name.split(".")[0] for name in _modules_after("import firmware_bridge.sim")}
+    assert not loaded & {"agent", "drivers", "scripts", "tests"}
+    dev_tools = {re.split(r"[<>=\s#]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+                 for line in (Path(__file__).resolve().parent.parent / "requirements-dev.txt")
+                 .read_text().splitlines() if line.strip() and not line.startswith("#")}
+    owners = importlib.metadata.packages_distributions()
+    loaded_dists = {d.lower().replace("_", "-") for name in loaded for d in owners.get(name, ())}
+    assert "cryptography" in loaded_dists  # the check sees installed distributions at all
+    assert not loaded_dists & dev_tools
