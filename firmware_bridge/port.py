@@ -28,9 +28,10 @@ from typing import Any, Protocol, runtime_checkable
 from firmware_bridge.messages import (
     ErrorCode, Event, FwState, FwStatus, IgnitionChanged, McuBooted, MsgType, SupplyVoltage)
 
-__all__ = ["McuPort", "make_port", "Progress", "McuError", "McuTimeout", "McuLinkClosed",
-           "McuRejected", "FirmwareUpdateError", "FirmwareRejected", "FirmwareRolledBack",
-           "Event", "IgnitionChanged", "SupplyVoltage", "McuBooted", "FwStatus", "FwState"]
+__all__ = ["McuPort", "make_port", "check_spec", "Progress", "McuError", "McuTimeout",
+           "McuLinkClosed", "McuRejected", "FirmwareUpdateError", "FirmwareRejected",
+           "FirmwareRolledBack", "Event", "IgnitionChanged", "SupplyVoltage", "McuBooted",
+           "FwStatus", "FwState"]
 
 #: ``progress(bytes_stored, bytes_total)`` during a firmware transfer.
 Progress = Callable[[int, int], None]
@@ -141,17 +142,31 @@ def make_port(spec: str, *, on_event: Callable[[Event], None],
     - ``""``: None, no MCU;
     - ``"sim"`` or ``"sim://?version=1.0.0&ignition=on&supply_v=12.6&pubkey=FILE"``: a
       simulator started in this process, with a McuLink on its pty (see
-      :meth:`firmware_bridge.sim.McuSimulator.from_spec` for the options);
+      :func:`firmware_bridge.sim.sim_options` for the options);
     - anything else: a McuLink on that device path or pyserial URL.
 
     ``options`` are McuLink's keyword arguments (``timeout_s``, ``retries``, ...). Raises
-    ``ValueError`` for a ``sim`` spec it cannot read.
+    ``ValueError`` for a ``sim`` spec it cannot read (:func:`check_spec` says so beforehand).
     """
     spec = spec.strip()
     if not spec:
         return None
-    if spec == SIM_SCHEME or spec.startswith(SIM_SCHEME + ":"):
+    if _is_sim(spec):
         from firmware_bridge.sim import McuSimulator, SimulatedLink
         return SimulatedLink(McuSimulator.from_spec(spec).start(), on_event=on_event, **options)
     from firmware_bridge.link import McuLink
     return McuLink(spec, on_event=on_event, **options)
+
+
+def check_spec(spec: str) -> None:
+    """Raises ValueError if :func:`make_port` could not use ``spec``, for settings validation.
+    Only ``sim`` specs can be wrong before opening: a device path that does not exist is an
+    MCU that is missing, which :meth:`McuPort.open` reports and the agent survives."""
+    spec = spec.strip()
+    if _is_sim(spec):
+        from firmware_bridge.sim import sim_options
+        sim_options(spec)
+
+
+def _is_sim(spec: str) -> bool:
+    return spec == SIM_SCHEME or spec.startswith(SIM_SCHEME + ":")

@@ -1,13 +1,13 @@
 """MCU simulator: the power-management microcontroller's side of docs/mcu-protocol.md on a pty.
 
 The MCU's twin (see :mod:`firmware_bridge.port`), shipped with the agent: it imports only the
-standard library, pyserial, cryptography and firmware_bridge. :class:`McuSimulator` opens a pty pair
-(``os.openpty``), keeps the slave open (so the agent can come and go) and serves the protocol on
-the master from one thread; a :class:`~firmware_bridge.link.McuLink` opens the slave's path as
-it opens the real UART. Tests drive its inputs (ignition, supply voltage, button, time) and read
-its outputs (``power_log``, firmware slots), and can tamper with the line through
-``request_hook``, ``response_hook`` and :meth:`inject`. ``mcu_port = "sim"`` in the agent's
-settings runs one in the agent's process (:meth:`McuSimulator.from_spec`, :class:`SimulatedLink`).
+standard library, pyserial, cryptography and firmware_bridge. :class:`McuSimulator` opens a pty
+pair (``os.openpty``), keeps the slave open (so the agent can come and go) and serves the
+protocol on the master from one thread; a :class:`~firmware_bridge.link.McuLink` opens the
+slave's path as it opens the real UART. Tests drive its inputs (ignition, supply voltage,
+button, time) and read its outputs (``power_log``, firmware slots), and can tamper with the line
+through ``request_hook``, ``response_hook`` and :meth:`inject`. ``mcu_port = "sim"`` in the
+agent's settings runs one in the agent's process (:func:`sim_options`, :class:`SimulatedLink`).
 
 Simulated time is ``time.monotonic()`` plus whatever :meth:`advance` added, so the simulator
 also runs on its own for the demo. Simplification: the simulator answers requests even while
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import os
 import random
 import select
@@ -162,43 +163,8 @@ class McuSimulator:
 
     @classmethod
     def from_spec(cls, spec: str) -> McuSimulator:
-        """A simulator (not started) from a ``power.mcu_port`` value ``sim`` or
-        ``sim://?version=1.0.0&ignition=on&supply_v=12.6&pubkey=FILE``:
-
-        - ``version``: firmware version in slot 0 (default 1.0.0);
-        - ``ignition``: ``on`` (default: nobody turns this twin's key, and with it off the
-          agent would put the machine it runs on to sleep) or ``off``;
-        - ``supply_v``: the 12 V supply (default 12.6);
-        - ``pubkey``: the Ed25519 firmware-signing public key (raw 32 bytes or PEM) the
-          simulated bootloader verifies images with (default: a fresh key no image matches).
-
-        Raises ValueError naming what it cannot read.
-        """
-        parts = urlsplit(SIM_SCHEME + ":" if spec == SIM_SCHEME else spec)
-        if parts.scheme != SIM_SCHEME or parts.netloc or parts.path not in ("", "/") \
-                or parts.fragment:
-            raise ValueError(f"mcu_port {spec!r}: expected 'sim' or 'sim://?option=value&...'")
-        try:
-            opts = dict(parse_qsl(parts.query, keep_blank_values=True,
-                                  strict_parsing=bool(parts.query)))
-        except ValueError as e:
-            raise ValueError(f"mcu_port {spec!r}: {e}") from None
-        unknown = sorted(set(opts) - {"version", "ignition", "supply_v", "pubkey"})
-        if unknown:
-            raise ValueError(f"mcu_port {spec!r}: unknown option {unknown[0]!r}")
-        if opts.get("ignition", "on") not in ("on", "off"):
-            raise ValueError(f"mcu_port {spec!r}: ignition must be 'on' or 'off'")
-        try:
-            supply_v = float(opts.get("supply_v", 12.6))
-        except ValueError:
-            raise ValueError(f"mcu_port {spec!r}: supply_v is not a number") from None
-        try:
-            pub = (_load_public_key(opts["pubkey"]) if "pubkey" in opts
-                   else Ed25519PrivateKey.generate().public_key())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"mcu_port {spec!r}: pubkey: {e}") from None
-        return cls(pub, version=opts.get("version", "1.0.0"), supply_v=supply_v,
-                   ignition=opts.get("ignition", "on") == "on")
+        """A simulator (not started) from a ``power.mcu_port`` value (see :func:`sim_options`)."""
+        return cls(**sim_options(spec))
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -540,6 +506,48 @@ class McuSimulator:
         self._wdt_timeout = self._wdt_boot_s  # the agent sets its own once it runs
         self._wdt_deadline = now + self._wdt_boot_s if self._wdt_boot_s else None
         self.power_log.append(PowerEvent(now, "restore", reason.label))
+
+
+def sim_options(spec: str) -> dict[str, Any]:
+    """:class:`McuSimulator` keyword arguments from a ``power.mcu_port`` value ``sim`` or
+    ``sim://?version=1.0.0&ignition=on&supply_v=12.6&pubkey=FILE``:
+
+    - ``version``: firmware version in slot 0 (default 1.0.0);
+    - ``ignition``: ``on`` (default: nobody turns this twin's key, and with it off the agent
+      would put the machine it runs on to sleep) or ``off``;
+    - ``supply_v``: the 12 V supply (default 12.6);
+    - ``pubkey``: the Ed25519 firmware-signing public key (raw 32 bytes or PEM) the simulated
+      bootloader verifies images with (default: a fresh key no image matches).
+
+    Opens nothing but the key file. Raises ValueError naming what it cannot read.
+    """
+    parts = urlsplit(SIM_SCHEME + ":" if spec == SIM_SCHEME else spec)
+    if parts.scheme != SIM_SCHEME or parts.netloc or parts.path not in ("", "/") \
+            or parts.fragment:
+        raise ValueError(f"mcu_port {spec!r}: expected 'sim' or 'sim://?option=value&...'")
+    try:
+        opts = dict(parse_qsl(parts.query, keep_blank_values=True,
+                              strict_parsing=bool(parts.query)))
+    except ValueError as e:
+        raise ValueError(f"mcu_port {spec!r}: {e}") from None
+    unknown = sorted(set(opts) - {"version", "ignition", "supply_v", "pubkey"})
+    if unknown:
+        raise ValueError(f"mcu_port {spec!r}: unknown option {unknown[0]!r}")
+    if opts.get("ignition", "on") not in ("on", "off"):
+        raise ValueError(f"mcu_port {spec!r}: ignition must be 'on' or 'off'")
+    try:
+        supply_v = float(opts.get("supply_v", 12.6))
+    except ValueError:
+        supply_v = math.nan
+    if not math.isfinite(supply_v):
+        raise ValueError(f"mcu_port {spec!r}: supply_v is not a number")
+    try:
+        pub = (_load_public_key(opts["pubkey"]) if "pubkey" in opts
+               else Ed25519PrivateKey.generate().public_key())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"mcu_port {spec!r}: pubkey: {e}") from None
+    return {"public_key": pub, "version": opts.get("version", "1.0.0"), "supply_v": supply_v,
+            "ignition": opts.get("ignition", "on") == "on"}
 
 
 class SimulatedLink(McuLink):

@@ -26,7 +26,7 @@ from firmware_bridge import framing, messages as m
 from firmware_bridge.framing import CrcError, Deframer, FrameError
 from firmware_bridge.link import (
     FirmwareRejected, FirmwareRolledBack, McuLink, McuRejected, McuTimeout)
-from firmware_bridge.port import McuError, McuLinkClosed, McuPort, make_port
+from firmware_bridge.port import McuError, McuLinkClosed, McuPort, check_spec, make_port
 from firmware_bridge.sim import McuSimulator, SimulatedLink, make_image
 from tests.conftest import wait_until
 
@@ -683,7 +683,7 @@ def test_make_port_picks_the_implementation_from_the_setting(
     with uart:
         twin.open()
         assert uart.ignition() is False  # the fixture's simulator
-        assert twin.ignition() is True   # "sim" starts with the key turned (see from_spec)
+        assert twin.ignition() is True   # "sim" starts with the key turned (see sim_options)
         assert uart.status()["open"] and "simulated" not in uart.status()
         assert twin.status()["simulated"] and twin.status()["port"] == twin.simulator.port
 
@@ -724,10 +724,18 @@ def test_sim_port_verifies_images_with_the_configured_key(
 
 @pytest.mark.parametrize("spec", [
     "sim:foo", "sim://host", "sim://?bogus=1", "sim://?ignition=maybe", "sim://?supply_v=x",
-    "sim://?pubkey=/nonexistent/key.pem", "sim://?version"])
+    "sim://?supply_v=nan", "sim://?pubkey=/nonexistent/key.pem", "sim://?version"])
 def test_unreadable_sim_settings_raise_value_error(spec: str, events: Events) -> None:
     with pytest.raises(ValueError, match="mcu_port"):
+        check_spec(spec)
+    with pytest.raises(ValueError, match="mcu_port"):
         make_port(spec, on_event=events)
+
+
+def test_check_spec_passes_what_make_port_can_use(tmp_path) -> None:
+    for spec in ("", "sim", "sim://?ignition=off&supply_v=11.5", "/dev/serial0",
+                 str(tmp_path / "missing"), "rfc2217://localhost:7000"):
+        check_spec(spec)  # a missing device is a missing MCU, found out by open()
 
 
 def test_a_port_that_cannot_be_opened_raises_mcu_error(tmp_path, events: Events) -> None:
