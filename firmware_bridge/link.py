@@ -1,4 +1,4 @@
-"""The agent's side of the MCU serial link (docs/mcu-protocol.md).
+"""The agent's side of the MCU serial link (docs/mcu-protocol.md): the :class:`McuPort` on a UART.
 
 :class:`McuLink` owns one pyserial port and two threads: a reader that de-frames, matches
 responses to the one request in flight by (seq, type) and queues events, and a dispatcher that
@@ -15,8 +15,8 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 import serial
 
@@ -27,49 +27,18 @@ from firmware_bridge.messages import (
     GetWakeReason, IgnitionChanged, IgnitionState, Kind, KickWatchdog, McuBooted, Message,
     MessageError, MsgType, SetSupplyReport, SetWatchdog, Sleep, SupplyReading, SupplyVoltage,
     VersionInfo, WakeReasonInfo, decode_packet, encode_packet, parse_message)
+from firmware_bridge.port import (
+    FirmwareRejected, FirmwareRolledBack, FirmwareUpdateError, McuError, McuLinkClosed, McuPort,
+    McuRejected, McuTimeout, Progress)
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
-# Events are re-exported so callers need only this module.
-__all__ = ["McuLink", "McuError", "McuTimeout", "McuRejected", "McuLinkClosed",
+# The port's errors and events are re-exported so that callers of McuLink need only this module.
+__all__ = ["McuLink", "McuPort", "McuError", "McuTimeout", "McuRejected", "McuLinkClosed",
            "FirmwareUpdateError", "FirmwareRejected", "FirmwareRolledBack", "LinkStats",
            "Event", "IgnitionChanged", "SupplyVoltage", "McuBooted", "FwStatus", "FwState"]
-
-
-class McuError(Exception):
-    """Anything that went wrong talking to the MCU."""
-
-
-class McuTimeout(McuError):
-    """No valid response after all retries."""
-
-
-class McuLinkClosed(McuError):
-    """The link is not open (never opened, closed, or the port failed)."""
-
-
-class McuRejected(McuError):
-    """The MCU answered with an ERROR packet."""
-
-    def __init__(self, msg_type: MsgType, code: int) -> None:
-        name = code.name if isinstance(code, ErrorCode) else str(code)
-        super().__init__(f"MCU refused {msg_type.name}: {name}")
-        self.msg_type = msg_type
-        self.code = code
-
-
-class FirmwareUpdateError(McuError):
-    """An MCU firmware update did not end on the new image."""
-
-
-class FirmwareRejected(FirmwareUpdateError):
-    """The MCU refused to switch: the image's hash or signature did not verify."""
-
-
-class FirmwareRolledBack(FirmwareUpdateError):
-    """The new image was not confirmed in time and the MCU went back to the old slot."""
 
 
 @dataclass
@@ -92,10 +61,10 @@ class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-Progress = Callable[[int, int], None]
-
-
 class McuLink:
+    """:class:`~firmware_bridge.port.McuPort` over the framed serial protocol. ``port`` is a
+    device path or pyserial URL (opened by :meth:`open`) or an already open pyserial port."""
+
     def __init__(self, port: str | serial.SerialBase, *, on_event: Callable[[Event], None],
                  timeout_s: float = 0.5, retries: int = 3, baudrate: int = 115200,
                  chunk_size: int = 192, event_queue: int = 256) -> None:
@@ -127,7 +96,12 @@ class McuLink:
         if self._ser is not None:
             return
         if isinstance(self._port, str):
-            self._ser = serial.serial_for_url(self._port, baudrate=self._baudrate, timeout=0.05)
+            try:
+                self._ser = serial.serial_for_url(self._port, baudrate=self._baudrate,
+                                                  timeout=0.05)
+            except (OSError, ValueError) as e:  # serial.SerialException is an OSError
+                self._failed = f"cannot open: {e}"
+                raise McuLinkClosed(f"cannot open MCU port {self._port}: {e}") from e
         else:
             self._ser = self._port
         self._stop.clear()
@@ -138,7 +112,7 @@ class McuLink:
             threading.Thread(target=self._event_loop, name="mcu-link-events", daemon=True)]
         for t in self._threads:
             t.start()
-        log.info("MCU link open on %s", getattr(self._ser, "port", self._port))
+        log.info("MCU link open on %s", self.port_name)
 
     def close(self) -> None:
         self._stop.set()
@@ -151,6 +125,15 @@ class McuLink:
             except (serial.SerialException, OSError) as e:
                 log.warning("closing MCU port: %s", e)
             self._ser = None
+
+    @property
+    def port_name(self) -> str:
+        port = self._port
+        return port if isinstance(port, str) else str(getattr(port, "port", port))
+
+    def status(self) -> dict[str, Any]:
+        return {"port": self.port_name, "open": self._ser is not None and not self._failed,
+                "error": self._failed, **asdict(self.stats)}
 
     def __enter__(self) -> McuLink:
         self.open()

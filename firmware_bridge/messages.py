@@ -7,16 +7,21 @@ A packet (the body of one frame) is a 3-byte header and a payload::
     byte 2  type       MsgType
     3..     payload    fixed little-endian layout per (kind, type), see below / the doc
 
-Every message is a frozen dataclass with ``payload()`` and ``parse(payload)``. Decoding bytes
-from the line raises :class:`MessageError` and nothing else.
+Every message is a frozen dataclass whose fields are its payload, in order: each field's
+annotation says how it goes on the wire (``U16``, ``Bool``, ``Sha256``, ``Text``... are
+``Annotated`` types carrying a :class:`Wire` codec), and :class:`Message` derives
+``payload()`` and ``parse(payload)`` from that. Decoding bytes from the line raises
+:class:`MessageError` and nothing else.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from enum import IntEnum
-from typing import ClassVar, Self
+from typing import Annotated, Any, ClassVar, Self, get_type_hints
 
 log = logging.getLogger(__name__)
 
@@ -105,340 +110,310 @@ def _enum(enum: type[IntEnum], value: int, what: str) -> IntEnum:
         raise MessageError(f"{what}: unknown value {value}") from None
 
 
-def _bool(value: int, what: str) -> bool:
+def _bool(value: int) -> bool:
     if value not in (0, 1):
-        raise MessageError(f"{what}: {value} is not 0 or 1")
+        raise ValueError(f"{value} is not 0 or 1")
     return bool(value)
 
 
-def _text(raw: bytes, what: str) -> str:
-    if len(raw) > MAX_VERSION_LEN:
-        raise MessageError(f"{what}: {len(raw)} bytes > {MAX_VERSION_LEN}")
+def _error_code(value: int) -> int:
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MessageError(f"{what}: not UTF-8 ({e})") from None
+        return ErrorCode(value)
+    except ValueError:
+        return value  # a newer MCU's code: keep the number
+
+
+def volts_to_mv(volts: float) -> int:
+    return max(0, min(0xFFFF, round(volts * 1000)))
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+# --- field codecs -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """How one message field goes on the wire; attached to the field's type with
+    ``Annotated[type, Wire(...)]``.
+
+    ``fmt`` is the field's :mod:`struct` code. ``fmt=None`` marks the variable-length rest of
+    the payload (the last field only), ``min_len..max_len`` bytes. ``encode`` turns the
+    attribute into what ``struct`` packs (or the tail's bytes); ``decode`` turns the unpacked
+    value back and raises ``ValueError`` for a value the protocol does not allow.
+    """
+
+    fmt: str | None
+    encode: Callable[[Any], Any] = _as_is
+    decode: Callable[[Any], Any] = _as_is
+    min_len: int = 0
+    max_len: int = 0
+
+    @classmethod
+    def blob(cls, size: int) -> Wire:
+        def exact(raw: bytes) -> bytes:
+            if len(raw) != size:
+                raise ValueError(f"{len(raw)} bytes, must be {size}")
+            return bytes(raw)
+        return cls(f"{size}s", exact)
+
+    @classmethod
+    def u8_enum(cls, enum: type[IntEnum]) -> Wire:
+        return cls("B", decode=enum)
+
+
+U8 = Annotated[int, Wire("B")]
+U16 = Annotated[int, Wire("H")]
+U32 = Annotated[int, Wire("I")]
+Bool = Annotated[bool, Wire("B", decode=_bool)]
+Millivolts = Annotated[float, Wire("H", volts_to_mv, lambda mv: mv / 1000)]  # volts in Python
+Sha256 = Annotated[bytes, Wire.blob(SHA256_LEN)]
+Signature = Annotated[bytes, Wire.blob(SIGNATURE_LEN)]
+#: Version text: UTF-8, 0..32 bytes, filling the rest of the payload.
+Text = Annotated[str, Wire(None, lambda s: s.encode("utf-8"), lambda b: b.decode("utf-8"),
+                           0, MAX_VERSION_LEN)]
+#: FW_CHUNK data: 1..252 bytes, the rest of the payload.
+Chunk = Annotated[bytes, Wire(None, bytes, min_len=1, max_len=MAX_CHUNK)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    codecs: tuple[tuple[str, Wire], ...]   # (field, codec) in payload order; a tail comes last
+    fixed: struct.Struct                   # the fixed-size fields
+    tail: Wire | None
+    lengths: range                         # payload lengths parse accepts
+
+
+@functools.cache
+def _layout(cls: type) -> _Layout:
+    """The wire layout of a message class, read from its dataclass fields' annotations."""
+    hints = get_type_hints(cls, include_extras=True)
+    codecs: list[tuple[str, Wire]] = []
+    for f in fields(cls):
+        wire = next((a for a in getattr(hints[f.name], "__metadata__", ()) if isinstance(a, Wire)),
+                    None)
+        if wire is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: no Wire codec in its annotation")
+        if codecs and codecs[-1][1].fmt is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: only the last field can be a tail")
+        codecs.append((f.name, wire))
+    tail = codecs[-1][1] if codecs and codecs[-1][1].fmt is None else None
+    fixed = struct.Struct("<" + "".join(w.fmt for _, w in codecs if w.fmt is not None))
+    lo, hi = (tail.min_len, tail.max_len) if tail else (0, 0)
+    return _Layout(tuple(codecs), fixed, tail, range(fixed.size + lo, fixed.size + hi + 1))
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """Base: a message with an empty payload. Subclasses set KIND/TYPE and, when they carry
-    fixed fields, FMT plus ``_fields()``/``_build()``."""
+    """Base of every message: the payload is the dataclass fields in order, each encoded as
+    its annotation's :class:`Wire` says (no fields: an empty payload). Subclasses set
+    KIND and TYPE (None for answers shared by several request types)."""
 
     KIND: ClassVar[Kind]
     TYPE: ClassVar[MsgType | None] = None
-    FMT: ClassVar[struct.Struct] = struct.Struct("<")
 
     def payload(self) -> bytes:
-        return self.FMT.pack(*self._fields())
-
-    def _fields(self) -> tuple:
-        return ()
+        """Raises ``ValueError`` for a field the wire cannot carry (``struct.error`` for an
+        integer out of its range)."""
+        layout = _layout(type(self))
+        values = []
+        for name, wire in layout.codecs:
+            try:
+                values.append(wire.encode(getattr(self, name)))
+            except ValueError as e:
+                raise ValueError(f"{type(self).__name__}.{name}: {e}") from None
+        if layout.tail is None:
+            return layout.fixed.pack(*values)
+        raw = values.pop()
+        if not layout.tail.min_len <= len(raw) <= layout.tail.max_len:
+            raise ValueError(f"{type(self).__name__}.{layout.codecs[-1][0]}: {len(raw)} bytes, "
+                             f"must be {layout.tail.min_len}..{layout.tail.max_len}")
+        return layout.fixed.pack(*values) + raw
 
     @classmethod
     def parse(cls, payload: bytes) -> Self:
-        if len(payload) != cls.FMT.size:
-            raise MessageError(f"{cls.__name__}: payload of {len(payload)} bytes, "
-                               f"expected {cls.FMT.size}")
-        return cls._build(*cls.FMT.unpack(payload))
-
-    @classmethod
-    def _build(cls, *values: int | bytes) -> Self:
-        return cls()
+        """Raises :class:`MessageError` for a payload that is not this message."""
+        layout = _layout(cls)
+        lengths = layout.lengths
+        if len(payload) not in lengths:
+            want = (str(lengths.start) if len(lengths) == 1
+                    else f"{lengths.start}..{lengths.stop - 1}")
+            raise MessageError(f"{cls.__name__}: payload of {len(payload)} bytes, expected {want}")
+        raw = list(layout.fixed.unpack_from(payload))
+        if layout.tail is not None:
+            raw.append(bytes(payload[layout.fixed.size:]))
+        values = []
+        for (name, wire), value in zip(layout.codecs, raw):
+            try:
+                values.append(wire.decode(value))
+            except ValueError as e:
+                raise MessageError(f"{cls.__name__}.{name}: {e}") from None
+        return cls(*values)
 
 
 # --- requests (agent -> MCU) ------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class GetVersion(Message):
+class Request(Message):
+    """Base of everything the agent sends."""
+
     KIND = Kind.REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class GetVersion(Request):
     TYPE = MsgType.GET_VERSION
 
 
 @dataclass(frozen=True, slots=True)
-class GetIgnition(Message):
-    KIND = Kind.REQUEST
+class GetIgnition(Request):
     TYPE = MsgType.GET_IGNITION
 
 
 @dataclass(frozen=True, slots=True)
-class GetSupply(Message):
-    KIND = Kind.REQUEST
+class GetSupply(Request):
     TYPE = MsgType.GET_SUPPLY
 
 
 @dataclass(frozen=True, slots=True)
-class GetWakeReason(Message):
-    KIND = Kind.REQUEST
+class GetWakeReason(Request):
     TYPE = MsgType.GET_WAKE_REASON
 
 
 @dataclass(frozen=True, slots=True)
-class Sleep(Message):
+class Sleep(Request):
     """Cut the Pi's power ``power_off_delay_s`` after the response; wake it after
     ``wake_after_s`` (counted from the cut; 0 = no timer) or on ignition/button."""
 
-    KIND = Kind.REQUEST
     TYPE = MsgType.SLEEP
-    FMT = struct.Struct("<IH")
-    wake_after_s: int
-    power_off_delay_s: int
-
-    def _fields(self) -> tuple:
-        return (self.wake_after_s, self.power_off_delay_s)
-
-    @classmethod
-    def _build(cls, wake_after_s: int, power_off_delay_s: int) -> Self:
-        return cls(wake_after_s, power_off_delay_s)
+    wake_after_s: U32
+    power_off_delay_s: U16
 
 
 @dataclass(frozen=True, slots=True)
-class KickWatchdog(Message):
-    KIND = Kind.REQUEST
+class KickWatchdog(Request):
     TYPE = MsgType.WDT_KICK
 
 
 @dataclass(frozen=True, slots=True)
-class SetWatchdog(Message):
+class SetWatchdog(Request):
     """Watchdog timeout in seconds from now (the call is also a kick); 0 disables it."""
 
-    KIND = Kind.REQUEST
     TYPE = MsgType.WDT_SET
-    FMT = struct.Struct("<H")
-    timeout_s: int
-
-    def _fields(self) -> tuple:
-        return (self.timeout_s,)
-
-    @classmethod
-    def _build(cls, timeout_s: int) -> Self:
-        return cls(timeout_s)
+    timeout_s: U16
 
 
 @dataclass(frozen=True, slots=True)
-class SetSupplyReport(Message):
+class SetSupplyReport(Request):
     """Period of EVT_SUPPLY in seconds; 0 stops it."""
 
-    KIND = Kind.REQUEST
     TYPE = MsgType.SET_SUPPLY_REPORT
-    FMT = struct.Struct("<H")
-    period_s: int
-
-    def _fields(self) -> tuple:
-        return (self.period_s,)
-
-    @classmethod
-    def _build(cls, period_s: int) -> Self:
-        return cls(period_s)
+    period_s: U16
 
 
 @dataclass(frozen=True, slots=True)
-class FwBegin(Message):
-    KIND = Kind.REQUEST
+class FwBegin(Request):
     TYPE = MsgType.FW_BEGIN
-    FMT = struct.Struct(f"<I{SHA256_LEN}s{SIGNATURE_LEN}s")
-    total_size: int
-    sha256: bytes
-    signature: bytes
-
-    def _fields(self) -> tuple:
-        if len(self.sha256) != SHA256_LEN or len(self.signature) != SIGNATURE_LEN:
-            raise ValueError("FwBegin needs a 32-byte SHA-256 and a 64-byte Ed25519 signature")
-        return (self.total_size, self.sha256, self.signature)
-
-    @classmethod
-    def _build(cls, total_size: int, sha256: bytes, signature: bytes) -> Self:
-        return cls(total_size, sha256, signature)
+    total_size: U32
+    sha256: Sha256
+    signature: Signature  # Ed25519
 
 
 @dataclass(frozen=True, slots=True)
-class FwChunk(Message):
-    KIND = Kind.REQUEST
+class FwChunk(Request):
     TYPE = MsgType.FW_CHUNK
-    FMT = struct.Struct("<I")
-    offset: int
-    data: bytes
-
-    def payload(self) -> bytes:
-        if not 1 <= len(self.data) <= MAX_CHUNK:
-            raise ValueError(f"chunk data must be 1..{MAX_CHUNK} bytes")
-        return self.FMT.pack(self.offset) + self.data
-
-    @classmethod
-    def parse(cls, payload: bytes) -> Self:
-        if not cls.FMT.size + 1 <= len(payload) <= cls.FMT.size + MAX_CHUNK:
-            raise MessageError(f"FwChunk: payload of {len(payload)} bytes")
-        (offset,) = cls.FMT.unpack_from(payload)
-        return cls(offset, bytes(payload[cls.FMT.size:]))
+    offset: U32
+    data: Chunk
 
 
 @dataclass(frozen=True, slots=True)
-class GetFwStatus(Message):
-    KIND = Kind.REQUEST
+class GetFwStatus(Request):
     TYPE = MsgType.FW_STATUS
 
 
 @dataclass(frozen=True, slots=True)
-class FwSwitch(Message):
+class FwSwitch(Request):
     """Verify the staged image (SHA-256, then Ed25519) and reboot into it on trial; without
     FW_CONFIRM within ``trial_s`` seconds of that reboot the MCU goes back to the old slot."""
 
-    KIND = Kind.REQUEST
     TYPE = MsgType.FW_SWITCH
-    FMT = struct.Struct("<H")
-    trial_s: int
-
-    def _fields(self) -> tuple:
-        return (self.trial_s,)
-
-    @classmethod
-    def _build(cls, trial_s: int) -> Self:
-        return cls(trial_s)
+    trial_s: U16
 
 
 @dataclass(frozen=True, slots=True)
-class FwConfirm(Message):
-    KIND = Kind.REQUEST
+class FwConfirm(Request):
     TYPE = MsgType.FW_CONFIRM
-    FMT = struct.Struct(f"<{SHA256_LEN}s")
-    sha256: bytes
-
-    def _fields(self) -> tuple:
-        return (self.sha256,)
-
-    @classmethod
-    def _build(cls, sha256: bytes) -> Self:
-        return cls(sha256)
+    sha256: Sha256
 
 
 # --- responses (MCU -> agent) -----------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class Ack(Message):
+class Response(Message):
+    """Base of the MCU's success answers."""
+
+    KIND = Kind.RESPONSE
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Response):
     """Empty success response (SLEEP, WDT_KICK, WDT_SET, SET_SUPPLY_REPORT, FW_SWITCH,
     FW_CONFIRM)."""
 
-    KIND = Kind.RESPONSE
-
 
 @dataclass(frozen=True, slots=True)
-class VersionInfo(Message):
-    KIND = Kind.RESPONSE
+class VersionInfo(Response):
     TYPE = MsgType.GET_VERSION
-    FMT = struct.Struct("<B")
-    slot: int
-    version: str
-
-    def payload(self) -> bytes:
-        raw = self.version.encode("utf-8")
-        if len(raw) > MAX_VERSION_LEN:
-            raise ValueError(f"version text longer than {MAX_VERSION_LEN} bytes")
-        return self.FMT.pack(self.slot) + raw
-
-    @classmethod
-    def parse(cls, payload: bytes) -> Self:
-        if len(payload) < 1:
-            raise MessageError("VersionInfo: empty payload")
-        return cls(payload[0], _text(payload[1:], "version"))
+    slot: U8
+    version: Text
 
 
 @dataclass(frozen=True, slots=True)
-class IgnitionState(Message):
-    KIND = Kind.RESPONSE
+class IgnitionState(Response):
     TYPE = MsgType.GET_IGNITION
-    FMT = struct.Struct("<B")
-    on: bool
-
-    def _fields(self) -> tuple:
-        return (int(self.on),)
-
-    @classmethod
-    def _build(cls, on: int) -> Self:
-        return cls(_bool(on, "ignition"))
+    on: Bool
 
 
 @dataclass(frozen=True, slots=True)
-class SupplyReading(Message):
-    KIND = Kind.RESPONSE
+class SupplyReading(Response):
     TYPE = MsgType.GET_SUPPLY
-    FMT = struct.Struct("<H")
-    millivolts: int
-
-    def _fields(self) -> tuple:
-        return (self.millivolts,)
-
-    @classmethod
-    def _build(cls, millivolts: int) -> Self:
-        return cls(millivolts)
+    millivolts: U16
 
 
 @dataclass(frozen=True, slots=True)
-class WakeReasonInfo(Message):
-    KIND = Kind.RESPONSE
+class WakeReasonInfo(Response):
     TYPE = MsgType.GET_WAKE_REASON
-    FMT = struct.Struct("<B")
-    reason: WakeReason
-
-    def _fields(self) -> tuple:
-        return (int(self.reason),)
-
-    @classmethod
-    def _build(cls, reason: int) -> Self:
-        return cls(_enum(WakeReason, reason, "wake reason"))
+    reason: Annotated[WakeReason, Wire.u8_enum(WakeReason)]
 
 
 @dataclass(frozen=True, slots=True)
-class FwProgress(Message):
+class FwProgress(Response):
     """Response to FW_BEGIN and FW_CHUNK: bytes of the image stored so far."""
 
-    KIND = Kind.RESPONSE
-    FMT = struct.Struct("<I")
-    stored: int
+    stored: U32
 
-    def _fields(self) -> tuple:
-        return (self.stored,)
 
-    @classmethod
-    def _build(cls, stored: int) -> Self:
-        return cls(stored)
+FwStateU8 = Annotated[FwState, Wire.u8_enum(FwState)]
 
 
 @dataclass(frozen=True, slots=True)
-class FwStatus(Message):
-    KIND = Kind.RESPONSE
+class FwStatus(Response):
     TYPE = MsgType.FW_STATUS
-    FMT = struct.Struct(f"<BBII{SHA256_LEN}s")
-    state: FwState
-    active_slot: int
-    total_size: int
-    stored: int
-    sha256: bytes
-
-    def _fields(self) -> tuple:
-        return (int(self.state), self.active_slot, self.total_size, self.stored, self.sha256)
-
-    @classmethod
-    def _build(cls, state: int, slot: int, total: int, stored: int, sha: bytes) -> Self:
-        return cls(_enum(FwState, state, "fw state"), slot, total, stored, sha)
+    state: FwStateU8
+    active_slot: U8
+    total_size: U32
+    stored: U32
+    sha256: Sha256
 
 
 @dataclass(frozen=True, slots=True)
 class ErrorReply(Message):
-    """Kind.ERROR packet: the request was understood as far as its type and refused."""
+    """Kind.ERROR packet: the request was understood as far as its type and refused.
+    ``code`` is an :class:`ErrorCode`, or the bare number of a code this side does not know."""
 
     KIND = Kind.ERROR
-    FMT = struct.Struct("<B")
-    code: int
-
-    def _fields(self) -> tuple:
-        return (int(self.code),)
-
-    @classmethod
-    def _build(cls, code: int) -> Self:
-        try:
-            return cls(ErrorCode(code))
-        except ValueError:
-            return cls(code)  # a newer MCU's code: keep the number
+    code: Annotated[int, Wire("B", decode=_error_code)]
 
 
 # --- events (MCU -> agent, unsolicited) -------------------------------------------------------
@@ -453,15 +428,7 @@ class Event(Message):
 @dataclass(frozen=True, slots=True)
 class IgnitionChanged(Event):
     TYPE = MsgType.EVT_IGNITION
-    FMT = struct.Struct("<B")
-    on: bool
-
-    def _fields(self) -> tuple:
-        return (int(self.on),)
-
-    @classmethod
-    def _build(cls, on: int) -> Self:
-        return cls(_bool(on, "ignition"))
+    on: Bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,15 +436,7 @@ class SupplyVoltage(Event):
     """Periodic supply report. On the wire: u16 millivolts."""
 
     TYPE = MsgType.EVT_SUPPLY
-    FMT = struct.Struct("<H")
-    volts: float
-
-    def _fields(self) -> tuple:
-        return (volts_to_mv(self.volts),)
-
-    @classmethod
-    def _build(cls, mv: int) -> Self:
-        return cls(mv / 1000)
+    volts: Millivolts
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,28 +444,9 @@ class McuBooted(Event):
     """Sent once after every MCU reset (power-on, firmware switch, rollback)."""
 
     TYPE = MsgType.EVT_BOOTED
-    FMT = struct.Struct("<BB")
-    slot: int
-    fw_state: FwState
-    version: str
-
-    def payload(self) -> bytes:
-        raw = self.version.encode("utf-8")
-        if len(raw) > MAX_VERSION_LEN:
-            raise ValueError(f"version text longer than {MAX_VERSION_LEN} bytes")
-        return self.FMT.pack(self.slot, int(self.fw_state)) + raw
-
-    @classmethod
-    def parse(cls, payload: bytes) -> Self:
-        if len(payload) < cls.FMT.size:
-            raise MessageError("McuBooted: short payload")
-        slot, state = cls.FMT.unpack_from(payload)
-        return cls(slot, _enum(FwState, state, "fw state"),
-                   _text(payload[cls.FMT.size:], "version"))
-
-
-def volts_to_mv(volts: float) -> int:
-    return max(0, min(0xFFFF, round(volts * 1000)))
+    slot: U8
+    fw_state: FwStateU8
+    version: Text
 
 
 REQUESTS: dict[MsgType, type[Message]] = {c.TYPE: c for c in (

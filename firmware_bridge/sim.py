@@ -1,10 +1,13 @@
 """MCU simulator: the power-management microcontroller's side of docs/mcu-protocol.md on a pty.
 
-A dev/test tool, never shipped. :class:`McuSimulator` opens a pty pair (``os.openpty``), keeps
-the slave open (so the agent can come and go) and serves the protocol on the master from one
-thread. Tests drive its inputs (ignition, supply voltage, button, time) and read its outputs
-(``power_log``, firmware slots), and can tamper with the line through ``request_hook``,
-``response_hook`` and :meth:`inject`.
+The MCU's twin (see :mod:`firmware_bridge.port`), shipped with the agent: it imports only the
+standard library, pyserial, cryptography and firmware_bridge. :class:`McuSimulator` opens a pty
+pair (``os.openpty``), keeps the slave open (so the agent can come and go) and serves the
+protocol on the master from one thread; a :class:`~firmware_bridge.link.McuLink` opens the
+slave's path as it opens the real UART. Tests drive its inputs (ignition, supply voltage,
+button, time) and read its outputs (``power_log``, firmware slots), and can tamper with the line
+through ``request_hook``, ``response_hook`` and :meth:`inject`. ``mcu_port = "sim"`` in the
+agent's settings runs one in the agent's process (:func:`sim_options`, :class:`SimulatedLink`).
 
 Simulated time is ``time.monotonic()`` plus whatever :meth:`advance` added, so the simulator
 also runs on its own for the demo. Simplification: the simulator answers requests even while
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import os
 import random
 import select
@@ -32,12 +36,15 @@ import time
 import tty
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from firmware_bridge.framing import Deframer, encode_frame
+from firmware_bridge.link import McuLink
 from firmware_bridge.messages import (
     HEADER, PROTOCOL_VERSION, REQUESTS, Ack, ErrorCode, ErrorReply, FwBegin, FwChunk,
     FwConfirm, FwProgress, FwState,
@@ -45,6 +52,7 @@ from firmware_bridge.messages import (
     IgnitionChanged, IgnitionState, KickWatchdog, Kind, McuBooted, Message, MessageError,
     MsgType, Packet, SetSupplyReport, SetWatchdog, Sleep, SupplyReading, SupplyVoltage,
     VersionInfo, WakeReason, WakeReasonInfo, decode_packet, encode_packet, volts_to_mv)
+from firmware_bridge.port import SIM_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +160,11 @@ class McuSimulator:
         self._session: tuple[int, bytes, bytes] | None = None  # total, sha, signature
         self._trial_image: _Slot | None = None  # the image of the last switch
         self._staging = bytearray()
+
+    @classmethod
+    def from_spec(cls, spec: str) -> McuSimulator:
+        """A simulator (not started) from a ``power.mcu_port`` value (see :func:`sim_options`)."""
+        return cls(**sim_options(spec))
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -495,6 +508,62 @@ class McuSimulator:
         self.power_log.append(PowerEvent(now, "restore", reason.label))
 
 
+def sim_options(spec: str) -> dict[str, Any]:
+    """:class:`McuSimulator` keyword arguments from a ``power.mcu_port`` value ``sim`` or
+    ``sim://?version=1.0.0&ignition=on&supply_v=12.6&pubkey=FILE``:
+
+    - ``version``: firmware version in slot 0 (default 1.0.0);
+    - ``ignition``: ``on`` (default: nobody turns this twin's key, and with it off the agent
+      would put the machine it runs on to sleep) or ``off``;
+    - ``supply_v``: the 12 V supply (default 12.6);
+    - ``pubkey``: the Ed25519 firmware-signing public key (raw 32 bytes or PEM) the simulated
+      bootloader verifies images with (default: a fresh key no image matches).
+
+    Opens nothing but the key file. Raises ValueError naming what it cannot read.
+    """
+    parts = urlsplit(SIM_SCHEME + ":" if spec == SIM_SCHEME else spec)
+    if parts.scheme != SIM_SCHEME or parts.netloc or parts.path not in ("", "/") \
+            or parts.fragment:
+        raise ValueError(f"mcu_port {spec!r}: expected 'sim' or 'sim://?option=value&...'")
+    try:
+        opts = dict(parse_qsl(parts.query, keep_blank_values=True,
+                              strict_parsing=bool(parts.query)))
+    except ValueError as e:
+        raise ValueError(f"mcu_port {spec!r}: {e}") from None
+    unknown = sorted(set(opts) - {"version", "ignition", "supply_v", "pubkey"})
+    if unknown:
+        raise ValueError(f"mcu_port {spec!r}: unknown option {unknown[0]!r}")
+    if opts.get("ignition", "on") not in ("on", "off"):
+        raise ValueError(f"mcu_port {spec!r}: ignition must be 'on' or 'off'")
+    try:
+        supply_v = float(opts.get("supply_v", 12.6))
+    except ValueError:
+        supply_v = math.nan
+    if not math.isfinite(supply_v):
+        raise ValueError(f"mcu_port {spec!r}: supply_v is not a number")
+    try:
+        pub = (_load_public_key(opts["pubkey"]) if "pubkey" in opts
+               else Ed25519PrivateKey.generate().public_key())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"mcu_port {spec!r}: pubkey: {e}") from None
+    return {"public_key": pub, "version": opts.get("version", "1.0.0"), "supply_v": supply_v,
+            "ignition": opts.get("ignition", "on") == "on"}
+
+
+class SimulatedLink(McuLink):
+    """A McuLink on the pty of an in-process :class:`McuSimulator`: what ``mcu_port = "sim"``
+    gives (:func:`firmware_bridge.port.make_port`). The simulator keeps running across the
+    link's close and open, as the real MCU outlives the agent's port; ``simulator.stop()``
+    ends it (it is a daemon thread: process exit does too)."""
+
+    def __init__(self, simulator: McuSimulator, **link_options: Any) -> None:
+        super().__init__(simulator.port, **link_options)
+        self.simulator = simulator
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "simulated": True}
+
+
 def _raw_error(packet: Packet, reply: Message) -> bytes:
     """The ERROR answer to a request type that is not in MsgType (encode_packet needs one)."""
     body = HEADER.pack((PROTOCOL_VERSION << 4) | Kind.ERROR, packet.seq, int(packet.type))
@@ -502,12 +571,14 @@ def _raw_error(packet: Packet, reply: Message) -> bytes:
 
 
 def _load_public_key(path: str) -> Ed25519PublicKey:
-    data = open(path, "rb").read()
+    """Raises ValueError (or OSError) for a file that does not hold an Ed25519 public key."""
+    with open(path, "rb") as f:
+        data = f.read()
     if len(data) == 32:
         return Ed25519PublicKey.from_public_bytes(data)
     key = serialization.load_pem_public_key(data)
     if not isinstance(key, Ed25519PublicKey):
-        raise SystemExit(f"{path}: not an Ed25519 public key")
+        raise ValueError(f"{path}: not an Ed25519 public key")
     return key
 
 
@@ -521,7 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.pubkey:
-        pub = _load_public_key(args.pubkey)
+        try:
+            pub = _load_public_key(args.pubkey)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--pubkey: {e}") from None
     else:
         priv = Ed25519PrivateKey.generate()
         pub = priv.public_key()

@@ -1,16 +1,23 @@
-"""firmware_bridge: framing and messages (pure), and McuLink against the MCU simulator over a
-real pty through pyserial."""
+"""firmware_bridge: framing and messages (pure), McuLink against the MCU simulator over a real
+pty through pyserial, and the port interface that picks one or the other from the settings."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.metadata
 import random
+import re
+import struct
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from crccheck.crc import Crc16CcittFalse
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,7 +26,9 @@ from firmware_bridge import framing, messages as m
 from firmware_bridge.framing import CrcError, Deframer, FrameError
 from firmware_bridge.link import (
     FirmwareRejected, FirmwareRolledBack, McuLink, McuRejected, McuTimeout)
-from firmware_bridge.sim import McuSimulator, make_image
+from firmware_bridge.port import McuError, McuLinkClosed, McuPort, check_spec, make_port
+from firmware_bridge.sim import McuSimulator, SimulatedLink, make_image
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,28 +139,151 @@ def test_deframer_resyncs_after_garbage_truncation_and_overlong_runs() -> None:
 # --- messages ---------------------------------------------------------------------------------
 
 SHA = hashlib.sha256(b"x").digest()
-ALL_MESSAGES: list[tuple[m.Message, m.MsgType | None]] = [
-    (m.GetVersion(), None), (m.GetIgnition(), None), (m.GetSupply(), None),
-    (m.GetWakeReason(), None), (m.Sleep(3600, 10), None), (m.KickWatchdog(), None),
-    (m.SetWatchdog(30), None), (m.SetSupplyReport(5), None),
-    (m.FwBegin(70000, SHA, bytes(range(64))), None), (m.FwChunk(65536, b"\x00\x01\xff"), None),
-    (m.GetFwStatus(), None), (m.FwSwitch(60), None), (m.FwConfirm(SHA), None),
-    (m.VersionInfo(1, "2.1.0-rc1"), None), (m.IgnitionState(True), None),
-    (m.SupplyReading(11870), None), (m.WakeReasonInfo(m.WakeReason.WATCHDOG), None),
-    (m.Ack(), m.MsgType.SLEEP), (m.FwProgress(1234), m.MsgType.FW_CHUNK),
-    (m.FwStatus(m.FwState.RECEIVING, 0, 70000, 1234, SHA), None),
-    (m.ErrorReply(m.ErrorCode.BAD_SIGNATURE), m.MsgType.FW_SWITCH),
-    (m.IgnitionChanged(False), None), (m.SupplyVoltage(13.812), None),
-    (m.McuBooted(1, m.FwState.TRIAL, "2.0.0"), None),
+SHA_HEX = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"  # SHA-256 of b"x"
+T = m.MsgType
+
+# Every message type as packet bytes (seq 0x2A), captured from the hand-written encoders
+# messages.py had before its codec table (commit 2ac5801): the wire format must not move.
+WIRE: list[tuple[m.Message, m.MsgType | None, str]] = [
+    (m.GetVersion(), None, "102a01"),
+    (m.GetIgnition(), None, "102a02"),
+    (m.GetSupply(), None, "102a03"),
+    (m.GetWakeReason(), None, "102a04"),
+    (m.Sleep(3600, 10), None, "102a05100e00000a00"),
+    (m.Sleep(0, 0), None, "102a05000000000000"),
+    (m.Sleep(0xFFFFFFFF, 0xFFFF), None, "102a05ffffffffffff"),
+    (m.KickWatchdog(), None, "102a06"),
+    (m.SetWatchdog(30), None, "102a071e00"),
+    (m.SetWatchdog(0), None, "102a070000"),
+    (m.SetWatchdog(0xFFFF), None, "102a07ffff"),
+    (m.SetSupplyReport(5), None, "102a080500"),
+    (m.SetSupplyReport(0), None, "102a080000"),
+    (m.FwBegin(70000, SHA, bytes(range(64))), None,
+     "102a10" "70110100" + SHA_HEX + bytes(range(64)).hex()),
+    (m.FwBegin(0xFFFFFFFF, bytes(32), bytes(64)), None, "102a10" "ffffffff" + "00" * 96),
+    (m.FwChunk(65536, b"\x00\x01\xff"), None, "102a11000001000001ff"),
+    (m.FwChunk(0, b"\x00"), None, "102a110000000000"),
+    (m.FwChunk(0xFFFFFFFF, bytes(range(252))), None, "102a11ffffffff" + bytes(range(252)).hex()),
+    (m.GetFwStatus(), None, "102a12"),
+    (m.FwSwitch(60), None, "102a133c00"),
+    (m.FwSwitch(0), None, "102a130000"),
+    (m.FwConfirm(SHA), None, "102a14" + SHA_HEX),
+    (m.VersionInfo(1, "2.1.0-rc1"), None, "112a0101322e312e302d726331"),
+    (m.VersionInfo(0, ""), None, "112a0100"),
+    (m.VersionInfo(1, "\u00fc" * 16), None, "112a0101" + "c3bc" * 16),
+    (m.IgnitionState(True), None, "112a0201"),
+    (m.IgnitionState(False), None, "112a0200"),
+    (m.SupplyReading(11870), None, "112a035e2e"),
+    (m.SupplyReading(0xFFFF), None, "112a03ffff"),
+    *[(m.WakeReasonInfo(r), None, f"112a04{r:02x}") for r in m.WakeReason],
+    (m.Ack(), T.SLEEP, "112a05"),
+    (m.Ack(), T.FW_CONFIRM, "112a14"),
+    (m.FwProgress(1234), T.FW_CHUNK, "112a11d2040000"),
+    (m.FwProgress(0), T.FW_BEGIN, "112a1000000000"),
+    *[(m.FwStatus(s, s % 2, 70000, 1234, SHA), None,
+       f"112a12{s:02x}{s % 2:02x}" "70110100" "d2040000" + SHA_HEX) for s in m.FwState],
+    (m.FwStatus(m.FwState.IDLE, 0, 0, 0, bytes(32)), None, "112a12" + "00" * 42),
+    *[(m.ErrorReply(c), T.FW_SWITCH, f"122a13{c:02x}") for c in m.ErrorCode],
+    (m.ErrorReply(200), T.GET_VERSION, "122a01c8"),  # a newer MCU's code: kept as a number
+    (m.IgnitionChanged(False), None, "132a4000"),
+    (m.IgnitionChanged(True), None, "132a4001"),
+    (m.SupplyVoltage(13.812), None, "132a41f435"),
+    (m.SupplyVoltage(0.0), None, "132a410000"),
+    (m.SupplyVoltage(65.535), None, "132a41ffff"),
+    (m.McuBooted(1, m.FwState.TRIAL, "2.0.0"), None, "132a420103322e302e30"),
+    (m.McuBooted(0, m.FwState.ROLLED_BACK, ""), None, "132a420005"),
 ]
 
 
-@pytest.mark.parametrize(("msg", "msg_type"), ALL_MESSAGES, ids=lambda x: type(x).__name__)
-def test_message_round_trip(msg: m.Message, msg_type: m.MsgType | None) -> None:
+def test_wire_covers_every_message_type() -> None:
+    every = {*m.REQUESTS.values(), *m.RESPONSES.values(), *m.EVENTS.values(), m.ErrorReply}
+    assert every <= {type(msg) for msg, _, _ in WIRE}
+
+
+@pytest.mark.parametrize(("msg", "msg_type", "wire"), WIRE, ids=lambda x: type(x).__name__)
+def test_message_wire_bytes_and_round_trip(msg: m.Message, msg_type: m.MsgType | None,
+                                           wire: str) -> None:
     body = m.encode_packet(0x2A, msg, msg_type=msg_type)
-    packet = m.decode_packet(body)
+    assert body.hex() == wire
+    packet = m.decode_packet(bytes.fromhex(wire))
     assert (packet.kind, packet.seq) == (msg.KIND, 0x2A)
     assert m.parse_message(packet) == msg
+
+
+# Payload lengths each (kind, type) accepts (zero-filled payloads), captured like WIRE:
+# kind, the types, the lengths ("a..b": a to b inclusive). Types not listed take none.
+ACCEPTED_LENGTHS = """
+REQUEST   GET_VERSION GET_IGNITION GET_SUPPLY GET_WAKE_REASON WDT_KICK FW_STATUS  0
+REQUEST   SLEEP                                                                  6
+REQUEST   WDT_SET SET_SUPPLY_REPORT FW_SWITCH                                    2
+REQUEST   FW_BEGIN                                                               100
+REQUEST   FW_CHUNK                                                               5..256
+REQUEST   FW_CONFIRM                                                             32
+RESPONSE  GET_VERSION                                                            1..33
+RESPONSE  GET_IGNITION GET_WAKE_REASON                                           1
+RESPONSE  GET_SUPPLY                                                             2
+RESPONSE  SLEEP WDT_KICK WDT_SET SET_SUPPLY_REPORT FW_SWITCH FW_CONFIRM          0
+RESPONSE  FW_BEGIN FW_CHUNK                                                      4
+RESPONSE  FW_STATUS                                                              42
+ERROR     *                                                                      1
+EVENT     EVT_IGNITION                                                           1
+EVENT     EVT_SUPPLY                                                             2
+EVENT     EVT_BOOTED                                                             2..34
+"""
+
+
+def _accepted_lengths() -> dict[tuple[m.Kind, m.MsgType], list[int]]:
+    table = {}
+    for line in ACCEPTED_LENGTHS.strip().splitlines():
+        kind, *types, lengths = line.split()
+        lo, _, hi = lengths.partition("..")
+        for t in m.MsgType if types == ["*"] else [T[name] for name in types]:
+            table[m.Kind[kind], t] = list(range(int(lo), int(hi or lo) + 1))
+    return table
+
+
+@pytest.mark.parametrize("kind", list(m.Kind), ids=lambda k: k.name)
+def test_parse_accepts_exactly_the_documented_lengths(kind: m.Kind) -> None:
+    for t in m.MsgType:
+        accepted = []
+        for n in range(m.MAX_PAYLOAD + 1):
+            try:
+                m.parse_message(m.Packet(kind, 1, t, bytes(n)))
+            except m.MessageError:
+                continue
+            accepted.append(n)
+        assert accepted == _accepted_lengths().get((kind, t), []), t
+
+
+def test_encoders_refuse_what_the_wire_cannot_carry() -> None:
+    for msg in (m.FwBegin(1, SHA[:31], bytes(64)), m.FwBegin(1, SHA, bytes(63)),
+                m.FwChunk(0, b""), m.FwChunk(0, bytes(m.MAX_CHUNK + 1)),
+                m.VersionInfo(0, "x" * 33), m.McuBooted(0, m.FwState.IDLE, "\u00fc" * 17)):
+        with pytest.raises(ValueError):
+            msg.payload()
+    for msg in (m.SetWatchdog(0x10000), m.Sleep(-1, 0), m.FwProgress(1 << 32), m.FwSwitch(1.5)):
+        with pytest.raises(struct.error):
+            msg.payload()
+    # volts are clamped to what a u16 of millivolts holds
+    assert m.SupplyVoltage(70.0).payload() == b"\xff\xff"
+    assert m.SupplyVoltage(-1.0).payload() == b"\x00\x00"
+
+
+def test_a_message_field_without_a_codec_is_a_declaration_error() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Untyped(m.Message):
+        KIND = m.Kind.REQUEST
+        value: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class TailFirst(m.Message):
+        KIND = m.Kind.REQUEST
+        version: m.Text
+        slot: m.U8
+
+    for cls, args in ((Untyped, (1,)), (TailFirst, ("1.0", 0))):
+        with pytest.raises(TypeError, match=cls.__name__):
+            cls(*args).payload()
 
 
 def test_documented_example_bytes() -> None:
@@ -190,14 +322,6 @@ def test_random_packets_raise_only_message_error(body: bytes) -> None:
 
 
 # --- link against the simulator ---------------------------------------------------------------
-
-def wait_for(pred: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
 
 class Events:
     def __init__(self) -> None:
@@ -249,9 +373,9 @@ def test_queries(sim: McuSimulator, link: McuLink) -> None:
 
 def test_ignition_events(sim: McuSimulator, link: McuLink, events: Events) -> None:
     sim.set_ignition(True)
-    wait_for(lambda: events.of(m.IgnitionChanged))
+    assert wait_until(lambda: events.of(m.IgnitionChanged))
     sim.set_ignition(False)
-    wait_for(lambda: len(events.of(m.IgnitionChanged)) == 2)
+    assert wait_until(lambda: len(events.of(m.IgnitionChanged)) == 2)
     assert events.of(m.IgnitionChanged) == [m.IgnitionChanged(True), m.IgnitionChanged(False)]
 
 
@@ -265,7 +389,7 @@ def test_a_failing_callback_does_not_stop_events(sim: McuSimulator) -> None:
     with McuLink(sim.port, on_event=cb) as lk:
         sim.set_ignition(True)
         sim.set_ignition(False)
-        wait_for(lambda: len(seen) == 2)
+        assert wait_until(lambda: len(seen) == 2)
         assert lk.ignition() is False
 
 
@@ -273,7 +397,7 @@ def test_periodic_supply_event(sim: McuSimulator, link: McuLink, events: Events)
     link.set_supply_report(5)
     sim.set_supply_voltage(13.9)
     sim.advance(5)
-    wait_for(lambda: events.of(m.SupplyVoltage))
+    assert wait_until(lambda: events.of(m.SupplyVoltage))
     assert events.of(m.SupplyVoltage)[0].volts == pytest.approx(13.9)
     link.set_supply_report(0)
     n = len(events.of(m.SupplyVoltage))
@@ -447,7 +571,7 @@ def test_firmware_update_full(sim: McuSimulator, link: McuLink, events: Events,
     assert sim.fw_state is m.FwState.COMMITTED
     assert seen[0] == (0, 20_000) and seen[-1] == (20_000, 20_000)
     assert [a for a, _ in seen] == sorted(a for a, _ in seen)
-    wait_for(lambda: events.of(m.McuBooted))
+    assert wait_until(lambda: events.of(m.McuBooted))
     assert events.of(m.McuBooted)[0] == m.McuBooted(1, m.FwState.TRIAL, "2.0.0")
     st = link.firmware_status()
     assert (st.state, st.active_slot, st.sha256) == (
@@ -511,7 +635,7 @@ def test_image_that_never_handshakes_falls_back(sim: McuSimulator, link: McuLink
     image = make_image("2.0.0-broken", 8_000, healthy=False, seed=6)
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(link.update_firmware, image, key.sign(image), trial_s=30)
-        wait_for(lambda: sim.fw_state is m.FwState.TRIAL)
+        assert wait_until(lambda: sim.fw_state is m.FwState.TRIAL)
         assert sim.active_slot == 1
         sim.advance(31)  # nobody confirmed within the trial window
         with pytest.raises(FirmwareRolledBack):
@@ -519,7 +643,7 @@ def test_image_that_never_handshakes_falls_back(sim: McuSimulator, link: McuLink
     assert sim.active_slot == 0 and sim.version == "1.0.0"
     assert link.firmware_version() == "1.0.0"
     assert link.firmware_status().state is m.FwState.ROLLED_BACK
-    wait_for(lambda: events.of(m.McuBooted))
+    assert wait_until(lambda: events.of(m.McuBooted))
     assert events.of(m.McuBooted)[-1] == m.McuBooted(0, m.FwState.ROLLED_BACK, "1.0.0")
 
 
@@ -529,6 +653,122 @@ def test_unconfirmed_trial_rolls_back(sim: McuSimulator, link: McuLink,
     assert link.update_firmware(image, key.sign(image), trial_s=20, confirm=False) == "2.0.0"
     assert link.firmware_status().state is m.FwState.TRIAL
     sim.advance(21)
-    wait_for(lambda: sim.reboots == 2 and sim.version == "1.0.0")
+    assert wait_until(lambda: sim.reboots == 2 and sim.version == "1.0.0")
     assert link.firmware_version() == "1.0.0"
     assert link.firmware_status().state is m.FwState.ROLLED_BACK
+
+
+# --- the port: McuLink on a UART, or on the simulator's pty -----------------------------------
+
+@pytest.fixture
+def sim_port(request: pytest.FixtureRequest,
+             events: Events) -> Callable[[str], SimulatedLink]:
+    """make_port for a ``sim`` spec; the simulators it starts end with the test."""
+    def make(spec: str) -> SimulatedLink:
+        port = make_port(spec, on_event=events, timeout_s=2.0)
+        assert isinstance(port, SimulatedLink)
+        request.addfinalizer(port.simulator.stop)
+        request.addfinalizer(port.close)  # finalizers run last-in first-out
+        return port
+    return make
+
+
+def test_make_port_picks_the_implementation_from_the_setting(
+        sim: McuSimulator, events: Events, sim_port: Callable[[str], SimulatedLink]) -> None:
+    assert make_port("", on_event=events) is None
+    uart = make_port(sim.port, on_event=events)
+    assert type(uart) is McuLink and isinstance(uart, McuPort)
+    twin = sim_port("sim")
+    assert isinstance(twin, McuPort) and twin.simulator.port != sim.port
+    with uart:
+        twin.open()
+        assert uart.ignition() is False  # the fixture's simulator
+        assert twin.ignition() is True   # "sim" starts with the key turned (see sim_options)
+        assert uart.status()["open"] and "simulated" not in uart.status()
+        assert twin.status()["simulated"] and twin.status()["port"] == twin.simulator.port
+
+
+def test_sim_port_is_the_simulator_in_process_and_outlives_the_link(
+        events: Events, sim_port: Callable[[str], SimulatedLink]) -> None:
+    port = sim_port("sim://?version=3.1.4&ignition=off&supply_v=11.9")
+    port.open()
+    assert (port.firmware_version(), port.ignition()) == ("3.1.4", False)
+    assert port.supply_voltage() == pytest.approx(11.9)
+    port.simulator.set_ignition(True)
+    assert wait_until(lambda: events.of(m.IgnitionChanged))
+    assert events.of(m.IgnitionChanged) == [m.IgnitionChanged(True)]
+    port.set_watchdog(30)
+    port.close()
+    assert not port.status()["open"]
+    port.open()  # the MCU kept running while the agent's port was closed
+    assert port.ignition() is True and port.simulator.watchdog_timeout_s == 30
+    assert port.status()["frames"] >= 5 and port.status()["bad_frames"] == 0
+
+
+def test_sim_port_verifies_images_with_the_configured_key(
+        tmp_path, key: Ed25519PrivateKey, events: Events,
+        sim_port: Callable[[str], SimulatedLink]) -> None:
+    pem = tmp_path / "mcu-fw.pub"
+    pem.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    image = make_image("2.0.0", 4000, seed=8)
+    port = sim_port(f"sim://?pubkey={pem}")
+    port.open()
+    assert port.update_firmware(image, key.sign(image), trial_s=5) == "2.0.0"
+    assert port.simulator.fw_state is m.FwState.COMMITTED
+    stranger = sim_port("sim")  # no pubkey: a key nobody signs with
+    stranger.open()
+    with pytest.raises(FirmwareRejected, match="BAD_SIGNATURE"):
+        stranger.update_firmware(image, key.sign(image))
+
+
+@pytest.mark.parametrize("spec", [
+    "sim:foo", "sim://host", "sim://?bogus=1", "sim://?ignition=maybe", "sim://?supply_v=x",
+    "sim://?supply_v=nan", "sim://?pubkey=/nonexistent/key.pem", "sim://?version"])
+def test_unreadable_sim_settings_raise_value_error(spec: str, events: Events) -> None:
+    with pytest.raises(ValueError, match="mcu_port"):
+        check_spec(spec)
+    with pytest.raises(ValueError, match="mcu_port"):
+        make_port(spec, on_event=events)
+
+
+def test_check_spec_passes_what_make_port_can_use(tmp_path) -> None:
+    for spec in ("", "sim", "sim://?ignition=off&supply_v=11.5", "/dev/serial0",
+                 str(tmp_path / "missing"), "rfc2217://localhost:7000"):
+        check_spec(spec)  # a missing device is a missing MCU, found out by open()
+
+
+def test_a_port_that_cannot_be_opened_raises_mcu_error(tmp_path, events: Events) -> None:
+    port = make_port(str(tmp_path / "ttyNONE"), on_event=events)
+    assert port is not None
+    with pytest.raises(McuLinkClosed, match="cannot open MCU port"):
+        port.open()
+    assert port.status()["open"] is False and "No such file" in port.status()["error"]
+    with pytest.raises(McuError):
+        port.ignition()
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    return set(out.split())
+
+
+def test_the_port_loads_only_what_it_needs() -> None:
+    port = _modules_after("import firmware_bridge.port")
+    assert "serial" not in port and "firmware_bridge.sim" not in port
+    link = _modules_after("import firmware_bridge.link")
+    assert "firmware_bridge.sim" not in link and "cryptography" not in link
+
+
+def test_the_shipped_twin_imports_no_test_tools_and_nothing_above_it() -> None:
+    loaded = {name.split(".")[0] for name in _modules_after("import firmware_bridge.sim")}
+    assert not loaded & {"agent", "drivers", "scripts", "tests"}
+    dev_tools = {re.split(r"[<>=\s#]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+                 for line in (Path(__file__).resolve().parent.parent / "requirements-dev.txt")
+                 .read_text().splitlines() if line.strip() and not line.startswith("#")}
+    owners = importlib.metadata.packages_distributions()
+    loaded_dists = {d.lower().replace("_", "-") for name in loaded for d in owners.get(name, ())}
+    assert "cryptography" in loaded_dists  # the check sees installed distributions at all
+    assert not loaded_dists & dev_tools
