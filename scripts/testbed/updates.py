@@ -126,11 +126,7 @@ def stage(tree: Path, version: str, *, broken: bool = False, source: Path | None
     """Stages a code-only agent slot tree for ``version`` (see the module docstring)."""
     if tree.exists():
         shutil.rmtree(tree)
-    site = stage_agent(tree, **({"source": source} if source else {}))
-    dist = site / f"dongle_agent-{version.replace('-', '_')}.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: dongle-agent\nVersion: {version}\n")
+    site = stage_agent(tree, version=version, **({"source": source} if source else {}))
     (site / "dev-deps.pth").write_text(deps_site() + "\n")
     if broken:
         with open(site / "agent" / "daemon.py", "a") as f:
