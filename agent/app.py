@@ -10,7 +10,6 @@ import copy
 import logging
 import threading
 import time
-from importlib import metadata
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -29,15 +28,9 @@ from agent.settings import Settings
 from agent.outbox.store import Store
 from agent.outbox.uplink import Sealer, Uplink
 from drivers.core.vin import validate as validate_vin
+from agent.version import agent_version
 
 log = logging.getLogger(__name__)
-
-
-def agent_version() -> str:
-    try:
-        return metadata.version("dongle-agent")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class Agent:
