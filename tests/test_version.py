@@ -45,6 +45,7 @@ def test_a_staged_slot_reports_the_release_version(prog, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{prog} 7.8.9\n", r.stdout
     # the agent's own modules came from the slot, not the checkout
-    where = subprocess.run([sys.executable, "-P", "-c", f"import {module}; print({module}.__file__)"],
-                           capture_output=True, text=True, timeout=60, cwd="/", env=env)
+    where = subprocess.run(
+        [sys.executable, "-P", "-c", f"import {module}; print({module}.__file__)"],
+        capture_output=True, text=True, timeout=60, cwd="/", env=env)
     assert where.stdout.strip().startswith(str(site)), where.stdout

@@ -67,8 +67,9 @@ def marker_environment(arch: str) -> dict[str, str]:
     """PEP 508 marker variables of the device (CPython 3.11 on Linux, ``arch``)."""
     _check_arch(arch)
     return {"implementation_name": "cpython", "implementation_version": PYTHON_FULL,
-            "os_name": "posix", "platform_machine": arch, "platform_python_implementation": "CPython",
-            "platform_release": "", "platform_system": "Linux", "platform_version": "",
+            "os_name": "posix", "platform_machine": arch,
+            "platform_python_implementation": "CPython", "platform_release": "",
+            "platform_system": "Linux", "platform_version": "",
             "python_full_version": PYTHON_FULL, "python_version": PYTHON, "sys_platform": "linux"}
 
 
@@ -106,7 +107,8 @@ def read_lock(path: Path = LOCK) -> list[Pin]:
         req = Requirement(re.sub(r"\s*--hash=\S+", "", line).strip())
         spec = list(req.specifier)
         if len(spec) != 1 or spec[0].operator != "==" or not hashes:
-            raise ValueError(f"{path}: {req.name} is not pinned with == and hashes: {raw.strip()!r}")
+            raise ValueError(f"{path}: {req.name} is not pinned with == and hashes: "
+                             f"{raw.strip()!r}")
         pins.append(Pin(canonicalize_name(req.name), spec[0].version,
                         str(req.marker) if req.marker else None, hashes))
     return pins
@@ -143,8 +145,8 @@ class MissingWheels(RuntimeError):
 
     def __init__(self, arch: str, missing: dict[str, str]):
         self.arch, self.missing = arch, missing
-        super().__init__(f"no {arch} cp{PYTHON.replace('.', '')} wheel for: " + "; ".join(
-            f"{name} ({why})" for name, why in missing.items()))
+        super().__init__(f"no hash-matching {arch} cp{PYTHON.replace('.', '')} wheel for: "
+                         + "; ".join(f"{name} ({why})" for name, why in missing.items()))
 
 
 def download(arch: str, dest: Path, lock: Path = LOCK) -> list[Path]:
@@ -154,7 +156,8 @@ def download(arch: str, dest: Path, lock: Path = LOCK) -> list[Path]:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     pins = write_requirements(arch, dest / "requirements.txt", read_lock(lock))
-    common = ["download", "--no-deps", "--require-hashes", "--dest", str(dest), *pip_target_args(arch)]
+    common = ["download", "--no-deps", "--require-hashes", "--dest", str(dest),
+              *pip_target_args(arch)]
     r = _pip(*common, "-r", str(dest / "requirements.txt"))
     if r.returncode != 0:  # find every pin that fails, not just the first
         missing = {}
@@ -223,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         wheels = download(arch, args.dest, args.lock)
     except MissingWheels as e:
         print(f"wheelhouse: {e}", file=sys.stderr)
-        print("wheelhouse: these would have to build on the device (Pi OS: build-essential "
-              "python3-dev, plus the library's own -dev packages)", file=sys.stderr)
+        if any("No matching distribution" in why for why in e.missing.values()):
+            print("wheelhouse: a package without a wheel would have to build on the device (Pi "
+                  "OS: build-essential python3-dev, plus the library's own -dev packages)",
+                  file=sys.stderr)
         return 1
     kinds: dict[str, list[str]] = {}
     for whl in wheels:
@@ -232,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("binary", "abi3", "pure"):
         for name in kinds.get(kind, []):
             print(f"{kind:6}  {name}")
-    print(f"wheelhouse: {len(wheels)} wheels for {arch} (cp{PYTHON.replace('.', '')}) in {args.dest}: "
-          + ", ".join(f"{len(v)} {k}" for k, v in kinds.items()) + "; none to build")
+    print(f"wheelhouse: {len(wheels)} wheels for {arch} (cp{PYTHON.replace('.', '')}) in "
+          f"{args.dest}: " + ", ".join(f"{len(v)} {k}" for k, v in kinds.items())
+          + "; none to build")
     return 0
 
 

@@ -19,7 +19,8 @@ Demo bundles are *code-only*: a slot holds the agent's own packages (agent, driv
 firmware_bridge, config), a ``dongle_agent-<version>.dist-info`` (so the agent reports the
 slot's version) and the launchers; the third-party dependencies are not copied but borrowed from
 this checkout's virtualenv through ``dev-deps.pth`` (an absolute path: a demo shortcut; device
-bundles are built with ``release.py agent --stage --deps`` in an aarch64 environment). A
+bundles are built with ``release.py agent --stage --deps``, which installs the locked aarch64
+wheels of requirements.lock). A
 release that changes a few modules is then a delta of a few KB.
 """
 from __future__ import annotations
