@@ -13,7 +13,7 @@ export CANVM_DIR
 # python-can's virtual bus.
 SOCKETCAN_TESTS := tests/socketcan tests/test_can.py tests/test_can_replay.py
 
-.PHONY: help test-socketcan test-install soak bench-store bench-memory
+.PHONY: help lock wheelhouse test-socketcan test-install soak bench-store bench-memory
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -22,11 +22,22 @@ test-socketcan: ## run the SocketCAN tests in the CAN VM (root; one-time setup)
 	CAN_TEST_INTERFACE=socketcan CAN_TEST_CHANNEL=vcan0 \
 	  $(CANVM) $(VENV)/bin/pytest -q -p no:cacheprovider $(SOCKETCAN_TESTS)
 
-# The VM has no network: install.sh gets the agent's dependencies from a wheelhouse downloaded here.
+# The device's dependencies: requirements.lock (exact pins, wheel hashes), compiled from
+# requirements.txt. `make wheelhouse` downloads its wheels for one architecture (default: this
+# machine's) into a directory scripts/install.sh --wheelhouse installs from, offline.
+ARCH ?= $(shell uname -m)
+WHEELHOUSE ?= build/wheelhouse-$(ARCH)
+
+lock: ## re-resolve requirements.txt into requirements.lock (scripts/lock.sh; installs uv into ~/.cache)
+	scripts/lock.sh
+
+wheelhouse: ## the locked wheels for ARCH (x86_64|aarch64) into WHEELHOUSE (default build/wheelhouse-ARCH)
+	$(VENV)/bin/python -m scripts.refcloud.wheelhouse $(ARCH) $(WHEELHOUSE)
+
+# The VM has no network: install.sh gets the agent's dependencies from a wheelhouse made here.
 test-install: ## run scripts/install.sh for real in the CAN VM (throwaway root fs), then provision
 	scripts/canvm/setup.sh
-	$(VENV)/bin/pip download -q --disable-pip-version-check -d $(CANVM_DIR)/wheelhouse \
-	  -r requirements.txt setuptools wheel
+	$(VENV)/bin/python -m scripts.refcloud.wheelhouse $$(uname -m) $(CANVM_DIR)/wheelhouse
 	DONGLE_WHEELHOUSE=$(CANVM_DIR)/wheelhouse \
 	  $(CANVM) $(VENV)/bin/pytest -q -p no:cacheprovider tests/socketcan/test_install_in_vm.py
 

@@ -1,8 +1,10 @@
 from setuptools import find_packages, setup
 
+# requirements.txt: the runtime requirements with their bounds (the device installs the exact pins
+# of requirements.lock, compiled from this file by scripts/lock.sh).
 with open("requirements.txt") as f:
     install_requires = [
-        line.strip() for line in f if line.strip() and not line.startswith("#")
+        line.split(" #", 1)[0].strip() for line in f if line.strip() and not line.startswith("#")
     ]
 
 setup(

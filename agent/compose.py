@@ -29,7 +29,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any
 
 from agent.cloud import cloudconfig
@@ -53,6 +52,7 @@ from agent.owner.location import Location
 from agent.owner.owner_data import BehaviourRows, OwnerData
 from agent.settings import Settings
 from agent.technician.handlers import Technician
+from agent.version import agent_version
 from agent.vehicle.identity import VehicleIdentity
 from drivers.core.backoff import Backoff
 from drivers.core.clock import Clock
@@ -65,13 +65,6 @@ RESTART_EXIT_CODE = 75
 #: Vehicle states in which a release's "parked" condition holds (agent/update/updater.py).
 PARKED_STATES = frozenset({"parked", "settling", "charging", "sleeping"})
 UPDATES_NOT_CONFIGURED = "updates not configured"
-
-
-def agent_version() -> str:
-    try:
-        return metadata.version("dongle-agent")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class Agent:

@@ -8,10 +8,12 @@ import sys
 import threading
 
 from agent import settings as settings_mod
+from agent.version import add_version_option
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dongle-agent", description="In-car telematics dongle agent")
+    add_version_option(parser)
     parser.add_argument("--config", required=True, help="local settings file (TOML)")
     parser.add_argument("--log-level", help="override log.level from the settings")
     args = parser.parse_args(argv)

@@ -198,6 +198,11 @@ class PowerSettings:
             out.append("power.tick_s: must be above 0")
         if not self.low_voltage_v < self.warn_voltage_v < self.charge_v:
             out.append("power: need low_voltage_v < warn_voltage_v < charge_v")
+        from firmware_bridge.port import check_spec
+        try:
+            check_spec(self.mcu_port)
+        except ValueError as e:
+            out.append(f"power.mcu_port: {e}")
         return out
 
     def check(self) -> None:

@@ -3,7 +3,8 @@ bundle, through the real pipeline (scripts/refcloud/release.py repository, HTTPS
 python-tuf verification, zstd delta, two-slot install with bytecode compilation and fsync).
 
 The environment is the real agent: its packages (agent, drivers, firmware_bridge, config) plus
-the installed distributions of requirements.txt and their dependencies (scripts.release.stage_deps).
+the locked dependencies of requirements.lock for this machine's architecture
+(scripts.refcloud.release.stage_deps: downloads the locked wheels, needs the package index).
 
 Scenarios, each from the installed base version:
 

@@ -18,10 +18,11 @@ only the pending answer arrived the request is asked once more. ``NO DATA`` is a
 ``CAN ERROR``, ``BUFFER FULL``, ``?`` and a missing prompt are transport errors.
 
 Line I/O: :class:`SerialLines` owns a pyserial port. :class:`PythonObdLines` borrows the
-connection of a python-OBD ``obd.OBD`` (its ``interface``, python-OBD 0.7.x's private
-``_ELM327__send``) so one adapter serves both the PID poller and this module — the caller must
-not run the two at the same time, and :meth:`ElmIsoTp.release` puts back what python-OBD expects
-(``ATSH 7DF``, ``ATAR``, ``ATFCSM0``, its protocol) before the poller queries again.
+connection of a python-OBD ``obd.OBD`` (python-OBD 0.7.x's private line I/O, through
+:func:`drivers.obd.elm327.line_sender`) so one adapter serves both the PID poller and this
+module — the caller must not run the two at the same time, and :meth:`ElmIsoTp.release` puts
+back what python-OBD expects (``ATSH 7DF``, ``ATAR``, ``ATFCSM0``, its protocol) before the
+poller queries again.
 """
 from __future__ import annotations
 
@@ -130,8 +131,9 @@ class PythonObdLines:
     """ELM327 line I/O through a connected python-OBD ``obd.OBD`` (0.7.x, private API)."""
 
     def __init__(self, connection: Any):
-        self._elm = connection.interface
-        self._send = getattr(self._elm, "_ELM327__send")
+        from drivers.obd import elm327  # python-OBD (and pint) only on this path
+
+        self._send = elm327.line_sender(connection)
 
     def command(self, text: str, timeout_s: float) -> list[str] | None:
         try:

@@ -6,14 +6,20 @@
 #
 #   --dry-run         print every change it would make, change nothing (no root needed)
 #   --wheel FILE      install this built wheel of the agent instead of the checkout's source
-#   --wheelhouse DIR  install offline: pip takes the agent's dependencies only from DIR
-#                     (e.g. made on a PC with `pip download --platform manylinux2014_aarch64 ...`)
+#   --wheelhouse DIR  install offline: the dependencies come only from DIR, a wheelhouse made
+#                     on any PC with `make wheelhouse ARCH=aarch64 WHEELHOUSE=DIR`
+#
+# Dependencies: exactly the pins and wheel hashes of requirements.lock (`pip --require-hashes`),
+# the lock the OTA bundles are built from; from DIR/requirements.txt (the same pins, resolved
+# for DIR's architecture) with --wheelhouse. The agent itself is built from the checkout with
+# the venv's setuptools (no build dependencies to fetch). Nothing is compiled on the device.
 #
 # What it does (idempotent: a second run changes nothing it need not, and never overwrites
 # /etc/dongle/agent.toml or keys):
 #   - system group and user `dongle` (no login, home /var/lib/dongle); groups dialout and gpio
 #     exist (the unit's SupplementaryGroups= needs them)
-#   - /opt/dongle/venv: a virtualenv holding the agent (`dongle-agent`, `dongle`);
+#   - /opt/dongle/venv: a virtualenv holding the agent (`dongle-agent`, `dongle`) and the locked
+#     dependencies;
 #     /usr/local/bin/dongle links to the operator CLI
 #   - /etc/dongle (root:dongle 0750), /etc/dongle/keys (dongle:dongle 0700), and
 #     /etc/dongle/agent.toml (root:dongle 0640) from config/agent.example.toml if it is missing
@@ -75,10 +81,18 @@ ensure_dir() {
 if [ "$DRY" = 0 ] && [ "$(id -u)" -ne 0 ]; then
     die "run as root (sudo $0 $*), or with --dry-run to see what it would do"
 fi
-[ -f "$SRC/setup.py" ] && [ -f "$SRC/systemd/$UNIT_NAME" ] && [ -f "$SRC/config/agent.example.toml" ] \
-    || die "$SRC is not a complete dongle-agent checkout (setup.py, systemd/$UNIT_NAME, config/agent.example.toml)"
+[ -f "$SRC/setup.py" ] && [ -f "$SRC/requirements.lock" ] && [ -f "$SRC/systemd/$UNIT_NAME" ] \
+    && [ -f "$SRC/config/agent.example.toml" ] \
+    || die "$SRC is not a complete dongle-agent checkout (setup.py, requirements.lock, systemd/$UNIT_NAME, config/agent.example.toml)"
 [ -z "$WHEEL" ] || [ -f "$WHEEL" ] || die "wheel not found: $WHEEL"
-[ -z "$WHEELHOUSE" ] || [ -d "$WHEELHOUSE" ] || die "wheelhouse not found: $WHEELHOUSE"
+if [ -n "$WHEELHOUSE" ]; then
+    [ -f "$WHEELHOUSE/requirements.txt" ] \
+        || die "$WHEELHOUSE is not a wheelhouse (no requirements.txt): make one with make wheelhouse"
+    # scripts/refcloud/wheelhouse.py names the architecture on the first line
+    wh_arch=$(sed -n '1s/^# wheelhouse for \([a-z0-9_]*\),.*/\1/p' "$WHEELHOUSE/requirements.txt")
+    [ "$wh_arch" = "$(uname -m)" ] \
+        || die "$WHEELHOUSE is a wheelhouse for ${wh_arch:-an unknown architecture}, this machine is $(uname -m)"
+fi
 command -v python3 >/dev/null || die "python3 not found (Raspberry Pi OS ships it: is this the Lite image?)"
 python3 - <<'PY' || die "Python >= 3.11 is needed (Raspberry Pi OS bookworm has 3.11)"
 import sys
@@ -114,9 +128,18 @@ if [ ! -x "$VENV/bin/python" ]; then
     run python3 -m venv "$VENV"
 fi
 pip_args=(--quiet --disable-pip-version-check --no-cache-dir)
-[ -n "$WHEELHOUSE" ] && pip_args+=(--no-index --find-links "$WHEELHOUSE")
+if [ -n "$WHEELHOUSE" ]; then
+    pip_args+=(--no-index --find-links "$WHEELHOUSE")
+    lock=$WHEELHOUSE/requirements.txt
+else
+    lock=$SRC/requirements.lock
+fi
+say "installing the locked dependencies into $VENV (from $lock)"
+run "$VENV/bin/pip" install "${pip_args[@]}" --require-hashes -r "$lock"
 say "installing the agent into $VENV (from ${WHEEL:-$SRC})"
 # Not editable: the device runs a fixed copy; pip compiles the bytecode (/opt is read-only at run time).
+# --no-deps: the dependencies are the lock's, installed above (pip check below proves they fit).
+pip_args+=(--no-deps --no-build-isolation)
 if [ -n "$WHEEL" ]; then
     run "$VENV/bin/pip" install "${pip_args[@]}" --upgrade "$WHEEL"
 else
@@ -133,6 +156,8 @@ else
     fi
     run "$VENV/bin/pip" install "${pip_args[@]}" --upgrade "$BUILD_SRC"
 fi
+run "$VENV/bin/pip" check --disable-pip-version-check \
+    || die "the installed dependencies do not satisfy the agent's requirements ($VENV/bin/pip check)"
 # `dongle` (the operator CLI) on everyone's PATH
 if [ "$(readlink /usr/local/bin/dongle 2>/dev/null)" != "$VENV/bin/dongle" ]; then
     run ln -sfn "$VENV/bin/dongle" /usr/local/bin/dongle

@@ -33,12 +33,20 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.installed
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ]; then
-    echo "setup: installing the agent and its test tools into .venv"
+# The runtime comes from requirements.lock (exact pins, wheel hashes: what the device and the OTA
+# bundles install); the test tools from requirements-dev.txt, constrained to the lock's pins so
+# that none of them can move a locked package (pip refuses instead).
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ]; then
+    echo "setup: installing the agent (requirements.lock) and its test tools into .venv"
     log=.venv/pip-install.log
+    constraints=.venv/lock-constraints.txt
+    # the lock without hashes and options: pip does not take hashes in a constraints file
+    sed -e 's/ *\\$//' -e '/^ *--hash/d' -e '/^--/d' requirements.lock >"$constraints"
     if ! { .venv/bin/python -m pip install --upgrade pip &&
-           .venv/bin/python -m pip install -r requirements.txt -r requirements-dev.txt &&
-           .venv/bin/python -m pip install --no-deps -e . ; } >"$log" 2>&1; then
+           .venv/bin/python -m pip install --require-hashes -r requirements.lock &&
+           .venv/bin/python -m pip install -r requirements-dev.txt -c "$constraints" &&
+           .venv/bin/python -m pip install --no-deps -e . &&
+           .venv/bin/python -m pip check ; } >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         echo "setup: pip install failed; full log in $log" >&2
         exit 1

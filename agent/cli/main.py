@@ -30,6 +30,7 @@ from agent import settings as settings_mod
 from agent.settings import Settings
 from agent.technician import control
 from agent.technician.control import AgentNotRunning, ClientError
+from agent.version import add_version_option
 
 log = logging.getLogger(__name__)
 
@@ -863,6 +864,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dongle", description="In-car telematics dongle tools.")
+    add_version_option(parser)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
     parser.add_argument("--config", default=os.environ.get("DONGLE_CONFIG", settings_mod.DEFAULT_PATH),
                         metavar="FILE", help=f"the agent's settings file (default {settings_mod.DEFAULT_PATH})")

@@ -40,14 +40,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import serial
-
 from agent.settings import PowerSettings
 from drivers.core.clock import Clock
 from agent.device.vehicle_state import (
     AWAKE_STATES, Evidence, Thresholds, VehicleState, VoltageTrend, decide)
-from firmware_bridge.link import (
-    IgnitionChanged, McuBooted, McuError, McuLink, McuRejected, SupplyVoltage)
+from firmware_bridge.port import (
+    IgnitionChanged, McuBooted, McuError, McuPort, McuRejected, SupplyVoltage, make_port)
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +110,15 @@ class PowerHooks:
     on_state: Callable[[VehicleState], None] = lambda state: None
 
 
-_LINK_ERRORS = (McuError, serial.SerialException, OSError, ValueError)
+_LINK_ERRORS = (McuError, OSError, ValueError)
 
 
 class PowerManager:
-    """See the module docstring. ``mcu`` is a (not yet opened) :class:`McuLink` or None; the
+    """See the module docstring. ``mcu`` is a (not yet opened) :class:`firmware_bridge.port.McuPort` or None; the
     manager opens, reopens and closes it. Build the link with
     ``on_event=lambda e: manager.on_mcu_event(e)``, or use :meth:`from_settings`, which does."""
 
-    def __init__(self, mcu: McuLink | None, *, hooks: PowerHooks,
+    def __init__(self, mcu: McuPort | None, *, hooks: PowerHooks,
                  settings: PowerSettings | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_ms: Callable[[], int] | None = None) -> None:
@@ -173,15 +171,14 @@ class PowerManager:
     def from_settings(cls, settings: PowerSettings, *, hooks: PowerHooks,
                       **kw: Any) -> PowerManager:
         pm = cls(None, hooks=hooks, settings=settings, **kw)
-        if settings.mcu_port:
-            pm._mcu = McuLink(settings.mcu_port, on_event=pm.on_mcu_event,
-                              timeout_s=settings.mcu_timeout_s)
+        # A serial device (McuLink), "sim" (the simulator, in-process), or "" (no MCU).
+        pm._mcu = make_port(settings.mcu_port, on_event=pm.on_mcu_event, timeout_s=settings.mcu_timeout_s)
         return pm
 
     # --- public -------------------------------------------------------------------------------
 
     @property
-    def mcu(self) -> McuLink | None:
+    def mcu(self) -> McuPort | None:
         """The link, for other users of the MCU (e.g. a firmware update); None without one."""
         return self._mcu if self._link_up else None
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from agent.update import slots, state, trial
 from agent.update.slots import Layout
+from agent.version import add_version_option
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dongle-update", description=__doc__.split("\n")[0])
+    add_version_option(p)
     p.add_argument("--root", default=os.environ.get("DONGLE_ROOT", "/opt/dongle"))
     p.add_argument("--python", default="/usr/bin/python3", help="interpreter the slots use")
     sub = p.add_subparsers(dest="cmd", required=True)

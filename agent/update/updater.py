@@ -382,7 +382,7 @@ class Updater:
         return "trial"
 
     def _process_mcu(self, release: Mapping[str, Any], frm: str | None) -> str:
-        from firmware_bridge.link import FirmwareRejected, FirmwareRolledBack, McuError
+        from firmware_bridge.port import FirmwareRejected, FirmwareRolledBack, McuError
 
         version = release["version"]
         link = self._mcu()

@@ -23,8 +23,8 @@ import obd
 from obd import OBDCommand, decoders
 from obd.codes import BASE_TESTS, COMPRESSION_TESTS, SPARK_TESTS
 from obd.protocols import ECU
-from obd.protocols.protocol import Message
 
+from drivers.obd.elm327 import Message, message_like
 from drivers.obd.units import value_and_unit
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,10 @@ def _strip_frame(messages: list[Message], cmd: OBDCommand) -> list[Message]:
     byte longer than python-OBD's length for the PID)."""
     out = []
     for m in messages:
-        copy = Message(m.frames)
-        copy.ecu = m.ecu
         data = bytearray(m.data)
         if cmd.bytes and len(data) == cmd.bytes + 1:
             del data[2]
-        copy.data = data
-        out.append(copy)
+        out.append(message_like(m, data))
     return out
 
 

@@ -27,7 +27,8 @@ from typing import Any, Iterable, Sequence
 
 from obd import OBDCommand, OBDResponse
 from obd.protocols import ECU
-from obd.protocols.protocol import Message
+
+from drivers.obd.elm327 import Message, message_like
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,7 @@ def split_message(message: Message, commands: Iterable[OBDCommand]) -> dict[str,
             log.debug("multi-PID answer %s: data of PID %02X cut short", data.hex(), data[i])
             break
         if cmd.name not in out:
-            part = Message(message.frames)
-            part.ecu = message.ecu
-            part.data = bytearray(b"\x41" + data[i:i + 1 + size])
-            out[cmd.name] = part
+            out[cmd.name] = message_like(message, b"\x41" + data[i:i + 1 + size])
         i += 1 + size
     return out
 

@@ -38,9 +38,10 @@ python-OBD notes (0.7.3) that shape this module:
   adapter that sends just a prompt, or bytes that are not text) is read again up to ten times:
   up to 100 s per query. Once connected, the read timeout is lowered to ``timeout_s`` through
   the ELM327 object's private port attribute (python-OBD 0.7.x has no API for it; without the
-  attribute, the 10 s stays). Connect attempts keep the 10 s, as the protocol search needs it:
-  an adapter that answers the connect's supported-PID walk with text-less bytes can make one
-  connect attempt take minutes (python-OBD offers no hook to shorten it).
+  attribute, the 10 s stays; drivers/obd/elm327.py holds every use of python-OBD's internals).
+  Connect attempts keep the 10 s, as the protocol search needs it: an adapter that answers the
+  connect's supported-PID walk with text-less bytes can make one connect attempt take minutes
+  (python-OBD offers no hook to shorten it).
 - Its ``OBDCommand`` cuts or pads every answer to the command's length in place while decoding;
   commands whose answers need reshaping first (multi-PID, mode 02 with a frame number) are
   sent with no fixed length (drivers/obd/multi.py, drivers/obd/diag.py).
@@ -61,16 +62,12 @@ from obd import OBDStatus
 
 from drivers.core import vin as vin_check
 from drivers.obd import diag as obd_diag
+from drivers.obd import elm327
 from drivers.obd.multi import (CAN_PROTOCOL_IDS, MAX_PIDS_PER_REQUEST, MultiPidCommand,
                                adapter_error, answers_to, frame_count, is_multi_capable)
 from drivers.obd.units import unit_text, value_and_unit  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-# python-OBD attaches its own stderr handler to the "obd" logger; records also propagate to the
-# root logger, so with it every line would be printed twice. The agent's logging config decides.
-if getattr(obd, "console_handler", None) is not None:
-    logging.getLogger("obd").removeHandler(obd.console_handler)
 
 #: Seconds to let an adapter finish the ATZ that python-OBD's close() sends.
 ATZ_SETTLE_S = 1.0
@@ -166,7 +163,7 @@ class ObdReader:
                 return self._fail(f"adapter on {self.port} answers but no vehicle does "
                                   f"(ignition off?): {status}")
             return self._fail(f"no working ELM327 adapter on {self.port}")
-        self._set_read_timeout(conn, self.timeout_s)
+        elm327.set_read_timeout(conn, self.timeout_s)
         self._conn = conn
         self._device = device
         self.last_error = None
@@ -469,7 +466,7 @@ class ObdReader:
     def _adapter_setting(self, command: bytes, what: str) -> None:
         """An AT setting that helps but is not essential (clones answer ``?`` to some)."""
         try:
-            lines = [m.raw() for m in self._conn.interface.send_and_parse(command) or []]
+            lines = [m.raw() for m in elm327.send_and_parse(self._conn, command)]
         except Exception as e:  # noqa: BLE001
             lines = [repr(e)]
         if "OK" not in lines:
@@ -479,17 +476,6 @@ class ObdReader:
         self.last_error = message
         log.info("OBD: %s", message)
         return False
-
-    @staticmethod
-    def _set_read_timeout(conn: Any, seconds: float) -> None:
-        port = getattr(getattr(conn, "interface", None), "_ELM327__port", None)
-        if port is None:
-            log.debug("python-OBD port not reachable; its 10 s read timeout stays")
-            return
-        try:
-            port.timeout = seconds
-        except Exception:  # noqa: BLE001
-            log.debug("could not set the read timeout", exc_info=True)
 
     @staticmethod
     def _status(conn: Any) -> Any:

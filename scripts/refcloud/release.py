@@ -2,7 +2,8 @@
 
     python -m scripts.refcloud.release init REPO --keys KEYS
     python -m scripts.refcloud.release agent REPO --keys KEYS --version 1.2.0 --counter 12 \
-        [--tree DIR | --stage [--deps]] [--delta-from 1.1.0 ...] [--hardware-id dongle-pi-v1]
+        [--tree DIR | --stage [--deps [--arch aarch64] [--wheelhouse DIR]]] \
+        [--delta-from 1.1.0 ...] [--hardware-id dongle-pi-v1]
     python -m scripts.refcloud.release mcu REPO --keys KEYS --version 2.0.0 --counter 3 --image FW.bin \
         --image-key FW_SIGNING.key [--hardware-id dongle-mcu-v1]
     python -m scripts.refcloud.release timestamp REPO --keys KEYS [--expires-s 86400]
@@ -36,11 +37,10 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.update import bundle, delta
+from scripts.refcloud import wheelhouse
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +284,10 @@ def _ignore(_dir: str, names: list[str]) -> set[str]:
     return {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))}
 
 
-def stage_agent(tree: Path, *, source: Path = REPO_ROOT) -> Path:
-    """Copies the agent's own packages into ``tree``'s site-packages and writes the launchers."""
+def stage_agent(tree: Path, *, source: Path = REPO_ROOT, version: str | None = None) -> Path:
+    """Copies the agent's own packages into ``tree``'s site-packages and writes the launchers.
+    With ``version``, also a ``dongle_agent-<version>.dist-info``: what ``importlib.metadata``
+    (the agent's ``status``, every entry point's ``--version``) reads in the slot."""
     site = tree / "lib" / PYVER / "site-packages"
     site.mkdir(parents=True, exist_ok=True)
     for target, src in AGENT_PACKAGES.items():
@@ -292,50 +295,36 @@ def stage_agent(tree: Path, *, source: Path = REPO_ROOT) -> Path:
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(source / src, dst, ignore=_ignore)
+    if version is not None:
+        for old in site.glob("dongle_agent-*.dist-info"):
+            shutil.rmtree(old)
+        dist = site / f"dongle_agent-{version.replace('-', '_')}.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: dongle-agent\nVersion: {version}\n")
     write_launchers(tree)
     return site
 
 
-def _requirement_names(requirements: Path) -> list[str]:
-    names = []
-    for line in requirements.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            names.append(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0])
-    return names
-
-
-def stage_deps(tree: Path, requirements: Path = REPO_ROOT / "requirements.txt") -> list[str]:
-    """Copies the installed distributions of ``requirements`` (and their dependencies) from
-    this interpreter's environment into ``tree``. The bundle is then for this machine's
-    platform: on the build host for a device, run it in an aarch64 environment."""
+def stage_deps(tree: Path, lock: Path = wheelhouse.LOCK, *, arch: str | None = None,
+               wheels: Path | None = None) -> list[str]:
+    """Installs the locked runtime dependencies (``requirements.lock``: exact pins, wheel hashes)
+    for a device of ``arch`` (default: this machine's) into ``tree``'s site-packages, offline
+    from the wheelhouse ``wheels`` (:mod:`scripts.refcloud.wheelhouse`; downloaded into a
+    temporary one when None). The same pins and hashes as scripts/install.sh and
+    scripts/setup.sh: what is tested is what ships. Returns the installed distributions' names."""
+    arch = arch or wheelhouse.host_arch()
     site = tree / "lib" / PYVER / "site-packages"
     site.mkdir(parents=True, exist_ok=True)
-    todo, seen = [n.lower().replace("_", "-") for n in _requirement_names(requirements)], set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            dist = importlib_metadata.distribution(name)
-        except importlib_metadata.PackageNotFoundError:
-            log.warning("release: %s is not installed here; left out", name)
-            continue
-        for req in dist.requires or ():
-            if "extra ==" in req:
-                continue
-            todo.append(re.split(r"[<>=!~;\[ (]", req, maxsplit=1)[0].lower().replace("_", "-"))
-        for f in dist.files or ():
-            src = Path(dist.locate_file(f))
-            parts = Path(f).parts
-            if (not src.is_file() or ".." in parts or "__pycache__" in parts
-                    or src.suffix in (".pyc", ".pyo") or Path(f).is_absolute()):
-                continue
-            dst = site / f
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-    return sorted(seen)
+    with tempfile.TemporaryDirectory(prefix="wheelhouse-") as tmp:
+        where = Path(wheels) if wheels is not None else Path(tmp)
+        if wheels is None:
+            wheelhouse.download(arch, where, lock)
+        wheelhouse.install_target(site, arch, where)
+        names = [p.name for p in wheelhouse.read_lock(where / "requirements.txt")]
+    # the dependencies' console scripts: the slot's own launchers are tree/bin (write_launchers)
+    shutil.rmtree(site / "bin", ignore_errors=True)
+    return sorted(names)
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -353,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--counter", type=int, required=True)
     a.add_argument("--tree", type=Path, help="a staged environment tree")
     a.add_argument("--stage", action="store_true", help="stage the agent from this checkout")
-    a.add_argument("--deps", action="store_true", help="with --stage: include the runtime deps")
+    a.add_argument("--deps", action="store_true",
+                   help="with --stage: include the locked runtime deps (requirements.lock)")
+    a.add_argument("--arch", choices=wheelhouse.ARCHES, default="aarch64",
+                   help="with --deps: the device's architecture (default aarch64: a Pi)")
+    a.add_argument("--wheelhouse", type=Path,
+                   help="with --deps: take the wheels from this wheelhouse (offline)")
     a.add_argument("--delta-from", action="append", default=[])
     a.add_argument("--hardware-id", action="append")
     m = sub.choices["mcu"]
@@ -381,9 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                     ap.error("give --tree DIR or --stage")
                 tree = args.repo / ".staging" / args.version
                 shutil.rmtree(tree, ignore_errors=True)
-                stage_agent(tree)
+                stage_agent(tree, version=args.version)
                 if args.deps:
-                    stage_deps(tree)
+                    stage_deps(tree, arch=args.arch, wheels=args.wheelhouse)
             out = repo.add_agent_release(args.version, args.counter, tree,
                                          hardware_ids=args.hardware_id or [AGENT_HW],
                                          delta_from=args.delta_from)
@@ -395,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                                        hardware_ids=args.hardware_id or [MCU_HW])
             repo.publish()
             print(json.dumps(out, indent=1))
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"release: {e}", file=sys.stderr)
         return 1
     return 0

@@ -19,7 +19,8 @@ Demo bundles are *code-only*: a slot holds the agent's own packages (agent, driv
 firmware_bridge, config), a ``dongle_agent-<version>.dist-info`` (so the agent reports the
 slot's version) and the launchers; the third-party dependencies are not copied but borrowed from
 this checkout's virtualenv through ``dev-deps.pth`` (an absolute path: a demo shortcut; device
-bundles are built with ``release.py agent --stage --deps`` in an aarch64 environment). A
+bundles are built with ``release.py agent --stage --deps``, which installs the locked aarch64
+wheels of requirements.lock). A
 release that changes a few modules is then a delta of a few KB.
 """
 from __future__ import annotations
@@ -126,11 +127,7 @@ def stage(tree: Path, version: str, *, broken: bool = False, source: Path | None
     """Stages a code-only agent slot tree for ``version`` (see the module docstring)."""
     if tree.exists():
         shutil.rmtree(tree)
-    site = stage_agent(tree, **({"source": source} if source else {}))
-    dist = site / f"dongle_agent-{version.replace('-', '_')}.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: dongle-agent\nVersion: {version}\n")
+    site = stage_agent(tree, version=version, **({"source": source} if source else {}))
     (site / "dev-deps.pth").write_text(deps_site() + "\n")
     if broken:
         with open(site / "agent" / "daemon.py", "a") as f:
