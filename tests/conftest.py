@@ -230,17 +230,6 @@ def cloud_peer(pki: Pki, mqtt_peer: Callable[..., MqttPeer]) -> MqttPeer:
 # A whole local fleet: CA, broker, cloud console and real `dongle-agent` processes
 # --------------------------------------------------------------------------------------------
 
-def wait_until(pred, timeout: float = 30.0, interval: float = 0.05):
-    """Polls ``pred()`` until it returns something truthy (returned) or ``timeout`` passes (None)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    return None
-
-
 class AgentProcess:
     """A real ``dongle-agent`` daemon in a subprocess, as systemd would run it."""
 

@@ -26,6 +26,7 @@ import pytest
 from agent.vehicle.can_decode import CanDecoder, decoder_from_dbc_text
 from drivers.core.model import Frame, Sample
 from drivers.can import CanReader, open_bus, open_buses
+from scripts.testbed.wait import wait_until
 
 IFACE = os.environ.get("CAN_TEST_INTERFACE", "virtual")
 CHANNEL = os.environ.get("CAN_TEST_CHANNEL")
@@ -68,15 +69,6 @@ def sig(name: str, message: str, signal: str, period_s: float = 0) -> dict[str, 
 
 def frame(can_id: int, data: bytes, t_ms: int = T0_MS, *, ext: bool = False, bus: str = "c") -> Frame:
     return Frame(bus, t_ms * 1000, can_id, ext, data)
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 @pytest.fixture
@@ -261,7 +253,7 @@ def test_filters_are_passed_to_the_interface(setting: dict[str, Any], sender: ca
         for can_id in (0x100, BIGEND_ID, 0x7DF, 0x7E8):
             sender.send(can.Message(arbitration_id=can_id, is_extended_id=False, data=BIGEND_DATA))
         # 0x7E8 went last on one bus: once it is here, everything sent before it has been seen.
-        assert wait_for(lambda: any(f.can_id == 0x7E8 for f in got.frames))
+        assert wait_until(lambda: any(f.can_id == 0x7E8 for f in got.frames))
     assert sorted(f.can_id for f in got.frames) == [BIGEND_ID, 0x7E8]
     assert [s.value for s in got.samples] == [2000.0]
 
@@ -274,7 +266,7 @@ def test_no_filter_when_raw_capture_wants_all(setting: dict[str, Any], sender: c
         ids = [0x100, BIGEND_ID, 0x7DF, 0x7E8]
         for can_id in ids:
             sender.send(can.Message(arbitration_id=can_id, is_extended_id=False, data=BIGEND_DATA))
-        assert wait_for(lambda: len(got.frames) == 4)
+        assert wait_until(lambda: len(got.frames) == 4)
         assert reader.status()["c"]["frames"] == 4
     assert sorted(f.can_id for f in got.frames) == sorted(ids)
     assert all(dec.wants_raw(f) for f in got.frames)
@@ -296,7 +288,7 @@ def test_malformed_frames_through_a_bus_are_counted_and_skipped(
         if virtual:  # user space cannot send error frames on a kernel CAN socket
             sender.send(can.Message(arbitration_id=0x040, is_error_frame=True, data=bytes(8)))  # bus off
         sender.send(can.Message(arbitration_id=BIGEND_ID, is_extended_id=False, data=BIGEND_DATA))
-        assert wait_for(lambda: len(got.frames) == 4)
+        assert wait_until(lambda: len(got.frames) == 4)
         st = reader.status()["c"]
     assert st["remote_frames"] == 1
     assert st["frames"] == 4 and st["drops"] == 0
@@ -316,7 +308,7 @@ def test_implausible_message_timestamp_is_replaced_by_the_clock(channel: str) ->
                       clock_us=lambda: 1_234_567_890_123_456):
         tx.send(can.Message(timestamp=46408.5, arbitration_id=1, data=b"\x01"))
         tx.send(can.Message(timestamp=1_700_000_000.25, arbitration_id=2, data=b"\x02"))
-        assert wait_for(lambda: len(got.frames) == 2)
+        assert wait_until(lambda: len(got.frames) == 2)
     assert [(f.can_id, f.t_us) for f in got.frames] == [(1, 1_234_567_890_123_456), (2, 1_700_000_000_250_000)]
 
 
@@ -335,10 +327,10 @@ def test_bus_that_raises_on_recv_is_logged_counted_and_reopened(
     with caplog.at_level(logging.ERROR, logger="drivers.can"), \
             CanReader({"c": first}, got, reopen=reopen, backoff_s=(0.05, 0.2), recv_timeout_s=0.05) as reader:
         sender.send(can.Message(arbitration_id=1, data=b"\x01"))
-        assert wait_for(lambda: len(got.frames) == 1)
+        assert wait_until(lambda: len(got.frames) == 1)
         first.shutdown()  # the adapter goes away under the reader: recv() now raises
-        assert wait_for(lambda: reader.status()["c"]["reopens"] >= 1 and reader.status()["c"]["state"] == "running")
-        assert wait_for(lambda: _sent_until_received(sender, got, 2))
+        assert wait_until(lambda: reader.status()["c"]["reopens"] >= 1 and reader.status()["c"]["state"] == "running")
+        assert wait_until(lambda: _sent_until_received(sender, got, 2))
         st = reader.status()["c"]
     assert st["bus_errors"] >= 1 and st["errors"] >= 1
     assert ("CanOperationError" in st["last_error"]) if IFACE == "virtual" else st["last_error"]
@@ -368,9 +360,9 @@ def test_bus_that_fails_to_open_is_retried_and_callback_errors_are_not_fatal(cha
     reader = CanReader.from_settings([bad, good], on_frames, backoff_s=(0.05, 0.1))
     with reader, can.Bus(interface=IFACE, channel=channel) as tx:
         tx.send(can.Message(arbitration_id=3, data=b"\x03"))
-        assert wait_for(lambda: reader.status()["bad"]["bus_errors"] >= 2 and calls)
+        assert wait_until(lambda: reader.status()["bad"]["bus_errors"] >= 2 and calls)
         tx.send(can.Message(arbitration_id=4, data=b"\x04"))
-        assert wait_for(lambda: sum(calls) == 2)
+        assert wait_until(lambda: sum(calls) == 2)
         st = reader.status()
     assert st["bad"]["state"] == "reopening" and "open:" in st["bad"]["last_error"]
     assert st["c"]["frames"] == 2 and reader.callback_errors == len(calls) >= 1
@@ -432,7 +424,7 @@ def test_slcan_adapter_emulated_by_elm327_emulator(tmp_path) -> None:
                 time.sleep(0.2)
                 return False
 
-            assert wait_for(answered, timeout=30)
+            assert wait_until(answered, timeout=30)
             st = reader.status()["slcan0"]
     finally:
         proc.terminate()

@@ -19,7 +19,8 @@ from agent.vehicle.can_decode import CanDecoder
 from drivers.core.model import Frame, Sample
 from drivers.can import CanReader, load_dbc, open_buses
 from scripts.vehicle_sim.replay import ReplayStats, replay
-from tests.test_can import IFACE, CHANNEL, Collector, wait_for
+from tests.test_can import IFACE, CHANNEL, Collector
+from scripts.testbed.wait import wait_until
 from scripts.testbed.shared_data import SHARED_DATA
 
 DATA = SHARED_DATA / "comma2k19_rav4"
@@ -118,7 +119,7 @@ def test_replay_through_a_real_bus_accounts_for_every_frame(db) -> None:
             st = reader.status()["can0"]
             return st["frames"] + st["drops"] >= stats.sent and reader.delivered == st["frames"]
 
-        assert wait_for(settled, timeout=60)
+        assert wait_until(settled, timeout=60)
         st = reader.status()["can0"]
     assert st["frames"] + st["drops"] == stats.sent
     assert len(got.frames) == st["frames"]
@@ -166,8 +167,9 @@ def test_replay_over_udp_multicast_on_loopback(db) -> None:
 
     try:
         with CanReader(open_buses([setting]), got) as reader:
-            if not wait_for(lambda: (tx.send(probe), any(f.can_id == 0x7FF for f in got.frames))[1],
-                            timeout=5):
+            try:
+                wait_until(lambda: (tx.send(probe), any(f.can_id == 0x7FF for f in got.frames))[1], 5)
+            except AssertionError:
                 pytest.skip("multicast on loopback delivers nothing here (no multicast route)")
             stats = replay(LOG, tx, speed=20.0, channel_map={"can0": "can0"})
             seen = [-1]
@@ -182,7 +184,7 @@ def test_replay_over_udp_multicast_on_loopback(db) -> None:
                 time.sleep(1.0)
                 return False
 
-            wait_for(settled, timeout=60)
+            wait_until(settled, timeout=60)
             n = arrived()
     finally:
         tx.shutdown()

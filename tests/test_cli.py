@@ -30,16 +30,11 @@ from drivers.core.clock import Clock
 now_ms = Clock().now_ms
 from agent.cloud.cloudconfig import default_config
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
-from tests.conftest import wait_until
+from scripts.testbed.wait import wait_until
 
 DEV = "tech-0001"
 DAY = 86_400_000
 BUTTON = 26
-
-
-
-def _wait(pred, timeout=30.0):
-    return wait_until(pred, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +78,7 @@ class Bench:
         self.agent = build(self._settings())
         self.agent.start()
         assert self.agent.link.wait_connected(30)
-        assert _wait(lambda: self.socket.exists(), 10)
+        assert wait_until(lambda: self.socket.exists(), 10)
         return self.agent
 
     def stop(self) -> None:
@@ -137,7 +132,7 @@ def bench(fleet, short_dir, emu):
 
 
 def _obd_connected(agent):
-    return _wait(lambda: agent.obd.status()["connected"], 60)
+    return wait_until(lambda: agent.obd.status()["connected"], 60)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +152,7 @@ def test_status_live_buffer_with_the_agent_running(bench):
     assert rc == 0 and "OBD adapter" in out and "connected" in out and DEV in out
 
     # live: the emulator's RPM and speed as the agent polls them.
-    sig = _wait(lambda: {s["name"]: s for s in bench.json("live", "--once")} if any(
+    sig = wait_until(lambda: {s["name"]: s for s in bench.json("live", "--once")} if any(
         s["name"] == "engine.rpm" for s in bench.json("live", "--once")) else None, 30)
     assert sig["engine.rpm"]["unit"] == "rpm" and sig["engine.rpm"]["value"] > 0
     rc, out, _ = bench.run("live", "--once")
@@ -174,7 +169,7 @@ def test_no_agent_running_read_only_fallbacks_and_refusals(bench):
     bench.fleet.console.publish(DEV, "booking", {
         "op": "upsert", "booking_id": "b-9", "service": "inspection", "scheduled_at": now_ms() + DAY,
         "provider": {"name": "Garage", "address": "Str. 1"}})
-    assert _wait(lambda: bench.agent.bookings.get("b-9"), 30)
+    assert wait_until(lambda: bench.agent.bookings.get("b-9"), 30)
     bench.stop()
     assert not bench.socket.exists()
     rc, out, err = bench.run("status")
@@ -201,7 +196,7 @@ def test_config_show_and_diff(bench):
            "can": {"signals": [], "raw": {"enabled": False, "ids": []}},
            "health": {"maintenance": {"items": {"oil_change": {"km": 10000, "days": 365}}}}}
     bench.fleet.console.publish(DEV, "config", doc)
-    assert _wait(lambda: agent.config.get("version") == 3)
+    assert wait_until(lambda: agent.config.get("version") == 3)
     assert bench.json("config", "show") == doc
     diff = bench.json("config", "diff")
     assert diff["active_version"] == 3 and "default" in diff["against"]
@@ -211,7 +206,7 @@ def test_config_show_and_diff(bench):
     assert changed["health.maintenance.items.oil_change.km"] == (None, 10000)
     doc4 = {**doc, "version": 4, "upload": {"interval_s": 3}}
     bench.fleet.console.publish(DEV, "config", doc4)
-    assert _wait(lambda: agent.config.get("version") == 4)
+    assert wait_until(lambda: agent.config.get("version") == 4)
     diff = bench.json("config", "diff")
     assert "v3" in diff["against"]
     assert {c["path"] for c in diff["changes"]} == {"version", "upload.interval_s"}
@@ -324,7 +319,7 @@ def test_dtc_read_and_clear_after_terminal_confirmation(bench, emu):
 
     # The cloud asks; nothing happens on its word.
     bench.fleet.console.publish(DEV, "command", {"op": "clear_dtc"})
-    assert _wait(lambda: agent.store.get_meta("pending_clear_dtc"))
+    assert wait_until(lambda: agent.store.get_meta("pending_clear_dtc"))
     assert "P0301" in {c["code"] for c in bench.json("dtc")["codes"]}
 
     # A person says no: nothing cleared.
@@ -362,7 +357,7 @@ def test_dtc_clear_needs_the_button_where_there_is_one(fleet, short_dir, emu, mo
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("r", b.run("dtc", "clear", stdin="yes\n")))
         t.start()
-        assert _wait(lambda: ind.status()["leds"].get("attention") == "fast", 30), "no fast blink"
+        assert wait_until(lambda: ind.status()["leds"].get("attention") == "fast", 30), "no fast blink"
         pin = mock_pins.pin(BUTTON)
         pin.drive_low()
         pin.drive_high()
@@ -375,9 +370,9 @@ def test_dtc_clear_needs_the_button_where_there_is_one(fleet, short_dir, emu, mo
 
         # A long press starts technician mode: presence proven, the terminal is enough.
         emu.set_dtcs(stored=["P0300"])
-        assert _wait(lambda: [c["code"] for c in b.json("dtc")["codes"]] == ["P0300"])
+        assert wait_until(lambda: [c["code"] for c in b.json("dtc")["codes"]] == ["P0300"])
         pin.drive_low()
-        assert _wait(lambda: ind.technician_mode, 10)
+        assert wait_until(lambda: ind.technician_mode, 10)
         pin.drive_high()
         rc, out, err = b.run("dtc", "clear", stdin="yes\n")
         assert rc == 0, err
@@ -410,7 +405,7 @@ def _book(bench, bid, **kw):
             "notes": "bring the spare key"}
     body.update(kw)
     bench.fleet.console.publish(DEV, "booking", body)
-    assert _wait(lambda: bench.agent.bookings.get(bid))
+    assert wait_until(lambda: bench.agent.bookings.get(bid))
 
 
 def test_booking_checkin_complete_and_service_log(bench):

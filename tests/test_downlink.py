@@ -16,18 +16,13 @@ from agent.cloud import protocol
 from agent import settings
 from agent.compose import build
 from drivers.core.clock import Clock
+from scripts.testbed.wait import wait_until
 
 now_ms = Clock().now_ms
-from tests.conftest import wait_until
 
 DEV = "dl-0001"
 OTHER = "dl-0002"
 DAY = 86_400_000
-
-
-
-def _wait(pred, timeout=30.0):
-    return wait_until(pred, timeout)
 
 
 class Cloud:
@@ -102,7 +97,7 @@ def test_config_applied_once_duplicate_and_replay(setup):
     # QoS 1 redelivery of the same envelope: answered duplicate, no second effect.
     saved = agent.store.query("SELECT count(*) FROM configs")[0][0]
     cloud.send("config", env5)
-    assert _wait(lambda: [a["body"]["status"] for a in cloud.acks("config")].count("duplicate") == 1)
+    assert wait_until(lambda: [a["body"]["status"] for a in cloud.acks("config")].count("duplicate") == 1)
     assert agent.store.query("SELECT count(*) FROM configs")[0][0] == saved
 
     # A replay of an older envelope (lower seq) is rejected as such.
@@ -128,7 +123,7 @@ def test_retained_config_redelivered_after_restart_has_no_second_effect(setup, f
     agent.start()
     assert agent.config["version"] == 7  # persisted
     # The broker delivers the retained config again on subscribe: a duplicate, nothing re-applied.
-    assert _wait(lambda: len(cloud.acks("config")) > before)
+    assert wait_until(lambda: len(cloud.acks("config")) > before)
     assert cloud.acks("config")[-1]["body"]["status"] == "duplicate"
     assert agent.store.last_downlink_seq("config") == 20
 
@@ -162,7 +157,7 @@ def test_unauthenticated_envelopes_are_dropped_without_ack(setup, fleet):
     cloud.send("config", tampered_ct)
     expected = dict.fromkeys(cases, 1)
     expected["bad_signature"] = 3  # forged, tampered header, tampered ciphertext (signature covers both)
-    assert _wait(lambda: dict(agent.downlink.unauthenticated) == expected, 30), dict(agent.downlink.unauthenticated)
+    assert wait_until(lambda: dict(agent.downlink.unauthenticated) == expected, 30), dict(agent.downlink.unauthenticated)
     # Then a genuine one still works, and none of the above produced an ack or an effect.
     cloud.send("config", good)
     assert cloud.wait_ack("config", 30)["status"] == "applied"
@@ -190,7 +185,7 @@ def test_bookings_upsert_cancel_and_validation(setup):
     b = bk.get("b-1")
     assert b["status"] == "scheduled" and b["notes"] == "line1\x1b[31mred\x07"  # stored as given
     cloud.send("booking", cloud.seal("booking", _booking(), seq=1))  # redelivery
-    assert _wait(lambda: [a["body"]["status"] for a in cloud.acks("booking")] == ["accepted", "duplicate"])
+    assert wait_until(lambda: [a["body"]["status"] for a in cloud.acks("booking")] == ["accepted", "duplicate"])
     bad = {
         2: _booking("b-2", scheduled_at=now_ms() - 10 * DAY),
         3: _booking("b-3", provider={"name": "X", "lat": 0.0, "lon": 0.0}),
@@ -269,7 +264,7 @@ def test_restart_during_probation_still_rolls_back_and_acks_once(fleet):
         cloud.send("config", cloud.seal("config", _config(2), seq=1))
         assert cloud.wait_ack("config", 1)["status"] == "applied"
         cloud.send("config", cloud.seal("config", _config(3, link={"broker_url": "mqtts://127.0.0.1:1"}), seq=2))
-        assert _wait(lambda: agent.store.get_meta("config_probation"), 20)
+        assert wait_until(lambda: agent.store.get_meta("config_probation"), 20)
     finally:
         agent.stop()  # "power cut" in the middle of the probation
     agent = build(settings.load(toml))
@@ -278,7 +273,7 @@ def test_restart_during_probation_still_rolls_back_and_acks_once(fleet):
         ack = cloud.wait_ack("config", 2, timeout=60)
         assert ack["status"] == "failed" and ack["config_version"] == 2
         assert agent.config["version"] == 2 and agent.store.get_meta("config_probation") is None
-        assert _wait(lambda: agent.link.connected, 30)
+        assert wait_until(lambda: agent.link.connected, 30)
         assert [a["body"]["ref_seq"] for a in cloud.acks("config")].count(2) == 1
     finally:
         agent.stop()
@@ -291,7 +286,7 @@ def test_config_acks_always_name_the_config_the_device_keeps(setup):
     cloud.send("config", cloud.seal("config", _config(6), seq=5))       # duplicate seq
     cloud.send("config", cloud.seal("config", _config(9), seq=4))       # replay
     cloud.send("config", cloud.seal("config", _config(9, link={"broker_url": "mqtts://h:99999"}), seq=6))
-    assert _wait(lambda: len(cloud.acks("config")) == 4)
+    assert wait_until(lambda: len(cloud.acks("config")) == 4)
     acks = [a["body"] for a in cloud.acks("config")]
     assert [a["status"] for a in acks] == ["applied", "duplicate", "rejected", "rejected"]
     assert all(a["config_version"] == 6 for a in acks)
@@ -316,7 +311,7 @@ def test_every_downlink_kind_applies_once_and_refuses_the_rest(setup, kind):
     cloud.send(kind, good)                                          # QoS 1 redelivery
     cloud.send(kind, cloud.seal(kind, body_for(4), seq=4))          # replay of an older one
     cloud.send(kind, cloud.seal(kind, body_for(6), seq=6, exp_ms=now_ms() - 1))   # expired
-    assert _wait(lambda: len(cloud.acks(kind)) == 4, 30)
+    assert wait_until(lambda: len(cloud.acks(kind)) == 4, 30)
     assert [(a["body"]["ref_seq"], a["body"]["status"]) for a in cloud.acks(kind)] == [
         (5, status), (5, "duplicate"), (4, "rejected"), (6, "rejected")]
 
@@ -335,7 +330,7 @@ def test_every_downlink_kind_applies_once_and_refuses_the_rest(setup, kind):
     ]
     for env in bad:
         cloud.send(kind, env)
-    assert _wait(lambda: sum(agent.downlink.unauthenticated.values()) - sum(before.values()) == len(bad), 30)
+    assert wait_until(lambda: sum(agent.downlink.unauthenticated.values()) - sum(before.values()) == len(bad), 30)
     got = {k: v - before.get(k, 0) for k, v in agent.downlink.unauthenticated.items() if v != before.get(k, 0)}
     assert got == {"bad_signature": 2, "unknown_signer": 1, "wrong_device": 1, "wrong_recipient": 1,
                    "oversize": 1, "malformed": 1}

@@ -18,7 +18,8 @@ from agent.outbox.store import Store
 from agent.vehicle.obd import ObdPoller
 from drivers.obd.reader import ObdReader
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
-from tests.test_obd import Collector, wait_for
+from scripts.testbed.wait import wait_until
+from tests.test_obd import Collector
 from scripts.testbed.shared_data import SHARED_DATA
 
 pytestmark = pytest.mark.timeout(120)
@@ -191,11 +192,11 @@ def test_poller_reports_injected_and_cleared_codes(emu, clean):
                        protocol="6", on_dtc=events, dtc_period_s=0.3)
     poller.start()
     try:
-        wait_for(lambda: poller.status()["dtc_reads"] >= 2, what="two DTC polls")
+        wait_until(lambda: poller.status()["dtc_reads"] >= 2, what="two DTC polls")
         assert len(events) == 0  # a clean car at start: nothing to report
         emu.set_freeze_frame("P0301", {"DTC_RPM": "1A F8"})
         emu.set_dtcs(stored=["P0301", "P0420"], pending=["P0171"], permanent=["P0420"])
-        wait_for(lambda: len(events) >= 1, what="a dtc event")
+        wait_until(lambda: len(events) >= 1, what="a dtc event")
         body = events.last
         assert codes_of(body) == {("P0301", "stored"), ("P0420", "stored"),
                                   ("P0171", "pending"), ("P0420", "permanent")}
@@ -207,11 +208,11 @@ def test_poller_reports_injected_and_cleared_codes(emu, clean):
                                   "values": {"RPM": {"value": 1726.0, "unit": "rpm"}}}
         assert set(body["monitors"]) >= {"MISFIRE_MONITORING", "CATALYST_MONITORING"}
         n = len(events)
-        wait_for(lambda: poller.status()["dtc_reads"] >= 6, what="more DTC polls")
+        wait_until(lambda: poller.status()["dtc_reads"] >= 6, what="more DTC polls")
         assert len(events) == n  # unchanged set: no new event
 
         emu.set_dtcs()  # the codes go away (repaired, or cleared by a workshop tool)
-        wait_for(lambda: len(events) > n, what="the event for the cleared codes")
+        wait_until(lambda: len(events) > n, what="the event for the cleared codes")
         assert events.last["codes"] == [] and events.last["mil"] is False
         assert "freeze" not in events.last
         assert sink.count("engine.rpm") > 0  # PIDs kept flowing between DTC polls
@@ -226,7 +227,7 @@ def test_read_dtcs_now_and_clear_dtcs_run_on_the_poller_thread(emu, clean):
     assert poller.read_dtcs_now(1) is None  # not running
     poller.start()
     try:
-        wait_for(lambda: poller.status()["connected"], what="connected")
+        wait_until(lambda: poller.status()["connected"], what="connected")
         body = poller.read_dtcs_now(30)
         assert body is not None and body["type"] == "dtc" and body["codes"] == []
         schemas.validate("event", body)
@@ -254,12 +255,12 @@ def test_apply_config_reports_unknown_and_unsupported_pids(emu, clean):
     try:
         before = poller.apply_config(doc)  # before the first connect: support not known yet
         assert before == ["obd.pids: unknown PID 'NOT_A_PID'"]
-        wait_for(lambda: poller.status()["connected"], what="connected")
+        wait_until(lambda: poller.status()["connected"], what="connected")
         problems = poller.apply_config(doc)
         assert "obd.pids: unknown PID 'NOT_A_PID'" in problems
         assert any("FUEL_RATE" in p and "not supported" in p for p in problems)
         assert len(problems) == 2
-        wait_for(lambda: poller.status()["polling"] == ["RPM"], what="RPM polled")
+        wait_until(lambda: poller.status()["polling"] == ["RPM"], what="RPM polled")
         assert poller.status()["dtc_period_s"] == 5.0
         bad = poller.apply_config({"obd": {"pids": [], "dtc_period_s": -1}})
         assert bad == ["obd.dtc_period_s: bad value -1; DTC period unchanged"]

@@ -28,7 +28,7 @@ from firmware_bridge.link import (
     FirmwareRejected, FirmwareRolledBack, McuLink, McuRejected, McuTimeout)
 from firmware_bridge.port import McuError, McuLinkClosed, McuPort, check_spec, make_port
 from firmware_bridge.sim import McuSimulator, SimulatedLink, make_image
-from tests.conftest import wait_until
+from scripts.testbed.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

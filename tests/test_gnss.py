@@ -8,6 +8,7 @@ import pytest
 from drivers.core.backoff import Backoff
 from drivers.gnss import GnssReader, fix_from_tpv, parse_time_ms
 from scripts.testbed.gps import BareGpsd, GpsFake, free_port, needs_gpsd, reference_rows, wait_until, with_fix_lost
+from scripts.testbed.wait import wait_until
 
 pytestmark = needs_gpsd
 

@@ -13,7 +13,7 @@ from gpiozero.pins.mock import MockFactory
 from agent.device.indicators import led_modes
 from agent.settings import GpioSettings
 from drivers.gpio import DongleIO, open_io
-from tests.conftest import wait_until
+from scripts.testbed.wait import wait_until
 
 PINS = {"led_power": 5, "led_cloud": 6, "led_vehicle": 13, "led_attention": 19, "button": 26}
 
@@ -23,11 +23,6 @@ def factory():
     f = MockFactory()
     yield f
     f.reset()
-
-
-
-def _wait(pred, timeout=10.0):
-    return wait_until(pred, timeout, interval=0.01)
 
 
 def press(factory, pin=26, hold_s=0.0):
@@ -57,7 +52,7 @@ def test_leds_drive_their_pins(factory):
         assert factory.pin(5).state is True and factory.pin(6).state is False
         io.set("attention", "fast")
         seen = set()
-        assert _wait(lambda: seen.add(factory.pin(19).state) or seen == {True, False}), "attention does not blink"
+        assert wait_until(lambda: seen.add(factory.pin(19).state) or seen == {True, False}), "attention does not blink"
         io.set("attention", "off")
         assert factory.pin(19).state is False
     finally:
@@ -76,7 +71,7 @@ def test_short_press_confirms_long_press_does_not(factory):
         t.start()
         time.sleep(0.2)
         press(factory, hold_s=0.6)  # long press: technician mode, not a confirmation
-        assert _wait(lambda: longs == [1])
+        assert wait_until(lambda: longs == [1])
         assert t.is_alive()
         press(factory)
         t.join(10)

@@ -114,15 +114,8 @@ def test_agent_reports_a_trip_of_the_emulated_car(fleet):
 
     from agent import settings
     from agent.compose import build
+    from scripts.testbed.wait import wait_until
     from scripts.vehicle_sim.elm_emulator import ElmEmulator
-
-    def wait(pred, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (v := pred()):
-                return v
-            time.sleep(0.1)
-        return None
 
     def event(type_):
         return fleet.console.wait_for(lambda r: r.get("kind") == "event" and r["body"]["type"] == type_, 60)
@@ -139,7 +132,7 @@ def test_agent_reports_a_trip_of_the_emulated_car(fleet):
                                  {"name": "speed", "pid": "SPEED", "period_s": 0.5}], "dtc_period_s": 600},
                 "can": {"signals": [], "raw": {"enabled": False, "ids": []}},
                 "health": {"trips": {"min_duration_s": 2, "end_after_s": 3}}})
-            assert wait(lambda: agent.config.get("version") == 1)
+            assert wait_until(lambda: agent.config.get("version") == 1)
             start = event("trip_start")
             assert start, "no trip_start"
             schemas.validate("event", start["body"])

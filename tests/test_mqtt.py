@@ -38,14 +38,6 @@ CONFIG_VERSION = 7
 PREFIX = "dongle/v1"
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def fast_backoff(seed: int = 1) -> Backoff:
     return Backoff(0.05, 0.5, rng=random.Random(seed))
 
@@ -154,6 +146,7 @@ _CHILD = r"""
 import json, logging, sys, time
 from drivers.core.backoff import Backoff
 from agent.cloud.mqtt import MqttLink
+from scripts.testbed.wait import wait_until
 logging.basicConfig(level=logging.INFO)
 args = json.loads(sys.argv[1])
 link = MqttLink(**args, backoff=Backoff(0.05, 0.5), agent_version="child-9",

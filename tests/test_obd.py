@@ -30,6 +30,7 @@ from drivers.core.model import Sample
 from agent.vehicle.obd import ObdPoller
 from drivers.obd.reader import ObdReader, decode_vin, unit_text, value_and_unit, vin_is_valid
 from scripts.vehicle_sim.elm_emulator import ElmEmulator, dtc_to_hex
+from scripts.testbed.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,14 +57,6 @@ def scenario_answers(pid: str, tag: str = "data") -> list[bytes]:
 
 def expected_values(pid: str) -> set[float]:
     return {DECODE[pid](d) for d in scenario_answers(pid)}
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 class Collector:
@@ -245,7 +238,7 @@ def test_poller_delivers_every_pid_at_its_period(emu, pollers):
                        batch_size=4)
     pollers.append(poller)
     poller.start()
-    wait_for(lambda: sink.count("engine.rpm") >= 16, what="16 RPM samples")
+    wait_until(lambda: sink.count("engine.rpm") >= 16, what="16 RPM samples")
     status = poller.status()
     assert poller.stop(30)
 
@@ -277,11 +270,11 @@ def test_apply_pids_changes_what_is_polled_without_reconnecting(emu, pollers):
     poller = ObdPoller(emu.port, pid_config(("RPM", 0.1)), sink, protocol="6")
     pollers.append(poller)
     poller.start()
-    wait_for(lambda: sink.count("engine.rpm") >= 3, what="RPM samples")
+    wait_until(lambda: sink.count("engine.rpm") >= 3, what="RPM samples")
     poller.apply_pids(pid_config(("SPEED", 0.1)))
-    wait_for(lambda: sink.count("vehicle.speed") >= 3, what="SPEED samples")
+    wait_until(lambda: sink.count("vehicle.speed") >= 3, what="SPEED samples")
     rpm_after_switch = sink.count("engine.rpm")
-    wait_for(lambda: sink.count("vehicle.speed") >= 10, what="more SPEED samples")
+    wait_until(lambda: sink.count("vehicle.speed") >= 10, what="more SPEED samples")
     assert sink.count("engine.rpm") == rpm_after_switch
     status = poller.status()
     assert status["polling"] == ["SPEED"]
@@ -300,9 +293,9 @@ def test_unknown_and_unsupported_pids_are_skipped_and_reported(emu, pollers, cap
     poller = ObdPoller(emu.port, pids, sink, protocol="6", batch_size=2)
     pollers.append(poller)
     poller.start()
-    wait_for(lambda: sink.count("engine.rpm") >= 10, what="RPM samples")
+    wait_until(lambda: sink.count("engine.rpm") >= 10, what="RPM samples")
     poller.apply_pids(pids)  # the same config again: no second log line for FUEL_RATE
-    wait_for(lambda: sink.count("engine.rpm") >= 20, what="more RPM samples")
+    wait_until(lambda: sink.count("engine.rpm") >= 20, what="more RPM samples")
     status = poller.status()
     assert status["unknown_pids"] == ["NOT_A_PID"]
     assert len(status["invalid_pids"]) == 2
@@ -322,13 +315,13 @@ def test_missing_port_retries_then_connects_when_it_appears(emu, tmp_path, polle
                        backoff=Backoff(0.02, 0.05))
     pollers.append(poller)
     poller.start()
-    wait_for(lambda: poller.status()["attempts"] >= 5, what="5 connect attempts")
+    wait_until(lambda: poller.status()["attempts"] >= 5, what="5 connect attempts")
     status = poller.status()
     assert not status["connected"] and status["running"]
     assert status["samples"] == 0 and status["errors"] >= 5
     assert "does not exist" in status["last_error"]
     os.symlink(emu.pty, port)  # the adapter is plugged in
-    wait_for(lambda: sink.count("engine.rpm") >= 3, what="RPM samples after plug-in")
+    wait_until(lambda: sink.count("engine.rpm") >= 3, what="RPM samples after plug-in")
     assert poller.status()["connected"]
 
 
@@ -339,18 +332,18 @@ def test_set_port_reconnects_and_reports_the_new_vin(emu, tmp_path, pollers):
                        on_vehicle=vehicles.append)
     pollers.append(poller)
     poller.start()
-    wait_for(lambda: sink.count("vehicle.speed") >= 2, what="SPEED samples")
+    wait_until(lambda: sink.count("vehicle.speed") >= 2, what="SPEED samples")
     other = tmp_path / "ttyOBD-other"
     os.symlink(emu.pty, other)
     served = emu.request_count("VIN")  # the emulator serves the next VIN of its list
     answers = scenario_answers("VIN", tag="pos_answer")
     next_vin = answers[served % len(answers)][1:].decode("ascii")
     poller.set_port(str(other))
-    wait_for(lambda: poller.status()["connects"] >= 2 and len(vehicles) >= 2, what="reconnect")
+    wait_until(lambda: poller.status()["connects"] >= 2 and len(vehicles) >= 2, what="reconnect")
     assert poller.status()["port"] == str(other)
     assert vehicles[1]["vin"] == next_vin != vehicles[0]["vin"]
     n = sink.count("vehicle.speed")
-    wait_for(lambda: sink.count("vehicle.speed") >= n + 2, what="SPEED samples after re-point")
+    wait_until(lambda: sink.count("vehicle.speed") >= n + 2, what="SPEED samples after re-point")
 
 
 def test_emulator_killed_and_restarted_poller_reconnects(tmp_path, pollers):
@@ -366,15 +359,15 @@ def test_emulator_killed_and_restarted_poller_reconnects(tmp_path, pollers):
                            backoff=Backoff(0.1, 0.5), on_vehicle=vehicles.append)
         pollers.append(poller)
         poller.start()
-        wait_for(lambda: sink.count("engine.rpm") >= 3, what="RPM samples")
+        wait_until(lambda: sink.count("engine.rpm") >= 3, what="RPM samples")
         first.kill()
-        wait_for(lambda: not poller.status()["connected"], what="loss detected")
+        wait_until(lambda: not poller.status()["connected"], what="loss detected")
         assert poller.status()["running"]
         before = sink.count("engine.rpm")
     finally:
         first.kill()
     with ElmEmulator("car", link=link):
-        wait_for(lambda: sink.count("engine.rpm") >= before + 3, what="RPM after restart")
+        wait_until(lambda: sink.count("engine.rpm") >= before + 3, what="RPM after restart")
         status = poller.status()
         assert status["connected"] and status["connects"] == 2
         assert status["errors"] >= 1 and status["last_error"]
@@ -446,8 +439,8 @@ def test_adapter_answering_garbage_to_everything(pollers):
                            backoff=Backoff(0.05, 0.1))
         pollers.append(poller)
         poller.start()
-        wait_for(lambda: poller.status()["attempts"] >= 3, timeout=60, what="3 attempts")
-        wait_for(lambda: peer.commands.count("ATZ") >= 3, what="the peer to see 3 resets")
+        wait_until(lambda: poller.status()["attempts"] >= 3, timeout=60, what="3 attempts")
+        wait_until(lambda: peer.commands.count("ATZ") >= 3, what="the peer to see 3 resets")
         status = poller.status()
         assert status["running"] and not status["connected"]
         assert status["errors"] >= 2 and status["last_error"]
@@ -487,7 +480,7 @@ def test_adapter_that_connects_then_answers_garbage_to_obd_requests(pollers):
                            on_dtc=dtc_events.append, dtc_period_s=0.2)
         pollers.append(poller)
         poller.start()
-        wait_for(lambda: poller.status()["connects"] >= 2, timeout=60, what="a reconnect")
+        wait_until(lambda: poller.status()["connects"] >= 2, timeout=60, what="a reconnect")
         status = poller.status()
         assert status["running"]
         assert status["errors"] >= 3 and status["last_error"]

@@ -24,7 +24,8 @@ from drivers.obd.multi import (MAX_PIDS_PER_REQUEST, MultiPidCommand, adapter_er
                                answers_to, split_message)
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from scripts.vehicle_sim.pty_relay import PtyRelay
-from tests.test_obd import Collector, wait_for
+from scripts.testbed.wait import wait_until
+from tests.test_obd import Collector
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -191,9 +192,9 @@ def test_poller_groups_due_pids_and_survives_dropped_characters(relay, fixed_ans
                            dtc_period_s=None, backoff=Backoff(0.05, 0.2), fail_limit=10)
         poller.start()
         try:
-            wait_for(lambda: poller.status()["samples"] > 0, what="the first samples")
+            wait_until(lambda: poller.status()["samples"] > 0, what="the first samples")
             lossy_now.set()
-            wait_for(lambda: all(sink.count(f"x.{n.lower()}") >= 10 for n in SIX), timeout=90,
+            wait_until(lambda: all(sink.count(f"x.{n.lower()}") >= 10 for n in SIX), timeout=90,
                      what="10 samples of every PID over the lossy link")
             status = poller.status()
             assert status["running"]

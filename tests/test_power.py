@@ -31,20 +31,13 @@ from firmware_bridge.link import McuLink
 from firmware_bridge.messages import MsgType, Sleep
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from firmware_bridge.sim import McuSimulator, make_image
+from scripts.testbed.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 ON, SETTLING, PARKED, CHARGING, SLEEPING = (
     VehicleState.ON, VehicleState.SETTLING, VehicleState.PARKED, VehicleState.CHARGING,
     VehicleState.SLEEPING)
-
-
-def wait_for(pred: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 class Car:
@@ -151,7 +144,7 @@ def test_ignition_cycle_drive_off_flush_sleep_wake_on_timer_check_in_sleep(
 
     # ignition off: requests stop at once (the event, not the hour-long poll, tells us)
     sim.set_ignition(False)
-    wait_for(lambda: pm.step() is SETTLING)
+    wait_until(lambda: pm.step() is SETTLING)
     assert car.calls == ["resume", "stop"] and not pm.vehicle_awake()
     sim.set_supply_voltage(12.7)
 
@@ -209,11 +202,11 @@ def test_thread_follows_mcu_events(sim: McuSimulator, managers: list[PowerManage
     pm = manager(sim, car, managers, ignition_poll_s=3600, tick_s=30)  # only events wake it
     car.bus.note()
     pm.start()
-    wait_for(lambda: pm.state is ON)
+    wait_until(lambda: pm.state is ON)
     sim.set_ignition(False)
-    wait_for(lambda: pm.state is SETTLING)
+    wait_until(lambda: pm.state is SETTLING)
     sim.set_ignition(True)
-    wait_for(lambda: pm.state is ON)
+    wait_until(lambda: pm.state is ON)
     pm.stop()
     assert car.calls == ["resume", "stop", "resume"]
 
@@ -371,7 +364,7 @@ def test_watchdog_and_supply_report_reapplied_after_mcu_reset(
     image = make_image("1.1.0", 2048)
     assert pm.mcu.update_firmware(image, key.sign(image), trial_s=30) == "1.1.0"
     assert sim.watchdog_timeout_s == 300  # the reset brought back the boot default ...
-    wait_for(lambda: (pm.step(), sim.watchdog_timeout_s == 90)[1])  # ... McuBooted fixes it
+    wait_until(lambda: (pm.step(), sim.watchdog_timeout_s == 90)[1])  # ... McuBooted fixes it
     assert sim.received(MsgType.SET_SUPPLY_REPORT)[-1].payload == (7).to_bytes(2, "little")
     assert pm.status()["mcu"]["firmware"] == "1.1.0"
 
@@ -435,7 +428,7 @@ def test_without_mcu_parked_comes_from_can_silence_and_elm327_voltage(
         before = car.bus.batches
         vehicle.send(can.Message(arbitration_id=can_id, data=b"\x01\x02", is_extended_id=False))
         if not is_diagnostic(can_id, False):
-            wait_for(lambda: car.bus.batches > before)
+            wait_until(lambda: car.bus.batches > before)
 
     try:
         with caplog.at_level(logging.INFO, logger="agent.device.power"):
@@ -452,7 +445,7 @@ def test_without_mcu_parked_comes_from_can_silence_and_elm327_voltage(
                 vehicle.send(can.Message(arbitration_id=0x7E8, data=b"\x04\x41\x0c\x00\x00",
                                          is_extended_id=False))
                 states.append(pm.step())
-            wait_for(lambda: reader.delivered >= 31)  # 21 broadcast + 10 diagnostic frames
+            wait_until(lambda: reader.delivered >= 31)  # 21 broadcast + 10 diagnostic frames
             assert states[-1] is PARKED and pm.step() is PARKED
             assert car.calls == ["resume", "stop"] and not pm.vehicle_awake()
             assert pm.status()["supply_v"] == pytest.approx(12.6)

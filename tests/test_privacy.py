@@ -18,8 +18,9 @@ from agent.owner.location import TABLE, Location
 from drivers.core.model import Sample
 from agent.owner.privacy import ButtonGesture, Privacy, enforce_positions, evaluate, retention_days
 from agent.outbox.store import Store
-from scripts.testbed.gps import GpsFake, needs_gpsd, reference_rows, wait_until
+from scripts.testbed.gps import GpsFake, needs_gpsd, reference_rows
 from tests.support.privacy import DAY, config, consent, events, make_agent, telemetry_records
+from scripts.testbed.wait import wait_until
 
 REF_LATS = [float(r["lat_deg"]) for r in reference_rows()]
 

@@ -24,7 +24,7 @@ from agent.cloud.keys import key_id
 from drivers.core.model import Frame, Sample
 from agent.outbox.store import PRIO_EVENT, Store
 from agent.outbox.uplink import Sealer, Uplink, upload_policy
-from tests.conftest import wait_until
+from scripts.testbed.wait import wait_until
 
 DEV = "store-0001"
 

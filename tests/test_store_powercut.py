@@ -30,8 +30,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from tests.conftest import wait_until
 from scripts.testbed.shared_data import SHARED_DATA
+from scripts.testbed.wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = SHARED_DATA / "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
@@ -174,11 +174,6 @@ def _device(fleet, group, port):
     return fleet.device(DEV, extra_toml=bus, backoff_max_s=2.0)
 
 
-
-def _wait(pred, timeout):
-    return wait_until(pred, timeout, interval=0.2)
-
-
 STARTUP_S = 1.0
 
 
@@ -222,7 +217,7 @@ def _power_cuts(fleet, can_bus, tmp_path, cuts: int):
         def delivered():
             got = _counters(c)
             return got and max(got) >= sent - 1 - 400 and agent.alive()
-        assert _wait(delivered, 120), agent.log_text()[-3000:]
+        assert wait_until(delivered, 120), agent.log_text()[-3000:]
         time.sleep(3)
         assert agent.terminate() == 0
         _check_seqs(c)
@@ -315,8 +310,8 @@ def test_broker_outages_lose_nothing_after_dedup(fleet, can_bus, tmp_path):
     agent = fleet.agent(toml)
     try:
         assert c.wait_for(lambda r: r.get("kind") == "ack" and r["dev"] == DEV, 60), agent.log_text()[-3000:]
-        first = min(_counters(c) or {0: 0}) if _wait(lambda: _counters(c), 30) else None
-        assert first is not None, agent.log_text()[-3000:]
+        assert wait_until(lambda: _counters(c), 30, what="counter samples at the cloud"), agent.log_text()[-3000:]
+        first = min(_counters(c))
         for _ in range(10):
             time.sleep(random.uniform(1.0, 3.0))
             fleet.broker.stop()          # the broker goes away (its persistence saved) ...
@@ -326,7 +321,7 @@ def test_broker_outages_lose_nothing_after_dedup(fleet, can_bus, tmp_path):
         drops = _udp_drops(agent.proc.pid)
         counter.stop()
         sent = len(counter.sent)
-        assert _wait(lambda: max(_counters(c) or {0: 0}) >= sent - 1, 120), agent.log_text()[-3000:]
+        assert wait_until(lambda: max(_counters(c) or {0: 0}) >= sent - 1, 120), agent.log_text()[-3000:]
         time.sleep(2)
         assert agent.terminate() == 0
         _check_seqs(c)

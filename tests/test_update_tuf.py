@@ -20,7 +20,7 @@ from scripts.testbed.devca import DevCA
 from scripts.refcloud.release import PYVER, signer_for
 from scripts.testbed.tuf_server import TufServer
 from tests.support.updates import HW, Env, build_repo, layout_for, make_tree, opened
-from tests.conftest import wait_until
+from scripts.testbed.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

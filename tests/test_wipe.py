@@ -20,8 +20,9 @@ from agent.settings import SettingsError
 from agent.owner.location import TABLE
 from drivers.core.model import Sample
 from scripts.refcloud.console import Registry
-from scripts.testbed.gps import GpsFake, needs_gpsd, reference_rows, wait_until
+from scripts.testbed.gps import GpsFake, needs_gpsd, reference_rows
 from tests.support.privacy import agent_settings, config, consent, events, make_agent
+from scripts.testbed.wait import wait_until
 
 pytestmark = needs_gpsd
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from scripts.testbed.shared_data import SHARED_DATA
+from scripts.testbed.wait import wait_until
 
 DATA = SHARED_DATA / "gnss"
 NMEA = DATA / "comma2k19_rav4_seg40.nmea"
@@ -141,11 +142,3 @@ class BareGpsd:
                 self.proc.wait(10)
 
 
-def wait_until(pred, timeout: float = 30.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
