@@ -85,7 +85,8 @@ class Agent:
         self.components = components
         # Each part by name, for the technician's status and for tests: ingest, uplink, link,
         # downlink, sealer, obd, can, ev, battery, power, health, privacy, location, owner_data,
-        # indicators, technician, updater, identity, bookings (None where not configured).
+        # indicators, technician, updater, identity, bookings, and ``emit_event(body)`` (None where
+        # not configured).
         for name, part in parts.items():
             setattr(self, name, part)
         self.exit_code: int | None = None   # set by request_exit; the daemon exits with it
@@ -99,11 +100,6 @@ class Agent:
 
     def apply_config(self, doc: dict) -> list[str]:
         return self.applier.apply(doc)
-
-    def emit_event(self, body: dict) -> None:
-        """Queues an event durably and wakes the uplink (events go out ahead of telemetry)."""
-        self.store.add_event(body)
-        self.uplink.wake()
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -195,6 +191,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         uplink.wake()
 
     def emit_event(body: dict) -> None:
+        """Queues an event durably and wakes the uplink (events go out ahead of telemetry)."""
         store.add_event(body)
         uplink.wake()
 
@@ -425,7 +422,8 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
                       ingest=ingest, uplink=uplink, link=link, downlink=downlink, sealer=sealer, obd=obd,
                       can=can, ev=ev, battery=battery, power=power, health=health, privacy=privacy,
                       location=location, owner_data=owner, indicators=indicators, technician=technician,
-                      updater=updater, identity=identity, bookings=bookings, commands=commands))
+                      updater=updater, identity=identity, bookings=bookings, commands=commands,
+                      emit_event=emit_event))
     return agent
 
 

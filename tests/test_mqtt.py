@@ -29,6 +29,7 @@ now_ms = Clock().now_ms
 from agent.cloud.mqtt import MqttLink, status_payload
 from scripts.testbed.devca import DevCA
 from scripts.testbed.mosquitto import ENVELOPE_MAX, LocalBroker, free_port
+from scripts.testbed.wait import wait_until
 from tests.conftest import ClientCert, MqttPeer, Pki, make_device_cert
 
 pytestmark = pytest.mark.timeout(90)
@@ -146,7 +147,6 @@ _CHILD = r"""
 import json, logging, sys, time
 from drivers.core.backoff import Backoff
 from agent.cloud.mqtt import MqttLink
-from scripts.testbed.wait import wait_until
 logging.basicConfig(level=logging.INFO)
 args = json.loads(sys.argv[1])
 link = MqttLink(**args, backoff=Backoff(0.05, 0.5), agent_version="child-9",
