@@ -484,7 +484,7 @@ class RabbitNode:
                            (Atom("file"), [(Atom("file"), str(self.log_path)),
                                            (Atom("level"), Atom("info"))])]),
             (Atom("cluster_nodes"), ([Atom(self._seed)] if self._seed else [], Atom("disc"))),
-            # A joiner may boot before its seed is up: keep asking for a while (60 x 0.5 s)
+            # A joiner whose seed is slow (or restarting) keeps asking for a while (60 x 0.5 s)
             # rather than booting alone after the default 10 tries.
             (Atom("cluster_formation"), [(Atom("discovery_retry_limit"), 60),
                                          (Atom("discovery_retry_interval"), 500)]),
@@ -731,8 +731,8 @@ class RabbitBroker:
 class RabbitCluster:
     """``size`` RabbitMQ nodes clustered on loopback, one MQTT port each (:attr:`endpoints`).
 
-    Node 1 starts first (from the template); the others boot blank with node 1 as their
-    classic-config peer and join it during boot. ``queue_type`` defaults to ``quorum``: a
+    Node 1 starts first (from the template); then the others, together, boot blank with
+    node 1 as their classic-config peer and join it during boot. ``queue_type`` defaults to ``quorum``: a
     classic session queue lives on one node and is gone while that node is (docs/protocol.md).
     """
 
@@ -784,12 +784,17 @@ class RabbitCluster:
         raise KeyError(f"no node listens on port {port}")
 
     def node_of_client(self, client_id: str) -> RabbitNode | None:
-        """The node a connected MQTT client is on, as the cluster reports it (None: not
-        connected anywhere). One ``rabbitmqctl`` call per running node."""
-        for n in self.running_nodes:
-            out = n.ctl("list_mqtt_connections", "client_id", "--no-table-headers")
-            if client_id in out.split():
-                return n
+        """The node a connected MQTT client is on, as the cluster reports it (None: connected
+        nowhere). One ``rabbitmqctl list_mqtt_connections`` (it lists the whole cluster's);
+        the listener port in each row names the node."""
+        running = self.running_nodes
+        if not running:
+            return None
+        out = running[0].ctl("list_mqtt_connections", "client_id", "port", "--no-table-headers")
+        for line in out.splitlines():
+            cid, _, port = line.rpartition("\t")
+            if cid == client_id and port.strip().isdigit():
+                return self.node_at(int(port))
         return None
 
     def cluster_members(self) -> list[str]:
@@ -809,10 +814,13 @@ class RabbitCluster:
         if not self._epmd.running:
             self._epmd.start()
         try:
-            # All at once: the joiners retry peer discovery until the seed is up.
-            for n in self.nodes:
+            # The seed first: a joiner that boots alongside it can read the seed's feature
+            # flags file while it is still empty and fail (incompatible_feature_flags,
+            # case_clause {ok,[]}: seen here). The joiners together, then.
+            self.nodes[0].start()
+            for n in self.nodes[1:]:
                 n.spawn()
-            for n in self.nodes:
+            for n in self.nodes[1:]:
                 n.wait_ready()
             members = self.cluster_members()
             want = sorted(n.node for n in self.nodes)
