@@ -31,8 +31,8 @@ fresh single node starts from a copy of a stopped, booted node (a template kept 
 system temp directory, keyed by the RabbitMQ version), which skips the schema creation and the
 3–6 s the MQTT plugin waits on a node's first boot for cluster peers that may be about to join.
 Cluster nodes 2 and 3 boot blank and join node 1 during boot (classic peer discovery): joining
-nodes find their peer at once and skip that wait too. Figures: docs/performance.md's RabbitMQ
-section, measured with ``python -m scripts.testbed.rabbitmq --bench``.
+nodes find their peer at once and skip that wait too. Figures: docs/performance.md, "Test
+brokers: start-up" (bench/bench_brokers.py).
 
 CLI (demo, manual checks): ``python -m scripts.testbed.rabbitmq --dir DIR [--cluster]
 [--device ID ...]`` prints the MQTT port(s) and runs until SIGINT/SIGTERM.
@@ -40,7 +40,6 @@ CLI (demo, manual checks): ``python -m scripts.testbed.rabbitmq --dir DIR [--clu
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import logging
 import os
@@ -88,7 +87,7 @@ def missing_reason() -> str | None:
     for exe in (SERVER, CTL):
         if not os.access(exe, os.X_OK):
             return (f"{exe} not found: install Debian's rabbitmq-server "
-                    "(scripts/setup.sh --rabbitmq, or apt-get install rabbitmq-server)")
+                    "(scripts/setup.sh does)")
     if _epmd() is None:
         return "epmd not found (Debian package erlang-base)"
     if not _plugin_dir("rabbitmq_mqtt"):
@@ -226,7 +225,7 @@ class Epmd:
             raise FileNotFoundError("epmd not found (Debian package erlang-base)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
-            self.port = free_port()
+            self.port = pick_port()
             with open(self.workdir / "epmd.log", "ab") as out:
                 self._proc = subprocess.Popen([exe, "-port", str(self.port), "-address", HOST],
                                               stdin=subprocess.DEVNULL, stdout=out,
@@ -244,6 +243,22 @@ class Epmd:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def pick_port() -> int:
+    """A free loopback port not handed out before by this process: ``free_port`` alone can
+    return the same port twice in a row, and a node needs two (distribution, MQTT)."""
+    with _ports_lock:
+        for _ in range(100):
+            port = free_port()
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError("no fresh free port")
 
 
 def _wait_port(port: int, timeout: float, *, alive=lambda: True) -> bool:
@@ -275,6 +290,7 @@ class RabbitNode:
         self._epmd = epmd
         self._cookie = cookie
         self.mqtt_port = mqtt_port
+        self._fixed_mqtt_port = bool(mqtt_port)
         self.dist_port = 0
         self._cert, self._key = server_cert
         self._ca_file = ca_file
@@ -325,8 +341,28 @@ class RabbitNode:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.spawn()
-        self.wait_ready()
+        """Starts the node and waits for it. Ports picked here (not given by the caller) are
+        picked again if another process took one first (three tries)."""
+        tries = 3 if not (self.mqtt_port and self.dist_port) else 1
+        for attempt in range(tries):
+            self.spawn()
+            try:
+                self.wait_ready()
+                return
+            except RuntimeError as e:
+                if attempt == tries - 1 or not self.forget_taken_ports(e):
+                    raise
+
+    def forget_taken_ports(self, error: Exception) -> bool:
+        """After a failed start: if a port this node picked itself was taken by someone else
+        (eaddrinuse), forget the picked ports so the next start picks new ones; True then."""
+        if "eaddrinuse" not in str(error):
+            return False
+        log.warning("rabbitmq: %s: a port was taken, trying others", self.node)
+        if not self._fixed_mqtt_port:
+            self.mqtt_port = 0
+        self.dist_port = 0
+        return True
 
     def spawn(self) -> None:
         """Starts the node without waiting for it (a cluster boots its joiners in parallel)."""
@@ -336,9 +372,9 @@ class RabbitNode:
             _Template.copy_into(self._mnesia, self.name)
         self._use_template = False  # only ever for the very first boot of this directory
         if not self.dist_port:
-            self.dist_port = free_port()
+            self.dist_port = pick_port()
         if not self.mqtt_port:
-            self.mqtt_port = free_port()
+            self.mqtt_port = pick_port()
         self._write_config()
         try:
             self._log_offset = self.log_path.stat().st_size
@@ -821,7 +857,12 @@ class RabbitCluster:
             for n in self.nodes[1:]:
                 n.spawn()
             for n in self.nodes[1:]:
-                n.wait_ready()
+                try:
+                    n.wait_ready()
+                except RuntimeError as e:
+                    if not n.forget_taken_ports(e):
+                        raise
+                    n.start()
             members = self.cluster_members()
             want = sorted(n.node for n in self.nodes)
             if members != want:
@@ -860,47 +901,6 @@ class RabbitCluster:
 # CLI
 # --------------------------------------------------------------------------------------------
 
-def _bench(workdir: Path, rounds: int) -> int:
-    """Start-up times, printed as a table: cold node, node from template, restart, cluster."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    ca = DevCA(workdir / "pki")
-    rows: list[tuple[str, float]] = []
-    shutil.rmtree(_Template.root(), ignore_errors=True)
-    for r in range(rounds):
-        for label, tmpl in (("single node, cold (no template)", False),
-                            ("single node, from template", True)):
-            d = workdir / f"single-{r}-{int(tmpl)}"
-            b = RabbitBroker(d, ca, use_template=tmpl, devices=["dev-bench"])
-            t0 = time.monotonic()
-            b.start()
-            rows.append((label, time.monotonic() - t0))
-            t0 = time.monotonic()
-            b.restart()
-            rows.append(("single node, restart (stop + start)", time.monotonic() - t0))
-            b.stop()
-            shutil.rmtree(d, ignore_errors=True)
-        d = workdir / f"cluster-{r}"
-        c = RabbitCluster(d, ca, devices=["dev-bench"])
-        t0 = time.monotonic()
-        c.start()
-        rows.append(("three-node cluster", time.monotonic() - t0))
-        victim = c.nodes[1]
-        victim.kill()
-        t0 = time.monotonic()
-        c.start_node(victim)
-        rows.append(("cluster node restart after SIGKILL", time.monotonic() - t0))
-        c.stop()
-        shutil.rmtree(d, ignore_errors=True)
-    by: dict[str, list[float]] = {}
-    for label, s in rows:
-        by.setdefault(label, []).append(s)
-    print(f"RabbitMQ {version()} start-up, {rounds} round(s), seconds (min / median / max)")
-    for label, v in by.items():
-        v.sort()
-        print(f"  {label:40s} {v[0]:5.1f} / {v[len(v) // 2]:5.1f} / {v[-1]:5.1f}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.testbed.rabbitmq",
                                      description="Run a mutual-TLS RabbitMQ MQTT broker (or "
@@ -909,16 +909,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="work directory (broker files; the CA lives in DIR/pki)")
     parser.add_argument("--cluster", action="store_true", help="three nodes instead of one")
     parser.add_argument("--device", action="append", default=[], help="device id (repeatable)")
-    parser.add_argument("--bench", type=int, metavar="ROUNDS", nargs="?", const=3,
-                        help="measure start-up times instead (ROUNDS rounds, default 3)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     reason = missing_reason()
     if reason:
         print(f"rabbitmq: {reason}", file=sys.stderr)
         return 1
-    if args.bench:
-        return _bench(args.dir, args.bench)
     ca = DevCA(args.dir / "pki")
     broker: RabbitBroker | RabbitCluster
     if args.cluster:
