@@ -30,17 +30,10 @@ from agent import protocol
 from agent.keys import trusted_signers
 from agent.mqtt import MqttLink
 from tests.conftest import ClientCert, MqttPeer, Pki
-from tests.test_mqtt import _CHILD, AGENT, CONFIG_VERSION, PREFIX, Harness, fast_backoff, status_of
+from tests.test_mqtt import (_CHILD, AGENT, CONFIG_VERSION, PREFIX, Harness, fast_backoff,
+                             status_of, wait_until)
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
-
-
-def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +119,28 @@ def offline(topic: str) -> Callable[[object], bool]:
     return lambda m: m.topic == topic and status_of(m.payload)["state"] == "offline"  # type: ignore[attr-defined]
 
 
+def retained_copy(peers: Callable[..., MqttPeer], target: object, pki: Pki, topic: str,
+                  name: str) -> object:
+    """What a subscriber arriving now gets first on ``topic`` (the retained copy, if any)."""
+    late = peers(target, pki.cloud, client_id=f"cloud-{name}")
+    late.subscribe(topic)
+    return late.expect(topic)
+
+
+def leave_a_session(target: object, dev: str, pki: Pki, peers: Callable[..., MqttPeer],
+                    links: Callable[..., Harness]) -> MqttPeer:
+    """The device connects (subscribing its down/#) and stops: its session now waits for
+    downlink. Returns the cloud peer, which saw it come and go."""
+    status = f"{PREFIX}/{dev}/status"
+    cloud = peers(target, pki.cloud, client_id=f"cloud-{dev}")
+    cloud.subscribe(status)
+    first = links(target, dev)
+    cloud.expect(online(status))  # subscribed to down/# by now: the session holds it
+    first.link.stop()
+    cloud.expect(offline(status))
+    return cloud
+
+
 def disconnected(peer: MqttPeer, timeout: float = 15.0) -> bool:
     """True once the broker has closed ``peer``'s connection (paho's on_disconnect)."""
     try:
@@ -179,9 +194,7 @@ def test_status_is_retained_and_the_will_reports_an_abrupt_death(
     try:
         doc = status_of(cloud.expect(online(topic), 60).payload)
         assert doc["agent"] == "child-9" and doc["config_version"] == 3
-        late = peers(any_broker, pki.cloud, client_id=f"cloud-late-{dev}")
-        late.subscribe(topic)
-        retained = late.expect(topic)
+        retained = retained_copy(peers, any_broker, pki, topic, f"late-{dev}")
         assert retained.retain and status_of(retained.payload)["state"] == "online"
 
         child.send_signal(signal.SIGKILL)
@@ -192,9 +205,7 @@ def test_status_is_retained_and_the_will_reports_an_abrupt_death(
         if child.poll() is None:
             child.kill()
             child.wait()
-    later = peers(any_broker, pki.cloud, client_id=f"cloud-later-{dev}")
-    later.subscribe(topic)
-    msg = later.expect(topic)
+    msg = retained_copy(peers, any_broker, pki, topic, f"later-{dev}")
     assert msg.retain and status_of(msg.payload)["state"] == "offline"
 
 
@@ -210,9 +221,7 @@ def test_graceful_stop_leaves_a_retained_offline_status(
     h.link.stop()
     down = status_of(cloud.expect(offline(topic)).payload)
     assert down["ts"] >= up["ts"] and down["config_version"] == CONFIG_VERSION
-    later = peers(any_broker, pki.cloud, client_id=f"cloud-later-{dev}")
-    later.subscribe(topic)
-    msg = later.expect(topic)
+    msg = retained_copy(peers, any_broker, pki, topic, f"later-{dev}")
     assert msg.retain and status_of(msg.payload) == down
 
 
@@ -220,13 +229,7 @@ def test_downlink_sent_while_offline_arrives_on_reconnect_across_a_broker_restar
         any_broker: object, pki: Pki, peers: Callable[..., MqttPeer],
         links: Callable[..., Harness]) -> None:
     dev = device_id("dev-session", any_broker)
-    status = f"{PREFIX}/{dev}/status"
-    cloud = peers(any_broker, pki.cloud, client_id=f"cloud-{dev}")
-    cloud.subscribe(status)
-    first = links(any_broker, dev)
-    cloud.expect(online(status))  # subscribed to down/# by now: the session holds it
-    first.link.stop()
-    cloud.expect(offline(status))
+    cloud = leave_a_session(any_broker, dev, pki, peers, links)
     assert not cloud.publish(f"{PREFIX}/{dev}/down/command", b"while-away").is_failure
 
     any_broker.restart()  # type: ignore[attr-defined]  # the queued message is on disk
@@ -386,13 +389,7 @@ def test_rabbitmq_keeps_a_confirmed_downlink_through_a_sigkill(
     crash right after the PUBACK loses nothing. (Mosquitto writes its persistence file every
     autosave_interval, 2 s here: a message queued less than that before a SIGKILL is lost.)"""
     dev = device_id("dev-fsync", rabbitmq_broker)
-    status = f"{PREFIX}/{dev}/status"
-    cloud = peers(rabbitmq_broker, pki.cloud, client_id=f"cloud-{dev}")
-    cloud.subscribe(status)
-    first = links(rabbitmq_broker, dev)
-    cloud.expect(online(status))
-    first.link.stop()
-    cloud.expect(offline(status))
+    cloud = leave_a_session(rabbitmq_broker, dev, pki, peers, links)
     assert not cloud.publish(f"{PREFIX}/{dev}/down/command", b"confirmed").is_failure
     rabbitmq_broker.kill()  # type: ignore[attr-defined]  # at once, no graceful save
     rabbitmq_broker.restart()  # type: ignore[attr-defined]

@@ -671,7 +671,63 @@ class _Acl:
             part.unlink(missing_ok=True)
 
 
-class RabbitBroker:
+class _Broker:
+    """What a single node and a cluster share: the work directory, the definitions (users,
+    permissions), the server certificate and the epmd the node(s) register with."""
+
+    host = HOST
+
+    def __init__(self, workdir: Path, ca: DevCA, cloud_users: Sequence[str], prefix: str,
+                 devices: Iterable[str]):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ca = ca
+        self.prefix = prefix.rstrip("/")
+        self.cloud_users = tuple(cloud_users)
+        self._acl = _Acl(self.workdir / "definitions.json", prefix, cloud_users, devices)
+        self._epmd = Epmd(self.workdir)
+        self._server_cert = ca.issue_server("localhost", out_dir=self.workdir)
+        self.nodes: list[RabbitNode] = []
+
+    @property
+    def ca_file(self) -> Path:
+        return self.ca.ca_cert_path
+
+    @property
+    def devices(self) -> list[str]:
+        return list(self._acl.devices)
+
+    @property
+    def running_nodes(self) -> list[RabbitNode]:
+        return [n for n in self.nodes if n.running]
+
+    def add_device(self, *device_ids: str) -> None:
+        """Lets devices with these certificate CNs connect (user + permissions). Takes effect
+        at once when running (one ``rabbitmqctl eval``, under a second; the user database is
+        cluster-wide) and at every boot."""
+        new = self._acl.add(device_ids)
+        running = self.running_nodes
+        if running:
+            self._acl.import_new(running[0], new)
+
+    def _node(self, name: str, *, mqtt_port: int, cookie: str, session_ttl_s: int | None,
+              queue_type: QueueType, seed: str | None, use_template: bool) -> RabbitNode:
+        return RabbitNode(self.workdir / name, name=name, epmd=self._epmd, cookie=cookie,
+                          mqtt_port=mqtt_port, server_cert=self._server_cert,
+                          ca_file=self.ca.ca_cert_path, definitions_file=self._acl.path,
+                          session_ttl_s=session_ttl_s, queue_type=queue_type, seed=seed,
+                          use_template=use_template)
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self.start()  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()  # type: ignore[attr-defined]
+
+
+class RabbitBroker(_Broker):
     """One RabbitMQ node with the MQTT plugin: LocalBroker's interface (host, port, ca_file,
     start/stop/kill/restart, pid, log) plus :meth:`add_device`.
 
@@ -683,29 +739,15 @@ class RabbitBroker:
                  cloud_users: Sequence[str] = ("cloud-console",), prefix: str = "dongle/v1",
                  devices: Iterable[str] = (), session_ttl_s: int | None = DEFAULT_SESSION_TTL_S,
                  queue_type: QueueType = "classic", use_template: bool = True):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ca = ca
-        self.prefix = prefix.rstrip("/")
-        self.cloud_users = tuple(cloud_users)
-        self._acl = _Acl(self.workdir / "definitions.json", prefix, cloud_users, devices)
-        self._epmd = Epmd(self.workdir)
-        cert = ca.issue_server("localhost", out_dir=self.workdir)
-        self.node = RabbitNode(self.workdir / "node", name="dongle", epmd=self._epmd,
-                               cookie=secrets.token_hex(16), mqtt_port=port, server_cert=cert,
-                               ca_file=ca.ca_cert_path, definitions_file=self._acl.path,
-                               session_ttl_s=session_ttl_s, queue_type=queue_type,
+        super().__init__(workdir, ca, cloud_users, prefix, devices)
+        self.node = self._node("dongle", mqtt_port=port, cookie=secrets.token_hex(16),
+                               session_ttl_s=session_ttl_s, queue_type=queue_type, seed=None,
                                use_template=use_template)
-
-    host = HOST
+        self.nodes = [self.node]
 
     @property
     def port(self) -> int:
         return self.node.mqtt_port
-
-    @property
-    def ca_file(self) -> Path:
-        return self.ca.ca_cert_path
 
     @property
     def log_path(self) -> Path:
@@ -719,19 +761,8 @@ class RabbitBroker:
     def running(self) -> bool:
         return self.node.running
 
-    @property
-    def devices(self) -> list[str]:
-        return list(self._acl.devices)
-
     def log_text(self) -> str:
         return self.node.log_text()
-
-    def add_device(self, *device_ids: str) -> None:
-        """Lets devices with these certificate CNs connect (user + permissions). Takes effect
-        at once when running (about 0.6 s: one ``rabbitmqctl eval``) and at every boot."""
-        new = self._acl.add(device_ids)
-        if self.running:
-            self._acl.import_new(self.node, new)
 
     def start(self) -> None:
         if not self._epmd.running:
@@ -755,21 +786,14 @@ class RabbitBroker:
         self.node.stop()
         self.start()
 
-    def __enter__(self) -> RabbitBroker:
-        self.start()
-        return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-
-class RabbitCluster:
+class RabbitCluster(_Broker):
     """``size`` RabbitMQ nodes clustered on loopback, one MQTT port each (:attr:`endpoints`).
 
     Node 1 starts first (from the template); then the others, together, boot blank with
-    node 1 as their classic-config peer and join it during boot. ``queue_type`` defaults to ``quorum``: a
-    classic session queue lives on one node and is gone while that node is (docs/protocol.md).
+    node 1 as their classic-config peer and join it during boot. ``queue_type`` defaults to
+    ``quorum``: a classic session queue lives on one node and is gone while that node is
+    (docs/protocol.md §2.7).
     """
 
     def __init__(self, workdir: Path, ca: DevCA, *, size: int = 3,
@@ -778,39 +802,20 @@ class RabbitCluster:
                  queue_type: QueueType = "quorum", use_template: bool = True):
         if size < 1:
             raise ValueError("a cluster has at least one node")
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ca = ca
-        self.prefix = prefix.rstrip("/")
-        self.cloud_users = tuple(cloud_users)
-        self._acl = _Acl(self.workdir / "definitions.json", prefix, cloud_users, devices)
-        self._epmd = Epmd(self.workdir)
-        cert = ca.issue_server("localhost", out_dir=self.workdir)
+        super().__init__(workdir, ca, cloud_users, prefix, devices)
         cookie = secrets.token_hex(16)
         names = ["dongle"] + [f"dongle-{chr(ord('b') + i)}" for i in range(size - 1)]
         seed = f"{names[0]}@localhost"
-        self.nodes = [RabbitNode(self.workdir / n, name=n, epmd=self._epmd, cookie=cookie,
-                                 mqtt_port=0, server_cert=cert, ca_file=ca.ca_cert_path,
-                                 definitions_file=self._acl.path, session_ttl_s=session_ttl_s,
+        self.nodes = [self._node(n, mqtt_port=0, cookie=cookie, session_ttl_s=session_ttl_s,
                                  queue_type=queue_type, seed=None if i == 0 else seed,
                                  use_template=use_template and i == 0)
                       for i, n in enumerate(names)]
         self.last_start_s: float | None = None
 
-    host = HOST
-
-    @property
-    def ca_file(self) -> Path:
-        return self.ca.ca_cert_path
-
     @property
     def endpoints(self) -> list[tuple[str, int]]:
         """(host, MQTT port) of every node, running or not, in node order."""
         return [(HOST, n.mqtt_port) for n in self.nodes]
-
-    @property
-    def running_nodes(self) -> list[RabbitNode]:
-        return [n for n in self.nodes if n.running]
 
     def node_at(self, port: int) -> RabbitNode:
         """The node whose MQTT listener is on ``port`` (a client's port tells its node)."""
@@ -838,12 +843,6 @@ class RabbitCluster:
         n = self.running_nodes[0]
         out = n.eval("rabbit_nodes:all_running().")
         return sorted(re.findall(r"'?([A-Za-z0-9_-]+@localhost)'?", out))
-
-    def add_device(self, *device_ids: str) -> None:
-        new = self._acl.add(device_ids)
-        running = self.running_nodes
-        if running:
-            self._acl.import_new(running[0], new)  # the user database is cluster-wide
 
     def start(self) -> None:
         t0 = time.monotonic()
@@ -887,14 +886,6 @@ class RabbitCluster:
                 log.exception("rabbitmq: stopping %s failed; killing it", n.node)
                 n.kill()
         self._epmd.stop()
-
-    def __enter__(self) -> RabbitCluster:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------------------------
