@@ -425,16 +425,17 @@ def test_cluster_retained_messages_are_kept_by_the_node_that_received_them(
 
 
 def publish_until_acked(make_peer: Callable[[int], MqttPeer], topic: str, payload: bytes,
-                        attempts: int = 5) -> int:
+                        attempts: int = 10, pause_s: float = 0.3) -> int:
     """QoS 1 the way a backend must do it: a publish is sent once the PUBACK is in; if the
-    connection dies first, connect again and resend. Returns the attempts it took."""
+    connection dies first, connect again (after ``pause_s``) and resend. Returns the attempts
+    it took."""
     for i in range(1, attempts + 1):
         peer = make_peer(i)
         try:
             if not peer.publish(topic, payload, timeout=10).is_failure:
                 return i
         except AssertionError:  # no PUBACK: the broker closed the connection
-            pass
+            time.sleep(pause_s)
     raise AssertionError(f"no PUBACK for {topic} in {attempts} attempts")
 
 
