@@ -313,9 +313,10 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     location = Location(store, privacy, datakey, gpsd_host=s.gnss.host, gpsd_port=s.gnss.port, clock=clock,
                         seal=sealer.seal, wake_uplink=wake_uplink, emit_event=emit_event,
                         interval_s=lambda: upload_policy(config.current(), vehicle_state()).interval_s)
-    host, port = endpoint(config.current(), s.mqtt.host_port)   # the cloud may have moved it
+    moved = endpoint(config.current(), s.mqtt.host_port)   # the cloud may have moved it
     link = MqttLink(
-        device_id=s.device_id, host=host, port=port, ca_file=s.mqtt.ca_file, cert_file=s.mqtt.cert_file,
+        device_id=s.device_id, endpoints=s.mqtt.endpoints if moved in s.mqtt.endpoints else [moved],
+        ca_file=s.mqtt.ca_file, cert_file=s.mqtt.cert_file,
         key_file=s.mqtt.key_file, topic_prefix=s.mqtt.topic_prefix, protocol=s.mqtt.protocol,
         keepalive_s=s.mqtt.keepalive_s, session_expiry_s=s.mqtt.session_expiry_s,
         backoff=Backoff(s.mqtt.backoff_min_s, s.mqtt.backoff_max_s), agent_version=version,

@@ -59,10 +59,13 @@ class KeySettings:
 
 @dataclass(frozen=True)
 class MqttSettings:
-    url: str
     ca_file: Path
     cert_file: Path
     key_file: Path
+    #: One broker, ``mqtts://host[:port]``; or ``urls``, several (a cluster's nodes): exactly
+    #: one of the two is given. The link tries them as agent/cloud/mqtt.py says.
+    url: str = ""
+    urls: tuple[str, ...] = ()
     protocol: str = "5"
     topic_prefix: str = topics.PREFIX_TEMPLATE
     keepalive_s: int = 30
@@ -72,9 +75,19 @@ class MqttSettings:
     config_rollback_s: float = 120.0
 
     @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) of every broker URL, in the order given."""
+        return [_host_port(u) for u in (self.urls or (self.url,))]
+
+    @property
     def host_port(self) -> tuple[str, int]:
-        u = urlsplit(self.url)
-        return u.hostname or "", u.port or 8883
+        """The first endpoint (the local one a cloud config's ``link.broker_url`` replaces)."""
+        return self.endpoints[0]
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    u = urlsplit(url)
+    return u.hostname or "", u.port or 8883
 
 
 @dataclass(frozen=True)
@@ -428,12 +441,20 @@ def _check(s: Settings) -> None:
 
     m = s.mqtt
     if m is not None:
-        try:
-            port = urlsplit(m.url).port
-        except ValueError:
-            port = None
-        if port == 0 or (port is None and ":" in m.url.removeprefix("mqtts://")):
-            fail("mqtt.url", "port must be 1-65535")
+        if bool(m.url) == bool(m.urls):
+            if m.url:
+                fail("mqtt.urls", "give mqtt.url or mqtt.urls, not both")
+            raise SettingsError(f"{s.path}: missing key 'mqtt.url' (or 'mqtt.urls', a list)")
+        keyed = [("mqtt.url", m.url)] if m.url else [(f"mqtt.urls[{i}]", u) for i, u in enumerate(m.urls)]
+        for key, url in keyed:
+            try:
+                port = urlsplit(url).port
+            except ValueError:
+                port = None
+            if port == 0 or (port is None and ":" in url.removeprefix("mqtts://")):
+                fail(key, "port must be 1-65535")
+        if len(set(m.endpoints)) != len(m.endpoints):
+            fail("mqtt.urls", "names one broker twice")
         if m.backoff_max_s < m.backoff_min_s:
             fail("mqtt.backoff_max_s", "must be >= mqtt.backoff_min_s")
     names = [b["name"] for b in s.can.buses]

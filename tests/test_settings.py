@@ -113,6 +113,32 @@ def test_url_ports_out_of_range_are_refused(tmp_path, patch, expected):
     assert expected in str(e.value)
 
 
+def test_several_brokers_are_a_list_of_urls_tried_in_order(tmp_path):
+    urls = 'urls = ["mqtts://mq1.example.com", "mqtts://mq2.example.com:8884", "mqtts://10.0.0.3:1883"]'
+    s = settings.load(_write(tmp_path, GOOD.replace('url = "mqtts://broker.example.com:8884"', urls)))
+    assert s.mqtt.endpoints == [("mq1.example.com", 8883), ("mq2.example.com", 8884), ("10.0.0.3", 1883)]
+    assert s.mqtt.host_port == ("mq1.example.com", 8883)
+    assert settings.load(_write(tmp_path, GOOD)).mqtt.endpoints == [("broker.example.com", 8884)]
+
+
+@pytest.mark.parametrize("patch, expected", [
+    (GOOD.replace('url = "mqtts://broker.example.com:8884"\n', ""), "missing key 'mqtt.url' (or 'mqtt.urls'"),
+    (GOOD.replace('url = "mqtts://broker.example.com:8884"', 'url = "mqtts://a.example.com"\nurls = ["mqtts://b.example.com"]'),
+     "key 'mqtt.urls': give mqtt.url or mqtt.urls, not both"),
+    (GOOD.replace('url = "mqtts://broker.example.com:8884"', 'urls = []'), "key 'mqtt.urls'"),
+    (GOOD.replace('url = "mqtts://broker.example.com:8884"', 'urls = ["mqtts://a.example.com", "mqtt://b:1883"]'),
+     "key 'mqtt.urls[1]'"),
+    (GOOD.replace('url = "mqtts://broker.example.com:8884"', 'urls = ["mqtts://a.example.com", "mqtts://b:0"]'),
+     "key 'mqtt.urls[1]': port must be 1-65535"),
+    (GOOD.replace('url = "mqtts://broker.example.com:8884"', 'urls = ["mqtts://a.example.com", "mqtts://a.example.com:8883"]'),
+     "key 'mqtt.urls': names one broker twice"),
+])
+def test_bad_broker_lists_are_refused(tmp_path, patch, expected):
+    with pytest.raises(settings.SettingsError) as e:
+        settings.load(_write(tmp_path, patch))
+    assert expected in str(e.value), str(e.value)
+
+
 def test_mqtt_settings_that_would_break_protocol_section_2(tmp_path):
     text = GOOD.replace('key_file = "tls.key"', 'key_file = "tls.key"\nsession_expiry_s = 0')
     with pytest.raises(settings.SettingsError, match="session_expiry_s"):

@@ -1,11 +1,21 @@
 """The MQTT transport to the cloud broker (PROTOCOL §2): mutual TLS, persistent session, status.
 
 :class:`MqttLink` owns one paho-mqtt client and one network thread that runs our own loop:
-connect → process traffic → on any failure wait ``Backoff.next()`` → try again. paho's own
-reconnect logic (``loop_forever``/``loop_start``) is not used, so that every kind of failure
-(DNS, refused TCP, TLS, certificate, CONNACK refusal, lost connection) goes through the same
-capped, jittered backoff and the backoff is reset only once a connection has stayed up for
-``stable_after_s``.
+connect → process traffic → on any failure move on → try again. paho's own reconnect logic
+(``loop_forever``/``loop_start``) is not used, so that every kind of failure (DNS, refused TCP,
+TLS, certificate, CONNACK refusal, lost connection) goes through the same policy:
+
+- The link knows a list of broker endpoints (the nodes of a cluster, or the addresses of a
+  load balancer; one endpoint is a list of one). A device starts at the position given by a
+  hash of its id (:func:`start_index`), so a fleet spreads over the nodes, and stays on an
+  endpoint that works.
+- After every failed attempt or ended session it moves to the next endpoint, at once while
+  the current round has endpoints it has not tried; only when a whole round failed does it
+  wait ``Backoff.next()`` (capped, jittered). A connection that stays up ``stable_after_s``
+  resets both the round and the backoff, so a broker that accepts and then drops the
+  connection does not cause a tight loop.
+- :meth:`MqttLink.reconnect_to` (a cloud config moving the device) ends the session cleanly
+  and tries the new endpoint at once, with a fresh backoff.
 
 Threading: :meth:`publish` may be called from any thread. ``on_message`` runs on the network
 thread *before* the broker gets our PUBACK (so a downlink handed off there is not lost if the
@@ -15,12 +25,13 @@ All three must return quickly (hand work to a queue).
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +51,23 @@ _CONNACK_TIMEOUT_S = 20.0  # TCP/TLS up but no CONNACK: give up on this attempt
 _STOP_ACK_SHARE = 0.6     # share of stop()'s timeout spent waiting for the offline status PUBACK
 
 
+#: A broker endpoint: (host, port).
+Endpoint = tuple[str, int]
+
+
+def start_index(device_id: str, count: int) -> int:
+    """Where ``device_id`` starts in a list of ``count`` endpoints: the same place every time
+    for one device, spread evenly over a fleet (SHA-256 of the id, modulo ``count``)."""
+    if count < 1:
+        raise ValueError("no endpoints")
+    return int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "big") % count
+
+
+def format_endpoint(endpoint: Endpoint) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(slots=True)
 class _Pending:
     topic: str
@@ -55,7 +83,11 @@ def status_payload(state: Literal["online", "offline"], agent_version: str, conf
 
 
 class MqttLink:
-    def __init__(self, *, device_id: str, host: str, port: int, ca_file: str | Any,
+    """The device's MQTT session. Give the broker as ``endpoints`` (a list of (host, port),
+    tried as the module docstring says) or as ``host`` and ``port`` (a list of one)."""
+
+    def __init__(self, *, device_id: str, host: str | None = None, port: int | None = None,
+                 endpoints: Sequence[Endpoint] | None = None, ca_file: str | Any,
                  cert_file: str | Any, key_file: str | Any,
                  topic_prefix: str = topics.PREFIX_TEMPLATE,
                  protocol: Literal["5", "3.1.1"] = "5", keepalive_s: int = 30,
@@ -69,8 +101,20 @@ class MqttLink:
             raise ValueError(f"protocol must be '5' or '3.1.1', not {protocol!r}")
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
+        if endpoints is None:
+            if host is None or port is None:
+                raise ValueError("give endpoints, or host and port")
+            endpoints = [(host, port)]
+        elif host is not None or port is not None:
+            raise ValueError("give endpoints or host and port, not both")
+        home = [(str(h), int(p)) for h, p in endpoints]
+        if not home:
+            raise ValueError("endpoints must not be empty")
         self.device_id = device_id
-        self.host, self.port = host, int(port)
+        self._home: tuple[Endpoint, ...] = tuple(home)  # the configured list
+        self._endpoints: list[Endpoint] = list(home)   # the list in use (home, or the cloud's)
+        self._index = start_index(device_id, len(home))
+        self._round_failures = 0  # failed attempts/sessions since the round began
         self._ca_file, self._cert_file, self._key_file = str(ca_file), str(cert_file), str(key_file)
         self.prefix = topics.prefix(device_id, topic_prefix)
         self._v5 = protocol == "5"
@@ -83,7 +127,7 @@ class MqttLink:
         self._on_message = on_message
         self._on_connection = on_connection
         self._max_inflight = int(max_inflight)
-        self._tag = f"mqtt {device_id}@{host}:{port}"
+        self._tag = f"mqtt {device_id}"
 
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device_id,
                                    protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
@@ -105,7 +149,8 @@ class MqttLink:
 
         self._thread: threading.Thread | None = None
         self._stop_evt = threading.Event()
-        self._switch_evt = threading.Event()  # reconnect_to(): end the session, retry at once
+        self._switches = 0       # reconnect_to() calls so far (under _state_lock), ...
+        self._switches_seen = 0  # ... and how many of them the network thread has taken
         self._stop_timeout = 5.0
         self._connected_evt = threading.Event()
         self._pub_lock = threading.Lock()    # serialises application publishes (inflight bound)
@@ -121,7 +166,8 @@ class MqttLink:
         self._disconnect_reason: str | None = None
         self._stats: dict[str, Any] = {"connect_attempts": 0, "connects": 0, "disconnects": 0,
                                        "last_error": None, "published": 0, "acked": 0,
-                                       "publish_errors": 0, "messages_received": 0}
+                                       "publish_errors": 0, "messages_received": 0,
+                                       "endpoint_moves": 0}
 
     # -- public API --------------------------------------------------------------------------
 
@@ -148,11 +194,37 @@ class MqttLink:
 
     def reconnect_to(self, host: str, port: int) -> None:
         """Moves the link to another broker endpoint: the current session ends cleanly (offline
-        status published there) and the next attempt, made at once, goes to ``host:port``."""
+        status published there) and the next attempt, made at once and with a fresh backoff,
+        goes to ``host:port``. An endpoint of the configured list brings the whole list back
+        (starting there); any other one is used alone (a broker the cloud chose)."""
+        target = (str(host), int(port))
         with self._state_lock:
-            self.host, self.port = host, int(port)
-        self._switch_evt.set()
-        log.info("%s: switching to %s:%d", self._tag, host, port)
+            if target in self._home:
+                self._endpoints, self._index = list(self._home), self._home.index(target)
+            else:
+                self._endpoints, self._index = [target], 0
+            self._switches += 1
+        log.info("%s: switching to %s", self._tag, format_endpoint(target))
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint of the current (or next) attempt."""
+        with self._state_lock:
+            return self._endpoints[self._index]
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints in use, in the order they are tried."""
+        with self._state_lock:
+            return list(self._endpoints)
+
+    @property
+    def host(self) -> str:
+        return self.endpoint[0]
+
+    @property
+    def port(self) -> int:
+        return self.endpoint[1]
 
     @property
     def connected(self) -> bool:
@@ -168,7 +240,8 @@ class MqttLink:
             return len(self._pending)
 
     def status(self) -> dict[str, Any]:
-        return {"connected": self.connected, "endpoint": f"{self.host}:{self.port}", **self.stats}
+        return {"connected": self.connected,
+                "endpoints": [format_endpoint(e) for e in self.endpoints], **self.stats}
 
     def apply_config(self, doc: dict) -> list[str]:
         return []   # a new endpoint is the config applier's (agent/cloud/config_apply.py)
@@ -178,7 +251,9 @@ class MqttLink:
         with self._state_lock:
             out = dict(self._stats)
             out["inflight"] = len(self._pending)
+            out["endpoint"] = format_endpoint(self._endpoints[self._index])
         out["connected"] = self.connected
+        out["stable"] = self.connected and self._stable
         out["backoff_failures"] = self._backoff.failures
         return out
 
@@ -210,9 +285,11 @@ class MqttLink:
     # -- network thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        log.info("%s: starting (MQTT %s)", self._tag, "5" if self._v5 else "3.1.1")
+        log.info("%s: starting (MQTT %s), endpoints %s", self._tag, "5" if self._v5 else "3.1.1",
+                 ", ".join(format_endpoint(e) for e in self.endpoints))
         try:
             while not self._stop_evt.is_set():
+                self._take_switch()
                 try:
                     reason = self._session()
                 except Exception as e:  # a bug or paho surprise must not end the thread
@@ -223,17 +300,13 @@ class MqttLink:
                 self._run_deferred()
                 if self._stop_evt.is_set():
                     break
-                if self._switch_evt.is_set():
-                    self._switch_evt.clear()
-                    self._backoff.reset()
-                    continue
-                delay = self._backoff.next()
-                with self._state_lock:
-                    self._stats["last_error"] = reason
-                log.warning("%s: %s; retry %d in %.2f s", self._tag, reason,
-                            self._backoff.failures, delay)
+                if self._switch_pending():
+                    continue  # reconnect_to(): taken at the top, no backoff
+                delay = self._after_failure(reason)
+                if delay is None:
+                    continue  # the next endpoint of this round, at once
                 deadline = time.monotonic() + delay
-                while not (self._stop_evt.is_set() or self._switch_evt.is_set()):
+                while not (self._stop_evt.is_set() or self._switch_pending()):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -243,12 +316,50 @@ class MqttLink:
             self._run_deferred()
             log.info("%s: stopped", self._tag)
 
+    def _switch_pending(self) -> bool:
+        with self._state_lock:
+            return self._switches != self._switches_seen
+
+    def _take_switch(self) -> None:
+        """Takes a reconnect_to() made since the last attempt: a fresh round and backoff (also
+        when it came during a backoff wait)."""
+        with self._state_lock:
+            if self._switches == self._switches_seen:
+                return
+            self._switches_seen = self._switches
+            self._round_failures = 0
+        self._backoff.reset()
+
+    def _after_failure(self, reason: str) -> float | None:
+        """After a failed attempt or an ended session: moves to the next endpoint and returns
+        how long to wait first (None: at once, the round still has endpoints to try)."""
+        with self._state_lock:
+            failed = self._endpoints[self._index]
+            self._index = (self._index + 1) % len(self._endpoints)
+            nxt = self._endpoints[self._index]
+            self._round_failures += 1
+            self._stats["last_error"] = reason
+            if nxt != failed:
+                self._stats["endpoint_moves"] += 1
+            whole_round = self._round_failures >= len(self._endpoints)
+            if whole_round:
+                self._round_failures = 0
+        if not whole_round:
+            log.warning("%s: %s: %s; trying %s at once", self._tag, format_endpoint(failed),
+                        reason, format_endpoint(nxt))
+            return None
+        delay = self._backoff.next()
+        log.warning("%s: %s: %s; %s; retry %d in %.2f s", self._tag, format_endpoint(failed),
+                    reason, "every endpoint failed" if len(self._endpoints) > 1 else "failed",
+                    self._backoff.failures, delay)
+        return delay
+
     def _session(self) -> str:
         """One connection attempt and, if it succeeds, its whole life. Returns why it ended
         (the return value is unused when it ended because of stop())."""
         with self._state_lock:
             self._stats["connect_attempts"] += 1
-        self._switch_evt.clear()  # this attempt already goes to the newest endpoint
+            host, port = self._endpoints[self._index]
         self._refusal = self._paho_error = self._disconnect_reason = None
         try:
             self._ensure_tls()
@@ -257,10 +368,10 @@ class MqttLink:
             if self._v5:
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = self._session_expiry_s
-                rc = self._client.connect(self.host, self.port, self._keepalive_s,
+                rc = self._client.connect(host, port, self._keepalive_s,
                                           clean_start=False, properties=props)
             else:
-                rc = self._client.connect(self.host, self.port, self._keepalive_s)
+                rc = self._client.connect(host, port, self._keepalive_s)
         except ssl.SSLError as e:
             self._abort_socket()
             return f"TLS failure: {e}"
@@ -276,7 +387,7 @@ class MqttLink:
 
         started = time.monotonic()
         while True:
-            if self._stop_evt.is_set() or self._switch_evt.is_set():
+            if self._stop_evt.is_set() or self._switch_pending():
                 self._graceful_disconnect()
                 return "stopped" if self._stop_evt.is_set() else "endpoint changed"
             rc = self._client.loop(_LOOP_S)
@@ -288,6 +399,8 @@ class MqttLink:
                 if not self._stable and now - self._connected_at >= self._stable_after_s:
                     self._stable = True
                     self._backoff.reset()
+                    with self._state_lock:
+                        self._round_failures = 0
                     log.debug("%s: connection stable, backoff reset", self._tag)
             elif now - started > _CONNACK_TIMEOUT_S:
                 self._abort_socket()
@@ -428,7 +541,8 @@ class MqttLink:
         self._stable = False
         with self._state_lock:
             self._stats["connects"] += 1
-        log.info("%s: connected (session present: %s)", self._tag, bool(flags.session_present))
+        log.info("%s: connected to %s (session present: %s)", self._tag,
+                 format_endpoint(self.endpoint), bool(flags.session_present))
         client.subscribe(self.prefix + "down/#", qos=1)
         self._send("status", self._status("online"), retain=True, on_ack=None)
         self._connected_evt.set()  # after the status, so it is already counted in .inflight
