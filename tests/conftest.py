@@ -5,15 +5,24 @@ MQTT / PKI (real mosquitto, real certificates; see scripts/testbed/devca.py and 
 - ``pki`` (session): a :class:`Pki` — a DevCA in a tmp dir and a ``cloud-console`` client
   certificate. ``pki.device(device_id)`` returns a device certificate made the way a device
   gets one (P-256 key and CSR generated here, signed by ``DevCA.sign_csr``).
-- ``broker`` (function): a started :class:`scripts.local_broker.LocalBroker` (mutual TLS, ACL,
-  persistence) on a free loopback port, stopped afterwards. Its log is ``broker.log_path``.
-- ``mqtt_peer`` (function): a factory of :class:`MqttPeer`, a plain paho client used as the
-  test's other end (the cloud, or a misbehaving device); all are closed afterwards.
-  ``cloud_peer`` is one such peer, connected as ``cloud-console``.
+- ``broker`` (function): a started :class:`scripts.testbed.mosquitto.LocalBroker` (mutual TLS,
+  ACL, persistence) on a free loopback port, stopped afterwards. Its log is ``broker.log_path``.
+- ``any_broker`` (function, parametrised): ``broker`` or the session's RabbitMQ node (below),
+  for the end-to-end tests that must hold on both; ``admitted(broker, name)`` gives a device id
+  unique to the test and broker, already let in (RabbitMQ needs a user per device).
+- ``peers`` (function): a factory of :class:`MqttPeer`, a plain paho client used as the test's
+  other end (the cloud, or a misbehaving device), on any broker or cluster node; all are closed
+  afterwards. ``mqtt_peer`` is the same bound to ``broker``; ``cloud_peer`` one such peer,
+  connected as ``cloud-console``.
+- ``links`` (function): a factory of the agent's own :class:`agent.cloud.mqtt.MqttLink` in a
+  :class:`Harness`, on any broker (its MQTT version by default); ``make_link`` is the same bound
+  to ``broker``. All are stopped afterwards.
 """
 from __future__ import annotations
 
+import json
 import queue
+import random
 import signal
 import subprocess
 import sys
@@ -33,6 +42,8 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.cloud.mqtt import MqttLink
+from drivers.core.backoff import Backoff
 from scripts.testbed.devca import DevCA
 
 # Collects every outbound body the suite produces and checks it against docs/privacy.md.
@@ -40,6 +51,9 @@ pytest_plugins = ["tests.support.inventory"]
 from scripts.testbed.mosquitto import LocalBroker
 
 CLOUD_USER = "cloud-console"
+PREFIX = "dongle/v1"
+AGENT = "1.2.3-test"     # the agent version links report in their status
+CONFIG_VERSION = 7       # ... and the config version
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,15 +128,25 @@ class Received:
     retain: bool
 
 
+def mqtt_version(target: object) -> str:
+    """The MQTT version to speak to a broker or cluster node: "5", or "3.1.1" where that is all
+    it has (``mqtt_protocol`` on RabbitMQ's broker classes)."""
+    return getattr(target, "mqtt_protocol", "5")
+
+
 class MqttPeer:
     """A plain paho client on its own loop thread, with blocking helpers for tests.
 
     Not the agent's code: it is the other end (cloud console, or a device doing what it should
-    not). Messages land in ``self.messages`` (a queue of :class:`Received`).
+    not). Messages land in ``self.messages`` (a queue of :class:`Received`). ``broker`` is
+    anything with ``host``, ``port`` and ``ca_file`` (a broker, a cluster node's endpoint);
+    ``protocol`` defaults to what it speaks (:func:`mqtt_version`).
     """
 
-    def __init__(self, broker: LocalBroker, cert: ClientCert | None, *, client_id: str,
-                 protocol: int = paho.MQTTv5, ca_file: Path | None = None):
+    def __init__(self, broker: object, cert: ClientCert | None, *, client_id: str,
+                 protocol: int | None = None, ca_file: Path | None = None):
+        if protocol is None:
+            protocol = paho.MQTTv311 if mqtt_version(broker) == "3.1.1" else paho.MQTTv5
         self.messages: queue.Queue[Received] = queue.Queue()
         self._connack: queue.Queue[ReasonCode | None] = queue.Queue()  # None: failed
         self._acks: dict[int, ReasonCode] = {}
@@ -203,27 +227,153 @@ class MqttPeer:
 
 
 @pytest.fixture
-def mqtt_peer(broker: LocalBroker) -> Iterator[Callable[..., MqttPeer]]:
-    """``mqtt_peer(cert, client_id=..., protocol=..., connect=True)`` -> MqttPeer."""
-    peers: list[MqttPeer] = []
+def peers() -> Iterator[Callable[..., MqttPeer]]:
+    """``peers(broker_or_endpoint, cert, client_id=..., protocol=None, connect=True,
+    ca_file=None)`` -> a connected MqttPeer."""
+    made: list[MqttPeer] = []
 
-    def make(cert: ClientCert | None, *, client_id: str, protocol: int = paho.MQTTv5,
-             connect: bool = True, ca_file: Path | None = None) -> MqttPeer:
-        peer = MqttPeer(broker, cert, client_id=client_id, protocol=protocol, ca_file=ca_file)
-        peers.append(peer)
+    def make(target: object, cert: ClientCert | None, *, client_id: str,
+             protocol: int | None = None, connect: bool = True,
+             ca_file: Path | None = None) -> MqttPeer:
+        peer = MqttPeer(target, cert, client_id=client_id, protocol=protocol, ca_file=ca_file)
+        made.append(peer)
         if connect:
             assert peer.connect(), f"{client_id} could not connect to the broker"
         return peer
 
     yield make
-    for peer in peers:
+    for peer in made:
         peer.close()
+
+
+@pytest.fixture
+def mqtt_peer(broker: LocalBroker, peers: Callable[..., MqttPeer]) -> Callable[..., MqttPeer]:
+    """``mqtt_peer(cert, client_id=..., protocol=..., connect=True)``: ``peers`` on ``broker``."""
+    return lambda cert, **kw: peers(broker, cert, **kw)
 
 
 @pytest.fixture
 def cloud_peer(pki: Pki, mqtt_peer: Callable[..., MqttPeer]) -> MqttPeer:
     """The cloud side: connected as cloud-console (readwrite on the whole prefix)."""
     return mqtt_peer(pki.cloud, client_id="cloud-test")
+
+
+def fast_backoff(seed: int = 1) -> Backoff:
+    return Backoff(0.05, 0.5, rng=random.Random(seed))
+
+
+@dataclass
+class Harness:
+    """An MqttLink made by ``links``; downlink it receives lands in ``received``."""
+
+    link: MqttLink
+    received: queue.Queue[tuple[str, bytes]] = field(default_factory=queue.Queue)
+    connection_events: list[bool] = field(default_factory=list)
+
+    def expect(self, suffix: str, timeout: float = 20.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got_suffix, payload = self.received.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if got_suffix == suffix:
+                return payload
+        raise AssertionError(f"no message on {suffix} within {timeout} s")
+
+
+@pytest.fixture
+def links(pki: Pki) -> Iterator[Callable[..., Harness]]:
+    """``links(target, device_id, start=True, cert=None, port=None, **MqttLink kwargs)``: the
+    agent's link on ``target`` (a broker or cluster node; ``port`` overrides its port; an
+    ``endpoints=[...]`` kwarg replaces both), speaking the target's MQTT version unless
+    ``protocol`` is given, with a fast backoff unless ``backoff`` is. Received downlink goes to
+    ``Harness.received`` unless ``on_message`` is given; ``on_connection`` is called besides
+    recording ``Harness.connection_events``."""
+    made: list[Harness] = []
+
+    def make(target: object, device: str, *, start: bool = True, cert: ClientCert | None = None,
+             port: int | None = None, on_connection: Callable[[bool], None] | None = None,
+             **kwargs: object) -> Harness:
+        cert = cert or pki.device(device)
+        kwargs.setdefault("backoff", fast_backoff())
+        kwargs.setdefault("protocol", mqtt_version(target))
+        kwargs.setdefault("ca_file", target.ca_file)  # type: ignore[attr-defined]
+        if "endpoints" not in kwargs:
+            kwargs["host"] = target.host  # type: ignore[attr-defined]
+            kwargs["port"] = port or target.port  # type: ignore[attr-defined]
+        harness: Harness
+        on_message = kwargs.pop("on_message", None) or (lambda s, p: harness.received.put((s, p)))
+
+        def connection(up: bool) -> None:
+            harness.connection_events.append(up)
+            if on_connection is not None:
+                on_connection(up)
+
+        link = MqttLink(device_id=device, cert_file=cert.cert, key_file=cert.key,
+                        agent_version=AGENT, config_version=lambda: CONFIG_VERSION,
+                        on_message=on_message, on_connection=connection,
+                        **kwargs)  # type: ignore[arg-type]
+        harness = Harness(link)
+        made.append(harness)
+        if start:
+            link.start()
+        return harness
+
+    yield make
+    for h in made:
+        h.link.stop(timeout=2.0)
+
+
+@pytest.fixture
+def make_link(broker: LocalBroker, links: Callable[..., Harness]) -> Callable[..., Harness]:
+    """``make_link(device_id, **links kwargs)``: ``links`` on ``broker``."""
+    return lambda device, **kw: links(broker, device, **kw)
+
+
+@pytest.fixture(params=["mosquitto", "rabbitmq"])
+def any_broker(request: pytest.FixtureRequest) -> object:
+    """Mosquitto (fresh per test) or the session's RabbitMQ node (shared: use ``admitted``).
+    Parametrise it indirectly to pick (``"mosquitto"``/``"rabbitmq"``)."""
+    return request.getfixturevalue("broker" if request.param == "mosquitto" else "rabbitmq_broker")
+
+
+def is_rabbitmq(broker: object) -> bool:
+    return type(broker).__name__.startswith("Rabbit")
+
+
+def admitted(broker: object, name: str) -> str:
+    """A device id unique to this test and broker kind, already let in by the broker."""
+    dev = f"{name}-{'rmq' if is_rabbitmq(broker) else 'mosq'}"
+    broker.add_device(dev)  # type: ignore[attr-defined]
+    return dev
+
+
+def status_of(payload: bytes) -> dict:
+    return json.loads(payload)
+
+
+def online(topic: str) -> Callable[[Received], bool]:
+    """Matches the device's ``online`` status on ``topic``."""
+    return lambda m: m.topic == topic and status_of(m.payload)["state"] == "online"
+
+
+def offline(topic: str) -> Callable[[Received], bool]:
+    return lambda m: m.topic == topic and status_of(m.payload)["state"] == "offline"
+
+
+def leave_a_session(target: object, dev: str, pki: Pki, peers: Callable[..., MqttPeer],
+                    links: Callable[..., Harness], **link_kwargs: object) -> MqttPeer:
+    """The device connects (subscribing its down/#) and stops: its session now waits for
+    downlink. Returns the cloud peer, which saw it come and go."""
+    status = f"{PREFIX}/{dev}/status"
+    cloud = peers(target, pki.cloud, client_id=f"cloud-{dev}")
+    cloud.subscribe(status)
+    first = links(target, dev, **link_kwargs)
+    cloud.expect(online(status))  # subscribed to down/# by now: the session holds it
+    first.link.stop()
+    cloud.expect(offline(status))
+    return cloud
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,10 +454,12 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 # --------------------------------------------------------------------------------------------
 # RabbitMQ, the clustering broker (scripts/testbed/rabbitmq.py): same TLS identity and ACL as
-# the Mosquitto above, MQTT 3.1.1 only. Module-scoped because a node takes seconds to start:
-# tests sharing one use distinct device ids. Skipped where rabbitmq-server is not installed.
+# the Mosquitto above, MQTT 3.1.1 only. Shared because a node takes seconds to start (a
+# cluster ~15 s): tests sharing one use distinct device ids (``admitted``). Skipped where
+# rabbitmq-server is not installed.
 #
-# - ``rabbitmq_broker`` (module): a started RabbitBroker (classic session queues).
+# - ``rabbitmq_broker`` (session): a started RabbitBroker (classic session queues), used by
+#   ``any_broker`` in several modules.
 # - ``rabbitmq_cluster`` (module): a started three-node RabbitCluster (quorum session queues).
 # Both need ``broker.add_device(id)`` before a device can connect (LocalBroker's is a no-op).
 # --------------------------------------------------------------------------------------------
@@ -320,7 +472,7 @@ def _rabbitmq_or_skip():
     return rabbitmq
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def rabbitmq_broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[object]:
     rabbitmq = _rabbitmq_or_skip()
     b = rabbitmq.RabbitBroker(tmp_path_factory.mktemp("rabbitmq"), pki.ca,

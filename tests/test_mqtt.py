@@ -1,5 +1,12 @@
-"""agent/cloud/mqtt.py against a real mosquitto (scripts/testbed/mosquitto.py): TLS, ACL, status and will,
-persistent session, MQTT 3.1.1, outages and backoff. No fakes: the other end is a paho client."""
+"""agent/cloud/mqtt.py against real brokers: TLS, ACL, status and will, persistent session,
+MQTT 5 and 3.1.1, outages, backoff and the broker list. No fakes: the other end is a paho client.
+
+The end-to-end tests PROTOCOL §2 needs from any broker (uplink, will and status, persistent
+session and redelivery of downlink sent while offline, a broker restart) run on Mosquitto
+(scripts/testbed/mosquitto.py) and on RabbitMQ (scripts/testbed/rabbitmq.py), through
+``any_broker``; what only one of them does is tested on that one (RabbitMQ's differences:
+tests/test_rabbitmq.py, docs/protocol.md §2.7).
+"""
 from __future__ import annotations
 
 import json
@@ -11,8 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -22,78 +29,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.cloud import protocol as envelope
+from agent.cloud.mqtt import MqttLink, start_index, status_payload
 from drivers.core.backoff import Backoff
 from drivers.core.clock import Clock
+from scripts.testbed.devca import DevCA
+from scripts.testbed.mosquitto import LocalBroker, free_port
+from scripts.testbed.wait import wait_until
+from tests.conftest import (AGENT, CLOUD_USER, CONFIG_VERSION, PREFIX, ClientCert, Harness,
+                            MqttPeer, Pki, admitted, fast_backoff, is_rabbitmq, leave_a_session,
+                            make_device_cert, offline, online, status_of)
+
+pytestmark = pytest.mark.timeout(120)
 
 now_ms = Clock().now_ms
-from agent.cloud.mqtt import MqttLink, status_payload
-from scripts.testbed.devca import DevCA
-from scripts.testbed.mosquitto import ENVELOPE_MAX, LocalBroker, free_port
-from scripts.testbed.wait import wait_until
-from tests.conftest import ClientCert, MqttPeer, Pki, make_device_cert
 
-pytestmark = pytest.mark.timeout(90)
-
-AGENT = "1.2.3-test"
-CONFIG_VERSION = 7
-PREFIX = "dongle/v1"
-
-
-def fast_backoff(seed: int = 1) -> Backoff:
-    return Backoff(0.05, 0.5, rng=random.Random(seed))
-
-
-def status_of(msg_payload: bytes) -> dict:
-    return json.loads(msg_payload)
-
-
-@dataclass
-class Harness:
-    link: MqttLink
-    received: queue.Queue[tuple[str, bytes]] = field(default_factory=queue.Queue)
-    connection_events: list[bool] = field(default_factory=list)
-
-    def expect(self, suffix: str, timeout: float = 20.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                got_suffix, payload = self.received.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                continue
-            if got_suffix == suffix:
-                return payload
-        raise AssertionError(f"no message on {suffix} within {timeout} s")
-
-
-@pytest.fixture
-def make_link(broker: LocalBroker, pki: Pki) -> Iterator[Callable[..., Harness]]:
-    """``make_link(device_id, cert=..., port=..., start=True, **MqttLink kwargs)``; links are
-    stopped afterwards. Received downlink goes to ``Harness.received`` unless ``on_message``
-    is given."""
-    made: list[Harness] = []
-
-    def make(device_id: str, *, cert: ClientCert | None = None, port: int | None = None,
-             start: bool = True, **kwargs: object) -> Harness:
-        cert = cert or pki.device(device_id)
-        kwargs.setdefault("backoff", fast_backoff())
-        harness: Harness
-        on_message = kwargs.pop("on_message", None) or (lambda s, p: harness.received.put((s, p)))
-        link = MqttLink(device_id=device_id, host=broker.host, port=port or broker.port,
-                        ca_file=kwargs.pop("ca_file", broker.ca_file), cert_file=cert.cert,
-                        key_file=cert.key, agent_version=AGENT,
-                        config_version=lambda: CONFIG_VERSION,
-                        on_message=on_message,
-                        on_connection=lambda up: harness.connection_events.append(up),
-                        **kwargs)  # type: ignore[arg-type]
-        harness = Harness(link)
-        made.append(harness)
-        if start:
-            link.start()
-        return harness
-
-    yield make
-    for h in made:
-        h.link.stop(timeout=2.0)
+#: Each broker with each MQTT version it speaks (RabbitMQ 3.10: 3.1.1 only).
+BROKERS_AND_PROTOCOLS = pytest.mark.parametrize(
+    "any_broker, protocol", [("mosquitto", "5"), ("mosquitto", "3.1.1"), ("rabbitmq", "3.1.1")],
+    indirect=["any_broker"])
 
 
 @pytest.fixture(scope="module")
@@ -158,63 +112,70 @@ time.sleep(300)  # until the test SIGKILLs us
 """
 
 
-def test_online_status_is_retained_and_the_will_reports_an_abrupt_death(
-        broker: LocalBroker, pki: Pki, cloud_peer: MqttPeer, mqtt_peer: Callable[..., MqttPeer],
-        tmp_path: Path) -> None:
-    device = "dev-will"
-    topic = f"{PREFIX}/{device}/status"
-    cloud_peer.subscribe(topic)
-    cert = pki.device(device)
-    args = {"device_id": device, "host": broker.host, "port": broker.port,
-            "ca_file": str(broker.ca_file), "cert_file": str(cert.cert),
-            "key_file": str(cert.key)}
+def retained_copy(peers: Callable[..., MqttPeer], target: object, pki: Pki, topic: str,
+                  name: str) -> object:
+    """What a subscriber arriving now gets first on ``topic`` (the retained copy, if any)."""
+    late = peers(target, pki.cloud, client_id=f"cloud-{name}")
+    late.subscribe(topic)
+    return late.expect(topic)
+
+
+@pytest.mark.parametrize("any_broker", ["mosquitto", "rabbitmq"], indirect=True)
+def test_status_is_retained_and_the_will_reports_an_abrupt_death(
+        any_broker: object, pki: Pki, peers: Callable[..., MqttPeer], tmp_path: Path) -> None:
+    dev = admitted(any_broker, "dev-will")
+    topic = f"{PREFIX}/{dev}/status"
+    cloud = peers(any_broker, pki.cloud, client_id=f"cloud-{dev}")
+    cloud.subscribe(topic)
+    cert = pki.device(dev)
+    args = {"device_id": dev, "host": any_broker.host, "port": any_broker.port,  # type: ignore[attr-defined]
+            "ca_file": str(any_broker.ca_file), "cert_file": str(cert.cert),  # type: ignore[attr-defined]
+            "key_file": str(cert.key), "protocol": "3.1.1" if is_rabbitmq(any_broker) else "5"}
     with open(tmp_path / "child.log", "wb") as child_log:
         child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)],
                                  stdout=child_log, stderr=subprocess.STDOUT)
     try:
-        online = cloud_peer.expect(lambda m: m.topic == topic and b'"online"' in m.payload, 30)
-        doc = status_of(online.payload)
+        up = cloud.expect(online(topic), 60)
+        doc = status_of(up.payload)
         assert list(doc) == ["state", "ts", "agent", "config_version"]
         assert doc["agent"] == "child-9" and doc["config_version"] == 3
         assert abs(doc["ts"] - now_ms()) < 600_000
-        assert online.payload == json.dumps(doc, separators=(",", ":")).encode()
-
-        late = mqtt_peer(pki.cloud, client_id="cloud-late")
-        late.subscribe(topic)
-        retained = late.expect(topic)
+        assert up.payload == json.dumps(doc, separators=(",", ":")).encode()
+        retained = retained_copy(peers, any_broker, pki, topic, f"late-{dev}")
         assert retained.retain and status_of(retained.payload)["state"] == "online"
 
         child.send_signal(signal.SIGKILL)
         child.wait(10)
-        offline = cloud_peer.expect(lambda m: m.topic == topic and b'"offline"' in m.payload, 30)
-        doc = status_of(offline.payload)
+        will = cloud.expect(offline(topic), 60)  # the broker sees the socket close at once
+        doc = status_of(will.payload)
         assert doc["agent"] == "child-9" and doc["config_version"] == 3
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    later = mqtt_peer(pki.cloud, client_id="cloud-later")
-    later.subscribe(topic)
-    msg = later.expect(topic)
+    msg = retained_copy(peers, any_broker, pki, topic, f"later-{dev}")
     assert msg.retain and status_of(msg.payload)["state"] == "offline"
 
 
-def test_graceful_stop_publishes_offline(cloud_peer: MqttPeer,
-                                         make_link: Callable[..., Harness]) -> None:
-    device = "dev-grace"
-    topic = f"{PREFIX}/{device}/status"
-    cloud_peer.subscribe(topic)
-    h = make_link(device)
-    online = status_of(cloud_peer.expect(topic).payload)
-    assert online["state"] == "online" and online["agent"] == AGENT
-    assert online["config_version"] == CONFIG_VERSION
-
+@pytest.mark.parametrize("any_broker", ["mosquitto", "rabbitmq"], indirect=True)
+def test_graceful_stop_leaves_a_retained_offline_status(
+        any_broker: object, pki: Pki, peers: Callable[..., MqttPeer],
+        links: Callable[..., Harness]) -> None:
+    dev = admitted(any_broker, "dev-grace")
+    topic = f"{PREFIX}/{dev}/status"
+    cloud = peers(any_broker, pki.cloud, client_id=f"cloud-{dev}")
+    cloud.subscribe(topic)
+    h = links(any_broker, dev)
+    up = status_of(cloud.expect(online(topic)).payload)
+    assert up["agent"] == AGENT and up["config_version"] == CONFIG_VERSION
     h.link.stop()
     assert not h.link.connected
-    offline = status_of(cloud_peer.expect(topic).payload)
-    assert offline["state"] == "offline"
-    assert offline["ts"] >= online["ts"]  # published at stop, not the will set at connect
+    down = status_of(cloud.expect(offline(topic)).payload)
+    assert down["ts"] >= up["ts"]  # published at stop, not the will set at connect
+    assert down["config_version"] == CONFIG_VERSION
     wait_until(lambda: h.connection_events == [True, False], what="connection events")
+    msg = retained_copy(peers, any_broker, pki, topic, f"later-{dev}")
+    assert msg.retain and status_of(msg.payload) == down
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,59 +236,74 @@ def test_device_cannot_publish_as_another_device(
 # Session, protocol versions, payload size, in-flight bound
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_downlink_sent_while_offline_arrives_on_reconnect_even_across_a_broker_restart(
-        broker: LocalBroker, pki: Pki, cloud_peer: MqttPeer, mqtt_peer: Callable[..., MqttPeer],
-        make_link: Callable[..., Harness], protocol: str) -> None:
-    device = "dev-sess-" + protocol.replace(".", "")
-    status = f"{PREFIX}/{device}/status"
-    cloud_peer.subscribe(status)
-    first = make_link(device, protocol=protocol)
-    cloud_peer.expect(lambda m: m.topic == status and b'"online"' in m.payload)  # subscribed by now
-    first.link.stop()
-    cloud_peer.expect(lambda m: m.topic == status and b'"offline"' in m.payload)
+@pytest.mark.parametrize("any_broker", ["mosquitto", "rabbitmq"], indirect=True)
+def test_uplink_is_acknowledged_and_the_largest_envelopes_pass_both_ways(
+        any_broker: object, pki: Pki, peers: Callable[..., MqttPeer],
+        links: Callable[..., Harness]) -> None:
+    dev = admitted(any_broker, "dev-uplink")
+    cloud = peers(any_broker, pki.cloud, client_id=f"cloud-{dev}")
+    cloud.subscribe(f"{PREFIX}/{dev}/#")
+    h = links(any_broker, dev)
+    cloud.expect(online(f"{PREFIX}/{dev}/status"))  # its SUBSCRIBE was processed before this
 
-    assert not cloud_peer.publish(f"{PREFIX}/{device}/down/command", b"while-away").is_failure
-    broker.restart()  # the queued message must survive in the broker's persistence too
+    rng = random.Random(19)
+    small, largest_up = b"\x83small", rng.randbytes(envelope.MAX_UPLINK)
+    acked: list[str] = []
+    assert h.link.publish("up/telemetry", small, on_ack=lambda: acked.append("small"))
+    assert h.link.publish("up/event", largest_up, on_ack=lambda: acked.append("large"))
+    got = cloud.expect(f"{PREFIX}/{dev}/up/telemetry")
+    assert got.payload == small and not got.retain
+    assert cloud.expect(f"{PREFIX}/{dev}/up/event").payload == largest_up
+    wait_until(lambda: sorted(acked) == ["large", "small"], what="both PUBACKs")
+    assert h.link.stats["publish_errors"] == 0
 
-    second = make_link(device, protocol=protocol)
-    assert second.expect("down/command", timeout=30) == b"while-away"
-
-
-def test_mqtt_311_end_to_end(broker: LocalBroker, pki: Pki, cloud_peer: MqttPeer,
-                             make_link: Callable[..., Harness]) -> None:
-    device = "dev-v311"
-    cloud_peer.subscribe(f"{PREFIX}/{device}/#")
-    cloud_peer.publish(f"{PREFIX}/{device}/down/config", b"config-1", retain=True)
-    h = make_link(device, protocol="3.1.1")
-    assert h.expect("down/config") == b"config-1"  # retained by the cloud_peer, delivered on subscribe
-    online = cloud_peer.expect(f"{PREFIX}/{device}/status")
-    assert status_of(online.payload)["state"] == "online"
-
-    acked: list[int] = []
-    assert h.link.publish("up/telemetry", b"\x83envelope", on_ack=lambda: acked.append(1))
-    got = cloud_peer.expect(f"{PREFIX}/{device}/up/telemetry")
-    assert got.payload == b"\x83envelope" and not got.retain
-    wait_until(lambda: acked == [1], what="on_ack")
-
-    cloud_peer.publish(f"{PREFIX}/{device}/down/booking", b"booking-1")
-    assert h.expect("down/booking") == b"booking-1"
-    h.link.stop()
-    assert status_of(cloud_peer.expect(f"{PREFIX}/{device}/status").payload)["state"] == "offline"
+    largest_down = rng.randbytes(envelope.MAX_ENVELOPE)
+    assert not cloud.publish(f"{PREFIX}/{dev}/down/command", largest_down).is_failure
+    assert h.expect("down/command") == largest_down
 
 
-def test_largest_envelope_goes_through(cloud_peer: MqttPeer, make_link: Callable[..., Harness]) -> None:
-    device = "dev-big"
-    cloud_peer.subscribe(f"{PREFIX}/{device}/up/#")
-    h = make_link(device)
-    assert h.link.wait_connected(20)
-    payload = random.Random(5).randbytes(ENVELOPE_MAX)
-    acked: list[int] = []
-    assert h.link.publish("up/telemetry", payload, on_ack=lambda: acked.append(1))
-    assert cloud_peer.expect(f"{PREFIX}/{device}/up/telemetry").payload == payload
-    wait_until(lambda: acked == [1], what="on_ack")
-    cloud_peer.publish(f"{PREFIX}/{device}/down/config", payload)
-    assert h.expect("down/config") == payload
+@BROKERS_AND_PROTOCOLS
+def test_downlink_sent_while_offline_arrives_on_reconnect_across_a_broker_restart(
+        any_broker: object, protocol: str, pki: Pki, peers: Callable[..., MqttPeer],
+        links: Callable[..., Harness]) -> None:
+    dev = admitted(any_broker, "dev-sess-" + protocol.replace(".", ""))
+    cloud = leave_a_session(any_broker, dev, pki, peers, links, protocol=protocol)
+    assert not cloud.publish(f"{PREFIX}/{dev}/down/command", b"while-away").is_failure
+
+    any_broker.restart()  # type: ignore[attr-defined]  # the queued message must survive it
+
+    second = links(any_broker, dev, protocol=protocol)
+    assert second.expect("down/command", timeout=60) == b"while-away"
+    wait_until(lambda: second.link.stats["connects"] == 1, what="one connect")
+
+
+@BROKERS_AND_PROTOCOLS
+def test_retained_downlink_reaches_the_links_wildcard_subscription_on_mosquitto_only(
+        any_broker: object, protocol: str, pki: Pki, peers: Callable[..., MqttPeer],
+        links: Callable[..., Harness]) -> None:
+    """PROTOCOL §2 has the cloud retain down/config and down/release; the link subscribes to
+    down/#. RabbitMQ 3.10 delivers a retained message only to a subscription to that exact
+    topic, never to one with a wildcard (docs/protocol.md §2.7 rows 4-5)."""
+    dev = admitted(any_broker, "dev-retained-" + protocol.replace(".", ""))
+    status = f"{PREFIX}/{dev}/status"
+    cloud = peers(any_broker, pki.cloud, client_id=f"cloud-{dev}")
+    cloud.subscribe(status)
+    assert not cloud.publish(f"{PREFIX}/{dev}/down/config", b"config-7", retain=True).is_failure
+
+    h = links(any_broker, dev, protocol=protocol)
+    cloud.expect(online(status))  # the link's SUBSCRIBE (and any retained delivery) came first
+    cloud.publish(f"{PREFIX}/{dev}/down/command", b"barrier")
+    seen = []
+    while not seen or seen[-1] != ("down/command", b"barrier"):
+        seen.append(h.received.get(timeout=30))
+    expected = [] if is_rabbitmq(any_broker) else [("down/config", b"config-7")]
+    assert seen == expected + [("down/command", b"barrier")]
+
+    # An exact-topic subscription gets it on both (what an agent could add for config/release).
+    spy = peers(any_broker, pki.device(dev), client_id=f"{dev}-exact")
+    spy.subscribe(f"{PREFIX}/{dev}/down/config")
+    got = spy.expect(f"{PREFIX}/{dev}/down/config")
+    assert got.payload == b"config-7" and got.retain
 
 
 def test_publish_refuses_when_not_connected_or_too_many_in_flight(
@@ -379,27 +355,34 @@ def test_exception_in_on_message_does_not_break_the_link(
 # Outages and backoff
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("any_broker", ["mosquitto", "rabbitmq"], indirect=True)
 def test_link_reconnects_by_itself_after_the_broker_is_killed_and_restarted(
-        broker: LocalBroker, make_link: Callable[..., Harness]) -> None:
-    patient = make_link("dev-outage", stable_after_s=3600.0)
-    quick = make_link("dev-outage2", stable_after_s=0.2, backoff=fast_backoff(2))
-    assert patient.link.wait_connected(20) and quick.link.wait_connected(20)
+        any_broker: object, pki: Pki, peers: Callable[..., MqttPeer],
+        links: Callable[..., Harness]) -> None:
+    patient = links(any_broker, admitted(any_broker, "dev-outage"), stable_after_s=3600.0)
+    quick = links(any_broker, admitted(any_broker, "dev-outage2"), stable_after_s=0.2,
+                  backoff=fast_backoff(2))
+    assert patient.link.wait_connected(30) and quick.link.wait_connected(30)
 
-    broker.kill()
+    any_broker.kill()  # type: ignore[attr-defined]
     wait_until(lambda: not patient.link.connected and not quick.link.connected,
                what="links noticing the outage")
     wait_until(lambda: patient.link.stats["connect_attempts"] >= 2, what="a failed retry")
-    broker.restart()
+    any_broker.restart()  # type: ignore[attr-defined]
 
-    assert patient.link.wait_connected(30) and quick.link.wait_connected(30)
+    assert patient.link.wait_connected(60) and quick.link.wait_connected(60)
     assert patient.link.stats["connects"] == 2
     wait_until(lambda: patient.connection_events == [True, False, True], what="events")
     # Backoff is reset only once the connection has proved stable.
     assert patient.link.stats["backoff_failures"] >= 1
     wait_until(lambda: quick.link.stats["backoff_failures"] == 0, what="quick link's reset")
 
+    dev = patient.link.device_id
+    cloud = peers(any_broker, pki.cloud, client_id=f"cloud-{dev}")
+    cloud.subscribe(f"{PREFIX}/{dev}/up/#")
     acked: list[int] = []
     assert patient.link.publish("up/event", b"after-outage", on_ack=lambda: acked.append(1))
+    assert cloud.expect(f"{PREFIX}/{dev}/up/event").payload == b"after-outage"
     wait_until(lambda: acked == [1], what="ack after reconnect")
 
 
@@ -446,6 +429,109 @@ def test_failed_attempts_follow_the_backoff(
     assert attempts <= _allowed_attempts(seed, min_s, max_s, elapsed, attempts)
     assert stats["backoff_failures"] in (attempts - 1, attempts)  # every failure backed off
     assert any(r in stats["last_error"].lower() for r in expect_reason), stats["last_error"]
+
+
+# --------------------------------------------------------------------------------------------
+# The broker list
+# --------------------------------------------------------------------------------------------
+
+def unstarted_link(device_id: str, endpoints: list[tuple[str, int]]) -> MqttLink:
+    return MqttLink(device_id=device_id, endpoints=endpoints, ca_file="ca.pem",
+                    cert_file="tls.crt", key_file="tls.key", agent_version=AGENT,
+                    config_version=lambda: CONFIG_VERSION)
+
+
+def in_trying_order(device_id: str, order: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The endpoint list that ``device_id`` tries in ``order`` (it starts at its hash index)."""
+    first = start_index(device_id, len(order))
+    return [order[(i - first) % len(order)] for i in range(len(order))]
+
+
+def test_a_fleet_starts_spread_over_the_endpoints_and_a_device_always_at_its_own() -> None:
+    nodes = [("mq1.example.com", 8883), ("mq2.example.com", 8883), ("mq3.example.com", 8883)]
+    firsts = Counter(unstarted_link(f"car-{i:05d}", nodes).endpoint for i in range(1500))
+    assert set(firsts) == set(nodes) and min(firsts.values()) > 450  # 500 each, within 10 %
+    again = [unstarted_link(f"car-{i:05d}", nodes).endpoint for i in range(20)]
+    assert again == [nodes[start_index(f"car-{i:05d}", 3)] for i in range(20)]
+
+
+def test_reconnect_to_uses_a_cloud_chosen_broker_alone_and_a_configured_one_with_its_list() -> None:
+    home = [("mq1", 8883), ("mq2", 8884), ("mq3", 8885)]
+    link = unstarted_link("car-0001", home)
+    link.reconnect_to("eu2.example.com", 8883)  # a config's link.broker_url
+    assert link.endpoints == [("eu2.example.com", 8883)] and link.port == 8883
+    link.reconnect_to("mq2", 8884)               # a rollback to the local settings
+    assert link.endpoints == home and link.endpoint == ("mq2", 8884)
+    assert link.status()["endpoints"] == ["mq1:8883", "mq2:8884", "mq3:8885"]
+    assert link.stats["endpoint"] == "mq2:8884"
+
+
+def test_the_next_endpoint_is_tried_at_once_while_the_round_has_untried_ones(
+        broker: LocalBroker, make_link: Callable[..., Harness]) -> None:
+    dev = "dev-round"
+    dead = [(broker.host, free_port()), (broker.host, free_port())]
+    live = (broker.host, broker.port)
+    # A backoff of 30 s or more would show as a timeout here.
+    h = make_link(dev, endpoints=in_trying_order(dev, dead + [live]), backoff=Backoff(30, 60))
+    assert h.link.wait_connected(20)
+    stats = h.link.stats
+    assert (stats["connect_attempts"], stats["connects"], stats["backoff_failures"]) == (3, 1, 0)
+    assert stats["endpoint"] == f"{broker.host}:{broker.port}" and stats["endpoint_moves"] == 2
+    assert "refused" in stats["last_error"].lower()
+
+
+def test_a_whole_round_of_failures_backs_off_once(broker: LocalBroker,
+                                                  make_link: Callable[..., Harness]) -> None:
+    dead = [(broker.host, free_port()), (broker.host, free_port())]
+    h = make_link("dev-backoff-round", endpoints=dead,
+                  backoff=Backoff(0.05, 0.4, rng=random.Random(7)))
+    wait_until(lambda: h.link.stats["connect_attempts"] >= 6, timeout=30, what="6 attempts")
+    h.link.stop()
+    stats = h.link.stats
+    assert stats["connects"] == 0
+    assert stats["backoff_failures"] == stats["connect_attempts"] // 2  # one wait per round of 2
+
+
+def test_a_lost_session_moves_to_the_next_endpoint_at_once_and_stays_while_it_works(
+        broker: LocalBroker, pki: Pki, tmp_path: Path, peers: Callable[..., MqttPeer],
+        make_link: Callable[..., Harness]) -> None:
+    dev = "dev-failover"
+    other = LocalBroker(tmp_path / "broker-2", pki.ca, cloud_users=(CLOUD_USER,))
+    other.start()
+    try:
+        first, second = (broker.host, broker.port), (other.host, other.port)
+        h = make_link(dev, endpoints=in_trying_order(dev, [first, second]),
+                      backoff=Backoff(30, 60), stable_after_s=0.3)
+        assert h.link.wait_connected(20) and h.link.endpoint == first
+        cloud_2 = peers(other, pki.cloud, client_id="cloud-second")
+        cloud_2.subscribe(f"{PREFIX}/{dev}/#")
+
+        broker.kill()
+        cloud_2.expect(online(f"{PREFIX}/{dev}/status"), 20)  # moved, without a 30 s backoff
+        assert h.link.endpoint == second and h.link.stats["backoff_failures"] == 0
+
+        broker.restart()
+        peers(broker, pki.cloud, client_id="cloud-first")      # the first one is back ...
+        assert h.link.publish("up/event", b"still-here")
+        assert cloud_2.expect(f"{PREFIX}/{dev}/up/event").payload == b"still-here"
+        assert h.link.stats["connects"] == 2                     # ... and the link stayed
+        wait_until(lambda: h.link.stats["stable"], what="the second connection proving stable")
+
+        other.kill()  # a stable session ended: the next endpoint at once, a fresh round
+        wait_until(lambda: h.link.stats["connects"] == 3, what="back on the first broker")
+        assert h.link.endpoint == first and h.link.stats["backoff_failures"] == 0
+    finally:
+        other.stop()
+
+
+def test_reconnect_to_during_a_backoff_wait_connects_at_once_with_a_fresh_backoff(
+        broker: LocalBroker, make_link: Callable[..., Harness]) -> None:
+    h = make_link("dev-switch-wait", port=free_port(), backoff=Backoff(20, 40))
+    wait_until(lambda: h.link.stats["backoff_failures"] == 1, what="a 20-40 s backoff wait")
+    h.link.reconnect_to(broker.host, broker.port)
+    assert h.link.wait_connected(10)
+    assert h.link.stats["backoff_failures"] == 0
+    assert h.link.endpoints == [(broker.host, broker.port)]
 
 
 # --------------------------------------------------------------------------------------------

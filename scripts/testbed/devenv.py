@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,15 @@ def _toml_value(v: Any) -> str:
 def make_device(run_dir: Path, ca: DevCA, device_id: str, *, broker_port: int,
                 obd_port: str | None = None, extra_toml: str = "", mqtt_protocol: str = "5",
                 backoff_max_s: float = 10.0, tuf_root: Path | None = None,
-                update: Mapping[str, Any] | None = None, control: dict | None = None) -> Path:
+                update: Mapping[str, Any] | None = None, control: dict | None = None,
+                broker_ports: Sequence[int] | None = None) -> Path:
     """Provisions ``device_id`` as a technician would and writes its agent.toml. Returns its path.
 
     ``tuf_root``: the update repository's root metadata, pinned at provisioning (``dongle
     provision --tuf-root``; a device provisioned before gets it pinned now). ``update``: the
-    ``[update]`` section of agent.toml (scripts/demo_update.update_settings)."""
+    ``[update]`` section of agent.toml (scripts/demo_update.update_settings). ``broker_ports``:
+    several brokers on loopback (``mqtt.urls``, e.g. a cluster's nodes) instead of
+    ``broker_port``."""
     ddir = run_dir / "devices" / device_id
     cloud = run_dir / "cloud"
     if not (ddir / "device_sign.key").exists():
@@ -84,6 +87,8 @@ def make_device(run_dir: Path, ca: DevCA, device_id: str, *, broker_port: int,
     control_toml = "[control]\n" + "".join(f'{k} = "{v}"\n' for k, v in control.items())
     obd = (f'[obd]\nenabled = true\nport = "{obd_port}"\n' if obd_port
            else "[obd]\nenabled = false\n")
+    broker_urls = (f"urls = {json.dumps([f'mqtts://127.0.0.1:{p}' for p in broker_ports])}"
+                   if broker_ports else f'url = "mqtts://127.0.0.1:{broker_port}"')
     toml = f"""# Written by scripts/testbed/devenv.py for local development.
 [device]
 id = "{device_id}"
@@ -96,7 +101,7 @@ cloud_enc_pub = "cloud_enc.pub"
 cloud_sign_pubs = ["cloud_sign.pub"]
 
 [mqtt]
-url = "mqtts://127.0.0.1:{broker_port}"
+{broker_urls}
 ca_file = "ca.pem"
 cert_file = "tls.crt"
 key_file = "tls.key"

@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -671,11 +672,23 @@ class _Acl:
             part.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class NodeEndpoint:
+    """One cluster node as a client sees it (what a broker gives: host, port, CA, MQTT version)."""
+
+    host: str
+    port: int
+    ca_file: Path
+    mqtt_protocol: str = "3.1.1"
+
+
 class _Broker:
     """What a single node and a cluster share: the work directory, the definitions (users,
     permissions), the server certificate and the epmd the node(s) register with."""
 
     host = HOST
+    #: The only MQTT version the 3.10 plugin speaks (docs/protocol.md §2.7 row 1).
+    mqtt_protocol = "3.1.1"
 
     def __init__(self, workdir: Path, ca: DevCA, cloud_users: Sequence[str], prefix: str,
                  devices: Iterable[str]):
@@ -816,6 +829,11 @@ class RabbitCluster(_Broker):
     def endpoints(self) -> list[tuple[str, int]]:
         """(host, MQTT port) of every node, running or not, in node order."""
         return [(HOST, n.mqtt_port) for n in self.nodes]
+
+    def node_endpoint(self, i: int) -> NodeEndpoint:
+        """Node ``i``'s MQTT listener, to connect a client to that node alone."""
+        host, port = self.endpoints[i]
+        return NodeEndpoint(host, port, self.ca_file)
 
     def node_at(self, port: int) -> RabbitNode:
         """The node whose MQTT listener is on ``port`` (a client's port tells its node)."""
