@@ -68,6 +68,58 @@ def format_endpoint(endpoint: Endpoint) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class BrokerList:
+    """Which broker endpoint to try next, and when (the policy of the module docstring).
+
+    Not thread-safe: its owner serialises calls (MqttLink under its state lock). Also used by
+    the fleet simulator (scripts/refcloud/fleet.py), so simulated dongles reconnect exactly as
+    the agent does.
+    """
+
+    def __init__(self, device_id: str, endpoints: Sequence[Endpoint], backoff: Backoff):
+        home = [(str(h), int(p)) for h, p in endpoints]
+        if not home:
+            raise ValueError("endpoints must not be empty")
+        self.home: tuple[Endpoint, ...] = tuple(home)   # the configured list
+        self.endpoints: list[Endpoint] = list(home)     # the list in use (home, or the cloud's)
+        self.index = start_index(device_id, len(home))
+        self.backoff = backoff
+        self.round_failures = 0  # failed attempts/sessions since the round began
+        self.moves = 0           # times a failure moved the device to another endpoint
+
+    @property
+    def current(self) -> Endpoint:
+        return self.endpoints[self.index]
+
+    def failed(self) -> float | None:
+        """After a failed attempt or an ended session: moves to the next endpoint; returns how
+        long to wait before trying it (None: at once, the round has endpoints left to try)."""
+        before = self.current
+        self.index = (self.index + 1) % len(self.endpoints)
+        if self.current != before:
+            self.moves += 1
+        self.round_failures += 1
+        if self.round_failures < len(self.endpoints):
+            return None
+        self.round_failures = 0
+        return self.backoff.next()
+
+    def stable(self) -> None:
+        """The connection proved stable: a fresh round and backoff for the next failure."""
+        self.round_failures = 0
+        self.backoff.reset()
+
+    def move_to(self, target: Endpoint) -> None:
+        """A move asked for (a cloud config): an endpoint of the configured list brings the
+        whole list back, starting there; any other is used alone. A fresh round and backoff."""
+        target = (str(target[0]), int(target[1]))
+        if target in self.home:
+            self.endpoints, self.index = list(self.home), self.home.index(target)
+        else:
+            self.endpoints, self.index = [target], 0
+        self.stable()
+
+
 @dataclass(slots=True)
 class _Pending:
     topic: str
@@ -107,20 +159,14 @@ class MqttLink:
             endpoints = [(host, port)]
         elif host is not None or port is not None:
             raise ValueError("give endpoints or host and port, not both")
-        home = [(str(h), int(p)) for h, p in endpoints]
-        if not home:
-            raise ValueError("endpoints must not be empty")
         self.device_id = device_id
-        self._home: tuple[Endpoint, ...] = tuple(home)  # the configured list
-        self._endpoints: list[Endpoint] = list(home)   # the list in use (home, or the cloud's)
-        self._index = start_index(device_id, len(home))
-        self._round_failures = 0  # failed attempts/sessions since the round began
+        self._backoff = backoff or Backoff(1.0, 300.0)
+        self._brokers = BrokerList(device_id, endpoints, self._backoff)  # under _state_lock
         self._ca_file, self._cert_file, self._key_file = str(ca_file), str(cert_file), str(key_file)
         self.prefix = topics.prefix(device_id, topic_prefix)
         self._v5 = protocol == "5"
         self._keepalive_s = int(keepalive_s)
         self._session_expiry_s = int(session_expiry_s)
-        self._backoff = backoff or Backoff(1.0, 300.0)
         self._stable_after_s = float(stable_after_s)
         self._agent_version = agent_version
         self._config_version = config_version
@@ -166,8 +212,7 @@ class MqttLink:
         self._disconnect_reason: str | None = None
         self._stats: dict[str, Any] = {"connect_attempts": 0, "connects": 0, "disconnects": 0,
                                        "last_error": None, "published": 0, "acked": 0,
-                                       "publish_errors": 0, "messages_received": 0,
-                                       "endpoint_moves": 0}
+                                       "publish_errors": 0, "messages_received": 0}
 
     # -- public API --------------------------------------------------------------------------
 
@@ -199,10 +244,7 @@ class MqttLink:
         (starting there); any other one is used alone (a broker the cloud chose)."""
         target = (str(host), int(port))
         with self._state_lock:
-            if target in self._home:
-                self._endpoints, self._index = list(self._home), self._home.index(target)
-            else:
-                self._endpoints, self._index = [target], 0
+            self._brokers.move_to(target)
             self._switches += 1
         log.info("%s: switching to %s", self._tag, format_endpoint(target))
 
@@ -210,13 +252,13 @@ class MqttLink:
     def endpoint(self) -> Endpoint:
         """The endpoint of the current (or next) attempt."""
         with self._state_lock:
-            return self._endpoints[self._index]
+            return self._brokers.current
 
     @property
     def endpoints(self) -> list[Endpoint]:
         """The endpoints in use, in the order they are tried."""
         with self._state_lock:
-            return list(self._endpoints)
+            return list(self._brokers.endpoints)
 
     @property
     def host(self) -> str:
@@ -251,7 +293,8 @@ class MqttLink:
         with self._state_lock:
             out = dict(self._stats)
             out["inflight"] = len(self._pending)
-            out["endpoint"] = format_endpoint(self._endpoints[self._index])
+            out["endpoint"] = format_endpoint(self._brokers.current)
+            out["endpoint_moves"] = self._brokers.moves
         out["connected"] = self.connected
         out["stable"] = self.connected and self._stable
         out["backoff_failures"] = self._backoff.failures
@@ -321,37 +364,26 @@ class MqttLink:
             return self._switches != self._switches_seen
 
     def _take_switch(self) -> None:
-        """Takes a reconnect_to() made since the last attempt: a fresh round and backoff (also
-        when it came during a backoff wait)."""
+        """Takes a reconnect_to() made since the last attempt (its fresh round and backoff are
+        already in place, also when it came during a backoff wait)."""
         with self._state_lock:
-            if self._switches == self._switches_seen:
-                return
             self._switches_seen = self._switches
-            self._round_failures = 0
-        self._backoff.reset()
 
     def _after_failure(self, reason: str) -> float | None:
-        """After a failed attempt or an ended session: moves to the next endpoint and returns
-        how long to wait first (None: at once, the round still has endpoints to try)."""
+        """After a failed attempt or an ended session: the next endpoint, and how long to wait
+        first (None: at once)."""
         with self._state_lock:
-            failed = self._endpoints[self._index]
-            self._index = (self._index + 1) % len(self._endpoints)
-            nxt = self._endpoints[self._index]
-            self._round_failures += 1
+            failed = self._brokers.current
+            delay = self._brokers.failed()
+            nxt, several = self._brokers.current, len(self._brokers.endpoints) > 1
             self._stats["last_error"] = reason
-            if nxt != failed:
-                self._stats["endpoint_moves"] += 1
-            whole_round = self._round_failures >= len(self._endpoints)
-            if whole_round:
-                self._round_failures = 0
-        if not whole_round:
+        if delay is None:
             log.warning("%s: %s: %s; trying %s at once", self._tag, format_endpoint(failed),
                         reason, format_endpoint(nxt))
-            return None
-        delay = self._backoff.next()
-        log.warning("%s: %s: %s; %s; retry %d in %.2f s", self._tag, format_endpoint(failed),
-                    reason, "every endpoint failed" if len(self._endpoints) > 1 else "failed",
-                    self._backoff.failures, delay)
+        else:
+            log.warning("%s: %s: %s; %s; retry %d in %.2f s", self._tag, format_endpoint(failed),
+                        reason, "every endpoint failed" if several else "failed",
+                        self._backoff.failures, delay)
         return delay
 
     def _session(self) -> str:
@@ -359,7 +391,7 @@ class MqttLink:
         (the return value is unused when it ended because of stop())."""
         with self._state_lock:
             self._stats["connect_attempts"] += 1
-            host, port = self._endpoints[self._index]
+            host, port = self._brokers.current
         self._refusal = self._paho_error = self._disconnect_reason = None
         try:
             self._ensure_tls()
@@ -398,9 +430,8 @@ class MqttLink:
             if self._connected_evt.is_set():
                 if not self._stable and now - self._connected_at >= self._stable_after_s:
                     self._stable = True
-                    self._backoff.reset()
                     with self._state_lock:
-                        self._round_failures = 0
+                        self._brokers.stable()
                     log.debug("%s: connection stable, backoff reset", self._tag)
             elif now - started > _CONNACK_TIMEOUT_S:
                 self._abort_socket()
