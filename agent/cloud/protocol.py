@@ -332,12 +332,17 @@ def _parse(data: bytes, max_size: int) -> tuple[bytes, bytes, bytes, dict[str, A
 
 def open_envelope(data: bytes, *, expected_dev: str, expected_kind: str,
                   trusted_signers: Mapping[str, Ed25519PublicKey], recipient_key: X25519PrivateKey,
-                  now_ms: int | None, last_seq: int | None, max_size: int = MAX_ENVELOPE) -> Opened:
+                  now_ms: int | None, last_seq: int | None, max_size: int = MAX_ENVELOPE,
+                  check_schema: bool = True) -> Opened:
     """Checks and opens an envelope received on the topic for ``(expected_dev, expected_kind)``.
 
     ``now_ms`` is None while the clock is not synchronised (the ``exp`` check is skipped);
     ``last_seq`` is the highest accepted ``seq`` of this kind, or None to skip the sequence check.
-    Raises :class:`Rejected` on the first failing check, in the §3 order.
+    Raises :class:`Rejected` on the first failing check, in the §3 order. ``check_schema=False``
+    leaves the last check (the body against its kind's schema) to the caller: a receiver of
+    large telemetry bodies applies the same rules column by column
+    (``agent.outbox.telemetry.validate_telemetry``, ~60× faster than JSON Schema on 1,200
+    samples) and reports a failure as ``schema``.
     """
     if expected_kind not in KINDS:
         raise ValueError(f"unknown kind {expected_kind!r}")
@@ -388,8 +393,9 @@ def open_envelope(data: bytes, *, expected_dev: str, expected_kind: str,
         raise Rejected(BAD_BODY, str(e) or type(e).__name__, header) from None
     if not isinstance(body, dict):
         raise Rejected(BAD_BODY, "plaintext is not a CBOR map", header)
-    try:
-        schemas.validate(expected_kind, body)
-    except schemas.SchemaError as e:
-        raise Rejected(SCHEMA, e.message, header) from None
+    if check_schema:
+        try:
+            schemas.validate(expected_kind, body)
+        except schemas.SchemaError as e:
+            raise Rejected(SCHEMA, e.message, header) from None
     return Opened(header=header, body=body, protected=protected)
