@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -65,8 +66,12 @@ def free_port(host: str = HOST) -> int:
 
 class LocalBroker:
     def __init__(self, workdir: Path, ca: DevCA, *, port: int = 0,
-                 cloud_users: tuple[str, ...] = ("cloud-console",), prefix: str = topics.ROOT):
+                 cloud_users: tuple[str, ...] = ("cloud-console",), prefix: str = topics.ROOT,
+                 options: Mapping[str, object] | None = None):
+        """``options``: more mosquitto.conf settings (e.g. ``{"max_queued_messages": 0}`` for a
+        load test whose consumers take a backlog)."""
         self.workdir = Path(workdir)
+        self.options = dict(options or {})
         self.ca = ca
         self.cloud_users = tuple(cloud_users)
         self.prefix = prefix.rstrip("/")
@@ -217,7 +222,7 @@ persistence_file mosquitto.db
 autosave_interval 2
 
 max_packet_size {PACKET_MAX}
-
+{"".join(f"{k} {v}{chr(10)}" for k, v in self.options.items())}
 log_dest stderr
 log_type all
 connection_messages true
