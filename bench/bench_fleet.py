@@ -49,9 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import paho.mqtt.client as paho  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
 
-from agent.cloud import keys, protocol, schemas  # noqa: E402
+from agent.cloud import keys, protocol  # noqa: E402
+from agent.cloud.mqtt import status_payload  # noqa: E402
 from agent.outbox.telemetry import telemetry_body, validate_telemetry  # noqa: E402
 from agent.outbox.uplink import Sealer  # noqa: E402
 from scripts.refcloud import fleet, ingest  # noqa: E402
@@ -76,6 +77,17 @@ def cpu_s(pid: int | None) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mb(pid: int | None) -> float:
+    """Resident memory of a process, MB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, TypeError):
+        pass
+    return 0.0
 
 
 def read_json(path: Path) -> dict:
@@ -334,7 +346,7 @@ def throughput(work: Path, kind: str, consumers: int, devices: int, workers: int
         wait_until(lambda: cons.sum("stored") + cons.sum("duplicates") >= backlog, timeout=900,
                    interval=0.2, what=f"{backlog} envelopes stored")
         wall = time.monotonic() - t0
-        ccpu = cons.sum("cpu_s")
+        ccpu, csink = cons.sum("cpu_s"), cons.sum("sink_wall_s")
         bcpu = cpu_s(broker_pid(b)) - broker0
         dups = cons.sum("duplicates")
         cons.stop()
@@ -344,6 +356,7 @@ def throughput(work: Path, kind: str, consumers: int, devices: int, workers: int
                          "fleet_cpu_s": fleet_cpu, "time_scale": scale},
                 "drain_wall_s": wall, "envelopes_per_s": backlog / wall,
                 "consumer_cpu_us_per_envelope": ccpu / backlog * 1e6,
+                "consumer_sink_wall_s": csink, "consumer_cpu_s": ccpu,
                 "broker_cpu_us_per_envelope": bcpu / backlog * 1e6, **loss}
     finally:
         b.stop()
@@ -360,6 +373,7 @@ def broker_cpu(work: Path, kind: str, devices: int, workers: int, window_s: floa
     b = mosquitto(work) if kind == "mosquitto" else rabbit(work, devices)
     v = "5" if kind == "mosquitto" else "3.1.1"
     out: dict[str, Any] = {"broker": kind, "devices": devices}
+    out["broker_rss_mb_empty"] = rss_mb(broker_pid(b))
     try:
         for config in ("default", "live"):
             db = work / f"ingest-{config}.db"
@@ -372,8 +386,11 @@ def broker_cpu(work: Path, kind: str, devices: int, workers: int, window_s: floa
             connect_s = time.monotonic() - t_connect
             time.sleep(3)   # the first envelopes (trip_start) out of the way
             st0, b0, c0, f0, t0 = fl.status(), cpu_s(broker_pid(b)), cons.cpu(), fl.cpu(), time.monotonic()
+            s0 = cons.sum("stored") + cons.sum("duplicates")
             time.sleep(window_s)
             st1, b1, c1, f1, t1 = fl.status(), cpu_s(broker_pid(b)), cons.cpu(), fl.cpu(), time.monotonic()
+            s1 = cons.sum("stored") + cons.sum("duplicates")
+            rss1 = rss_mb(broker_pid(b))
             fl.stop()
             reports = fl.wait()
             wait_until(lambda: cons.sum("stored") + cons.sum("duplicates") >= total(reports, "acked"),
@@ -383,9 +400,12 @@ def broker_cpu(work: Path, kind: str, devices: int, workers: int, window_s: floa
             env = st1.get("acked", 0) - st0.get("acked", 0)
             dt = t1 - t0
             out[config] = {"window_s": dt, "envelopes_per_s": env / dt, "connect_all_s": connect_s,
+                           "broker_rss_mb_connected": rss1,
                            "broker_cpu_pct": (b1 - b0) / dt * 100,
                            "broker_cpu_pct_per_1000": (b1 - b0) / dt * 100 * 1000 / devices,
                            "consumer_cpu_pct": (c1 - c0) / dt * 100,
+                           "consumer_stored_per_s": (s1 - s0) / dt,
+                           "consumer_cpu_us_per_envelope": (c1 - c0) / max(1, s1 - s0) * 1e6,
                            "fleet_cpu_pct": (f1 - f0) / dt * 100,
                            **loss_line(reports, db, dups)}
     finally:
@@ -407,15 +427,16 @@ def storm(work: Path, kind: str, devices: int, workers: int) -> dict:
                      protocol_version=v)
         wait_until(lambda: fl.online() >= devices, timeout=180, interval=0.5, what="all online")
         time.sleep(5)
-        b0, lost0 = cpu_s(broker_pid(b)), fl.status().get("lost", 0)
+        lost0, f0 = fl.status().get("lost", 0), fl.cpu()
         t_down = time.monotonic()
         b.restart()
         t_up = time.monotonic()
+        b0 = cpu_s(broker_pid(b))   # the new process: its start-up so far
         wait_until(lambda: fl.status().get("lost", 0) >= lost0 + devices, timeout=120, interval=0.1,
                    what="every device noticing the restart")
         wait_until(lambda: fl.online() >= devices, timeout=600, interval=0.1, what="all back")
         t_all = time.monotonic()   # within ~1 s (the workers' status files): the reports are exact
-        b1 = cpu_s(broker_pid(b))   # a restarted broker's own count (Mosquitto: a new process)
+        b1, f1 = cpu_s(broker_pid(b)), fl.cpu()
         fl.stop()
         reports = fl.wait()
         wait_until(lambda: cons.sum("stored") + cons.sum("duplicates") >= total(reports, "acked"),
@@ -428,7 +449,8 @@ def storm(work: Path, kind: str, devices: int, workers: int) -> dict:
                 "back_p50_s": backs[len(backs) // 2] if backs else None,
                 "back_p90_s": backs[int(len(backs) * 0.9)] if backs else None,
                 "back_max_s": backs[-1] if backs else None,
-                "broker_cpu_s_restart_to_all_back": b1 if kind == "mosquitto" else b1 - b0,
+                "broker_cpu_s_start": b0, "broker_cpu_s_up_to_all_back": b1 - b0,
+                "fleet_cpu_s_down_to_all_back": f1 - f0,
                 **loss_line(reports, db, dups)}
     finally:
         b.stop()
@@ -439,8 +461,9 @@ def storm(work: Path, kind: str, devices: int, workers: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def ping_bytes(b: LocalBroker) -> dict:
-    """TCP bytes (both ways) and segments of one MQTT keepalive exchange over TLS, measured on
-    an idle connection with a 1 s keepalive."""
+    """TCP bytes (both ways) and segments of a device's session set-up (TLS handshake with the
+    client certificate, CONNECT/CONNACK, SUBSCRIBE/SUBACK, the retained status and its PUBACK)
+    and of one MQTT keepalive exchange, measured on an idle connection with a 1 s keepalive."""
     cloud = FLEET_DIR / "devices" / "sim-000000"
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="sim-000000", protocol=paho.MQTTv5)
     ctx = ssl.create_default_context(cafile=str(FLEET_DIR / "ca" / "ca.pem"))
@@ -448,14 +471,18 @@ def ping_bytes(b: LocalBroker) -> dict:
     c.tls_set_context(ctx)
     c.connect(b.host, b.port, keepalive=1)
     c.loop_start()
-    time.sleep(2)
+    time.sleep(0.5)
+    c.subscribe("dongle/v1/sim-000000/down/#", qos=1)
+    c.publish("dongle/v1/sim-000000/status", status_payload("online", "fleet-sim", 0), qos=1, retain=True)
+    time.sleep(0.4)   # less than the keepalive: no PINGREQ yet
     a = fleet.tcp_bytes(c.socket())
     time.sleep(10.2)
     z = fleet.tcp_bytes(c.socket())
     c.disconnect()
     c.loop_stop()
     pings = 10
-    return {"bytes": (z[0] - a[0] + z[1] - a[1]) / pings, "segments": (z[2] - a[2] + z[3] - a[3]) / pings}
+    return {"setup_bytes": a[0] + a[1], "setup_segments": a[2] + a[3],
+            "ping_bytes": (z[0] - a[0] + z[1] - a[1]) / pings, "ping_segments": (z[2] - a[2] + z[3] - a[3]) / pings}
 
 
 def bytes_per_day(work: Path, day_devices: int = 50, hour_devices: int = 20) -> dict:
@@ -477,7 +504,7 @@ def bytes_per_day(work: Path, day_devices: int = 50, hour_devices: int = 20) -> 
                          scale=scale, duration=wall, first=1000)
             reports = fl.wait(wall + 120)
             r = reports[0]
-            sim_h = r["sim_elapsed_s"] / 3600
+            sim_h = r["sim_generating_s"] / 3600
             tcp = r["tcp"]
             per = 24 / sim_h if mode == "day" else 1 / sim_h   # per device-day / per driving hour
             out[name] = {"devices": n, "time_scale": scale, "sim_hours": sim_h,
@@ -485,6 +512,9 @@ def bytes_per_day(work: Path, day_devices: int = 50, hour_devices: int = 20) -> 
                          "tcp_received": tcp[1] / n * per, "segments": (tcp[2] + tcp[3]) / n * per,
                          "payload_bytes": r["payload_bytes"] / n * per, "connects": r["connects"] / n * per,
                          "envelopes": sum(r["sealed"].values()) / n * per, "samples": r["samples"] / n * per}
+            setup = out["keepalive"]
+            if mode == "driving":   # per driving hour, the session set-up of the short run taken out
+                out[name]["tcp_bytes_without_setup"] = (tcp[0] + tcp[1] - r["connects"] * setup["setup_bytes"]) / n * per
         wait_until(lambda: cons.sum("stored") + cons.sum("duplicates") >= cons.sum("received"), timeout=60)
         cons.stop()
     finally:

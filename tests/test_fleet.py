@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent.cloud import keys, protocol
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from scripts.refcloud import fleet, ingest
 from scripts.testbed.mosquitto import LocalBroker
 from scripts.testbed.wait import wait_until
-from tests.conftest import CLOUD_USER, MqttPeer, Pki
+from tests.conftest import MqttPeer, Pki
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 

@@ -36,7 +36,7 @@ from drivers.core.clock import Clock
 from scripts.testbed.devca import DevCA
 from scripts.testbed.mosquitto import LocalBroker, free_port
 from scripts.testbed.wait import wait_until
-from tests.conftest import (AGENT, CLOUD_USER, CONFIG_VERSION, PREFIX, ClientCert, Harness,
+from tests.conftest import (AGENT, CLOUD_USER, CONFIG_VERSION, PREFIX, Harness,
                             MqttPeer, Pki, admitted, fast_backoff, is_rabbitmq, leave_a_session,
                             make_device_cert, offline, online, status_of)
 

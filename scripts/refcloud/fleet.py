@@ -152,10 +152,10 @@ class Vehicle:
         r = self._rng
         t = -(-t_from_ms // 1000) * 1000  # whole seconds in [t_from, t_to)
         while t < t_to_ms:
-            self.speed = min(140.0, max(0.0, self.speed + r.uniform(-4, 4)))
-            self.rpm = min(4500.0, max(700.0, 800 + self.speed * 22 + r.uniform(-150, 150)))
-            self.coolant = self.coolant + 0.05 if self.coolant < 90 else 90 + r.choice((-1, 0, 0, 1))
-            self.load = min(100.0, max(0.0, self.load + r.uniform(-5, 5)))
+            self.speed = min(140.0, max(0.0, self.speed + r.uniform(-1.5, 1.5)))
+            self.rpm = min(4500.0, max(700.0, 800 + self.speed * 22 + r.uniform(-25, 25)))
+            self.coolant = self.coolant + 0.05 if self.coolant < 90 else 90 + r.choice((-1, 0, 0, 0, 0, 1))
+            self.load = min(100.0, max(0.0, self.load + r.uniform(-2, 2)))
             self.odometer_km += self.speed / 3600
             out += [Sample("engine.rpm", "rpm", t, round(self.rpm * 4) / 4),
                     Sample("vehicle.speed", "km/h", t, round(self.speed)),
@@ -262,7 +262,7 @@ class SimDevice:
         state = self._load_state()
         self.seq: int = state.get("seq", 0)
         self.down_seq: dict[str, int] = state.get("down", {})
-        self.config = state.get("config") or config
+        self.config = config   # the run's; one the cloud sends replaces it for the run
         self.vehicle = Vehicle(random.Random(rng.random()))
         self.day = Day(random.Random(rng.random()), clock.now_ms()) if mode == "day" else None
         self.outbox: dict[int, tuple[str, bytes]] = {}
@@ -296,7 +296,7 @@ class SimDevice:
 
     def save_state(self) -> None:
         tmp = self.dir / "sim_state.json.tmp"
-        tmp.write_text(json.dumps({"seq": self.seq, "down": self.down_seq, "config": self.config}))
+        tmp.write_text(json.dumps({"seq": self.seq, "down": self.down_seq}))
         os.replace(tmp, self.dir / "sim_state.json")
 
     # -- what the device decides ------------------------------------------------------------
@@ -711,6 +711,7 @@ def run(run_dir: Path, endpoints: list[tuple[str, int]], *, first: int, count: i
             os.replace(tmp, status_path)
 
     loop.run(lambda: stop["asked"] or time.monotonic() >= stop["at"], write_status)
+    sim_generating_s = (clock.now_ms() - clock.start_ms) / 1000
     # Drain: no new data; what is in the outboxes goes out; then everyone goes to sleep.
     for d in devices:
         d.generating = False
@@ -729,7 +730,7 @@ def run(run_dir: Path, endpoints: list[tuple[str, int]], *, first: int, count: i
     report = snapshot()
     report.update({
         "devices": len(devices), "config": config, "mode": mode, "time_scale": time_scale,
-        "sim_elapsed_s": (clock.now_ms() - clock.start_ms) / 1000,
+        "sim_elapsed_s": (clock.now_ms() - clock.start_ms) / 1000, "sim_generating_s": sim_generating_s,
         "acked_seqs": {d.id: _ranges(d.acked) for d in devices},
         "unacked": {d.id: sorted(d.outbox) for d in devices if d.outbox},
         "reconnects": [r for d in devices for r in d.reconnects],

@@ -221,6 +221,7 @@ class Stats:
     downlink_sent: int = 0
     batches: int = 0
     connects: int = 0
+    sink_wall_s: float = 0.0     # time spent in Sink.write (a slow disk shows here, not in CPU)
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -325,7 +326,9 @@ class Ingest:
         pending, self._pending = self._pending, []
         rows = [r for _, _, r in pending if isinstance(r, Row)]
         rejects = [r for _, _, r in pending if isinstance(r, Reject)]
+        t0 = time.monotonic()
         fresh = self.sink.write(rows, rejects)
+        self.stats.sink_wall_s += time.monotonic() - t0
         self.stats.batches += 1
         self.stats.stored += sum(fresh)
         self.stats.duplicates += len(fresh) - sum(fresh)
