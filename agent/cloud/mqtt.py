@@ -206,6 +206,8 @@ class MqttLink:
         self._early_acks: dict[int, ReasonCode] = {}
         self._deferred: collections.deque[Callable[[], None]] = collections.deque()
         self._connected_at = 0.0
+        self._sub_mid: int | None = None   # our SUBSCRIBE of this session, until its SUBACK
+        self._announced = False            # on_connection(True) told for this session
         self._stable = False
         self._refusal: str | None = None
         self._paho_error: str | None = None
@@ -435,7 +437,7 @@ class MqttLink:
                     log.debug("%s: connection stable, backoff reset", self._tag)
             elif now - started > _CONNACK_TIMEOUT_S:
                 self._abort_socket()
-                return f"no CONNACK within {_CONNACK_TIMEOUT_S:.0f} s"
+                return f"no CONNACK and SUBACK within {_CONNACK_TIMEOUT_S:.0f} s"
 
     def _ensure_tls(self) -> None:
         # Built on the first attempt rather than in __init__, so that missing or unreadable
@@ -494,12 +496,16 @@ class MqttLink:
         self._connected_evt.clear()
 
     def _set_disconnected(self) -> None:
-        """End of a session: if it had been connected, count it and tell on_connection."""
+        """End of a session: if it had a CONNACK, count it; if on_connection(True) was told,
+        tell it False."""
         self._connected_evt.clear()
+        self._sub_mid = None
         if self._connected_at:
             self._connected_at = 0.0
             with self._state_lock:
                 self._stats["disconnects"] += 1
+        if self._announced:
+            self._announced = False
             self._deferred.append(lambda: self._notify_connection(False))
 
     def _run_deferred(self) -> None:
@@ -574,10 +580,10 @@ class MqttLink:
             self._stats["connects"] += 1
         log.info("%s: connected to %s (session present: %s)", self._tag,
                  format_endpoint(self.endpoint), bool(flags.session_present))
-        client.subscribe(self.prefix + "down/#", qos=1)
+        # Connected (publish() accepts, on_connection(True) runs) once the broker has confirmed
+        # the subscription: downlink the cloud sends from then on cannot miss it.
+        self._sub_mid = client.subscribe(self.prefix + "down/#", qos=1)[1]
         self._send("status", self._status("online"), retain=True, on_ack=None)
-        self._connected_evt.set()  # after the status, so it is already counted in .inflight
-        self._deferred.append(lambda: self._notify_connection(True))
 
     def _on_disconnect_cb(self, client: paho.Client, userdata: Any, flags: Any,
                           reason_code: ReasonCode | None, properties: Any) -> None:
@@ -599,6 +605,11 @@ class MqttLink:
         for rc in reason_codes:
             if rc.is_failure:
                 log.error("%s: subscription to %sdown/# refused: %s", self._tag, self.prefix, rc)
+        if mid == self._sub_mid:
+            self._sub_mid = None
+            self._announced = True
+            self._connected_evt.set()  # after the status, so it is already counted in .inflight
+            self._deferred.append(lambda: self._notify_connection(True))
 
     def _on_message_cb(self, client: paho.Client, userdata: Any,
                        message: paho.MQTTMessage) -> None:
