@@ -236,6 +236,22 @@ def rabbit(work: Path, devices: int) -> rabbitmq.RabbitBroker:
     return b
 
 
+def fresh_broker(work: Path, name: str, kind: str, devices: int) -> tuple[Path, Any, str]:
+    """A new work directory ``work/name``, a started broker of ``kind`` and its MQTT version."""
+    work = work / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    b = mosquitto(work) if kind == "mosquitto" else rabbit(work, devices)
+    return work, b, "5" if kind == "mosquitto" else "3.1.1"
+
+
+def caught_up(cons: "Consumers", n: float, timeout: float = 120) -> float:
+    """Waits until the consumers have taken ``n`` envelopes; returns their duplicate count."""
+    wait_until(lambda: cons.sum("stored") + cons.sum("duplicates") >= n, timeout=timeout,
+               interval=0.2, what=f"consumers caught up ({n:.0f})")
+    return cons.sum("duplicates")
+
+
 def broker_pid(b: object) -> int | None:
     return b.pid  # type: ignore[attr-defined]
 
@@ -323,11 +339,7 @@ def part_costs(n_default: int = 150, n_live: int = 1500) -> dict:
 
 def throughput(work: Path, kind: str, consumers: int, devices: int, workers: int,
                fill_s: float = 25.0, scale: float = 10.0) -> dict:
-    work = work / f"tput-{kind}-{consumers}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    b = mosquitto(work) if kind == "mosquitto" else rabbit(work, devices)
-    v = "5" if kind == "mosquitto" else "3.1.1"
+    work, b, v = fresh_broker(work, f"tput-{kind}-{consumers}", kind, devices)
     try:
         db = work / "ingest.db"
         cons = Consumers(work, (b.host, b.port), consumers, db=db, protocol_version=v)
@@ -343,8 +355,7 @@ def throughput(work: Path, kind: str, consumers: int, devices: int, workers: int
         broker0 = cpu_s(broker_pid(b))
         t0 = time.monotonic()
         cons.start()
-        wait_until(lambda: cons.sum("stored") + cons.sum("duplicates") >= backlog, timeout=900,
-                   interval=0.2, what=f"{backlog} envelopes stored")
+        caught_up(cons, backlog, timeout=900)
         wall = time.monotonic() - t0
         ccpu, csink = cons.sum("cpu_s"), cons.sum("sink_wall_s")
         bcpu = cpu_s(broker_pid(b)) - broker0
@@ -367,11 +378,7 @@ def throughput(work: Path, kind: str, consumers: int, devices: int, workers: int
 # --------------------------------------------------------------------------------------------
 
 def broker_cpu(work: Path, kind: str, devices: int, workers: int, window_s: float = 60.0) -> dict:
-    work = work / f"cpu-{kind}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    b = mosquitto(work) if kind == "mosquitto" else rabbit(work, devices)
-    v = "5" if kind == "mosquitto" else "3.1.1"
+    work, b, v = fresh_broker(work, f"cpu-{kind}", kind, devices)
     out: dict[str, Any] = {"broker": kind, "devices": devices}
     out["broker_rss_mb_empty"] = rss_mb(broker_pid(b))
     try:
@@ -393,9 +400,7 @@ def broker_cpu(work: Path, kind: str, devices: int, workers: int, window_s: floa
             rss1 = rss_mb(broker_pid(b))
             fl.stop()
             reports = fl.wait()
-            wait_until(lambda: cons.sum("stored") + cons.sum("duplicates") >= total(reports, "acked"),
-                       timeout=120, what="consumer caught up")
-            dups = cons.sum("duplicates")
+            dups = caught_up(cons, total(reports, "acked"))
             cons.stop()
             env = st1.get("acked", 0) - st0.get("acked", 0)
             dt = t1 - t0
@@ -414,11 +419,7 @@ def broker_cpu(work: Path, kind: str, devices: int, workers: int, window_s: floa
 
 
 def storm(work: Path, kind: str, devices: int, workers: int) -> dict:
-    work = work / f"storm-{kind}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    b = mosquitto(work) if kind == "mosquitto" else rabbit(work, devices)
-    v = "5" if kind == "mosquitto" else "3.1.1"
+    work, b, v = fresh_broker(work, f"storm-{kind}", kind, devices)
     try:
         db = work / "ingest.db"
         cons = Consumers(work, (b.host, b.port), 1, db=db, protocol_version=v)
@@ -439,9 +440,7 @@ def storm(work: Path, kind: str, devices: int, workers: int) -> dict:
         b1, f1 = cpu_s(broker_pid(b)), fl.cpu()
         fl.stop()
         reports = fl.wait()
-        wait_until(lambda: cons.sum("stored") + cons.sum("duplicates") >= total(reports, "acked"),
-                   timeout=120, what="consumer caught up")
-        dups = cons.sum("duplicates")
+        dups = caught_up(cons, total(reports, "acked"))
         cons.stop()
         backs = sorted(back - t_up for r in reports for _, back in r.get("reconnects", []) if back >= t_down)
         return {"broker": kind, "devices": devices, "restart_s": t_up - t_down,
@@ -515,7 +514,7 @@ def bytes_per_day(work: Path, day_devices: int = 50, hour_devices: int = 20) -> 
             setup = out["keepalive"]
             if mode == "driving":   # per driving hour, the session set-up of the short run taken out
                 out[name]["tcp_bytes_without_setup"] = (tcp[0] + tcp[1] - r["connects"] * setup["setup_bytes"]) / n * per
-        wait_until(lambda: cons.sum("stored") + cons.sum("duplicates") >= cons.sum("received"), timeout=60)
+        caught_up(cons, cons.sum("received"), timeout=60)
         cons.stop()
     finally:
         b.stop()
