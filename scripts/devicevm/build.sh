@@ -78,13 +78,16 @@ hash_files() { sha256sum "$@" | awk '{print $1}'; }
 TREE_KEY=$( { echo "arch=$ARCH suite=$SUITE mirror=$MIRROR"
               hash_files "$HERE/tree.sh" "$HERE/common.sh" "$HERE/packages.txt"; } \
             | sha256sum | cut -c1-16)
-IMAGE_KEY=$( { echo "tree=$TREE_KEY"
-               hash_files "$HERE/image.sh" "$HERE/common.sh"
-               (cd "$HERE/rootfs" && find . \( -type f -o -type l \) -printf '%p %m %l\n' | sort \
-                  && find . -type f -print0 | sort -z | xargs -0 sha256sum); } \
-             | sha256sum | cut -c1-16)
 TREE=$DIR/tree-$ARCH-$TREE_KEY
-IMAGE=$DIR/image-$ARCH-$IMAGE_KEY
+image_dir() {  # computed again after a long tree build, in case an input changed meanwhile
+  IMAGE_KEY=$( { echo "tree=$TREE_KEY"
+                 hash_files "$HERE/image.sh" "$HERE/common.sh"
+                 (cd "$HERE/rootfs" && find . \( -type f -o -type l \) -printf '%p %m %l\n' | sort \
+                    && find . -type f -print0 | sort -z | xargs -0 sha256sum); } \
+               | sha256sum | cut -c1-16)
+  echo "$DIR/image-$ARCH-$IMAGE_KEY"
+}
+IMAGE=$(image_dir)
 if [ -f "$IMAGE/.complete" ]; then echo "$IMAGE"; exit 0; fi
 
 # one build per architecture at a time; a second caller waits and then finds the result
@@ -102,13 +105,14 @@ step_fail() {
   die "$1 (full log: $LOG; to start over: rm -rf $DIR)"
 }
 if [ ! -d "$TREE" ]; then
-  if [ "$ARCH" = arm64 ]; then est="about 15-25 minutes"; else est="about 2 minutes"; fi
+  if [ "$ARCH" = arm64 ]; then est="about 8 minutes"; else est="about 2 minutes"; fi
   say "building the $ARCH root tree with debootstrap ($est; log: $LOG)"
   t0=$SECONDS
   "$HERE/tree.sh" "$ARCH" "$SUITE" "$MIRROR" "$HERE/packages.txt" "$TREE" >>"$LOG" 2>&1 \
     || step_fail "building the $ARCH root tree"
   say "$ARCH root tree built in $((SECONDS - t0)) s"
   echo "tree seconds: $((SECONDS - t0))" >>"$LOG"
+  IMAGE=$(image_dir)
 fi
 t0=$SECONDS
 "$HERE/image.sh" "$ARCH" "$TREE" "$HERE/rootfs" "$IMAGE" >>"$LOG" 2>&1 \

@@ -53,6 +53,6 @@ dpkg-query --admindir="$STAGE/var/lib/dpkg" -W -f '${Package} ${Version}\n' >"$O
 
 mke2fs -q -t ext4 -L devicevm-root -d "$STAGE" "$OUT/rootfs.img" "$SIZE"
 chmod 0444 "$OUT/rootfs.img"   # the base of every test's overlay: never written
-{ echo "arch=$ARCH"; echo "kernel=$kver"; echo "size=$SIZE"; } >"$OUT/info"
+{ echo "arch=$ARCH"; echo "kernel=$kver"; echo "size=$SIZE"; echo "tree=$TREE"; } >"$OUT/info"
 touch "$OUT/.complete"
 echo "image: done ($kver, $(du -h "$OUT/rootfs.img" | cut -f1) used of $SIZE)"

@@ -251,6 +251,11 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _q(path: os.PathLike | str) -> str:
+    """A path as the value of a QEMU option (a comma is written twice)."""
+    return str(path).replace(",", ",,")
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -278,6 +283,9 @@ class DeviceVM:
             raise ValueError(f"at most {_MAX_DISKS} extra disks")
         if len(self.serials) > _MAX_SERIALS:
             raise ValueError(f"at most {_MAX_SERIALS} serial lines")
+        for name in self.serials:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
+                raise ValueError(f"serial line name {name!r}: 1-32 of [A-Za-z0-9_-]")
         self.memory_mb, self.cpus = memory_mb, cpus
         self.image = Path(image) if image else None
         self.kernel_args, self.qemu_args = list(kernel_args), list(qemu_args)
@@ -542,28 +550,29 @@ class DeviceVM:
         argv = [a.qemu, *a.machine, "-accel", "tcg,thread=multi", "-smp", str(self.cpus),
                 "-m", str(self.memory_mb), "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot",
-                "-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"),
+                "-kernel", _q(self.image / "vmlinuz"), "-initrd", _q(self.image / "initrd.img"),
                 "-append", append,
-                "-chardev", f"file,id=console,path={self.console_log},append=on",
+                "-chardev", f"file,id=console,path={_q(self.console_log)},append=on",
                 "-serial", "chardev:console",
-                "-drive", f"file={self.overlay},format=qcow2,if=none,id=root,cache=none,discard=unmap",
+                "-drive", f"file={_q(self.overlay)},format=qcow2,if=none,id=root,cache=none,discard=unmap",
                 "-device", f"virtio-blk-pci,drive=root,addr={_SLOT_ROOT:#x}"]
         for i, d in enumerate(self.disks):
-            ro = ",readonly=on" if d.readonly else ""
-            argv += ["-drive", f"file={Path(d.path).resolve()},format={d.format},if=none,id=disk{i},"
-                               f"cache=none{ro}",
+            # a disk the guest writes gets the root's power-cut semantics (and needs O_DIRECT)
+            mode = "readonly=on" if d.readonly else "cache=none"
+            argv += ["-drive", f"file={_q(Path(d.path).resolve())},format={d.format},if=none,id=disk{i},{mode}",
                      "-device", f"virtio-blk-pci,drive=disk{i},serial={d.name},addr={_SLOT_DISKS + i:#x}"]
         net = "user,id=net0,restrict=on"
         for g, h in sorted(self.forwards.items()):
             net += f",guestfwd=tcp:{GUEST_FWD_ADDR}:{g}-cmd:socat - TCP:127.0.0.1:{h}"
         argv += ["-netdev", net, "-device", f"virtio-net-pci,netdev=net0,addr={_SLOT_NET:#x}",
                  "-device", f"virtio-serial-pci,addr={_SLOT_VSERIAL:#x}",
-                 "-chardev", f"socket,id=qga,path={self._qga_path},server=on,wait=off",
+                 "-chardev", f"socket,id=qga,path={_q(self._qga_path)},server=on,wait=off",
                  "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
-                 "-qmp", f"unix:{self._qmp_path},server=on,wait=off"]
+                 "-chardev", f"socket,id=qmp,path={_q(self._qmp_path)},server=on,wait=off",
+                 "-mon", "chardev=qmp,mode=control"]
         for i, (name, host) in enumerate(self.serials.items()):
             if not Path(host).is_char_device():
                 raise DeviceVMError(f"serial line {name}: {host} is not a tty on the host")
-            argv += ["-chardev", f"serial,id=serial-{name},path={host}",
+            argv += ["-chardev", f"serial,id=serial-{name},path={_q(host)}",
                      "-device", f"pci-serial,chardev=serial-{name},addr={_SLOT_SERIALS + i:#x}"]
         return argv + self.qemu_args
