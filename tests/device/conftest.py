@@ -31,7 +31,7 @@ def devicevm_unavailable_reason(arch: str = ARCH) -> str | None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         return (f"missing {', '.join(missing)}: run scripts/devicevm/build.sh --arch {arch} "
-                "(or make devicevm-image) once to install the host tools")
+                f"(or make devicevm-image{'-arm64' if arch == 'arm64' else ''}) once to install the host tools")
     return None
 
 
