@@ -55,6 +55,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.testbed.wait import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 BUILD_SH = ROOT / "scripts" / "devicevm" / "build.sh"
 GUEST_FWD_ADDR = "10.0.2.100"
@@ -336,10 +338,10 @@ class DeviceVM:
                                           stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_parent)
         try:
-            while not self._qga_path.exists():
-                if not self.running or time.monotonic() > deadline:
-                    raise DeviceVMError("QEMU did not start")
-                time.sleep(0.02)
+            wait_until(lambda: self._qga_path.exists() or not self.running, timeout=30,
+                       what="QEMU to create the guest agent's socket")
+            if not self.running:
+                raise DeviceVMError("QEMU exited at once")
             self._agent = _GuestAgent(self._qga_path)
             try:
                 self._agent.sync(deadline, alive=lambda: self.running)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.testbed.devicevm import (GUEST_FWD_ADDR, DeviceVM, Disk, GuestAgentError, GuestTimeout,
-                                     make_ext4_image)
+from scripts.testbed.devicevm import (GUEST_FWD_ADDR, DeviceVM, DeviceVMError, Disk, GuestAgentError,
+                                     GuestTimeout, make_ext4_image)
 from tests.device.conftest import ARCH
 
 pytestmark = [pytest.mark.device, pytest.mark.timeout(1800)]
@@ -232,3 +232,11 @@ def test_run_kills_a_command_that_outlives_its_timeout(vm):
         vm.run("sleep 600", timeout=2)
     rc, out, _ = vm.run("pgrep -x sleep || echo none")
     assert out.strip() == "none"
+
+
+def test_a_vm_that_cannot_boot_says_why_and_where_its_logs_are(devicevm_image, tmp_path):
+    vm = DeviceVM(ARCH, tmp_path, image=devicevm_image, qemu_args=["-no-such-option"])
+    with pytest.raises(DeviceVMError, match="QEMU had exited") as e:
+        vm.boot()
+    assert str(vm.qemu_log) in str(e.value) and "-no-such-option" in str(e.value)
+    assert not vm.running
