@@ -11,7 +11,7 @@
 # Two cached stages, each keyed by a hash of its inputs and rebuilt when they change:
 #   tree-ARCH-KEY/   debootstrap minbase + packages.txt (tree.sh)    amd64 ~2 min, arm64 long
 #   image-ARCH-KEY/  the tree configured (image.sh, rootfs/) and packed by mke2fs -d: seconds
-# Older entries of the same architecture are deleted once a new one is built.
+# Older entries of the same architecture are deleted, except images a DeviceVM still uses.
 set -euo pipefail
 HERE=$(dirname "$(readlink -f "$0")")
 # shellcheck source=common.sh
@@ -87,16 +87,34 @@ image_dir() {  # computed again after a long tree build, in case an input change
                | sha256sum | cut -c1-16)
   echo "$DIR/image-$ARCH-$IMAGE_KEY"
 }
+# keep one tree and one image per architecture, and any image a DeviceVM still holds (its
+# overlays stand on it: scripts/testbed/devicevm.py keeps a shared flock on .complete)
+prune() {
+  local old
+  for old in "$DIR"/tree-"$ARCH"-* "$DIR"/image-"$ARCH"-*; do
+    [ -e "$old" ] || continue
+    case $old in "$TREE"|"$IMAGE") continue ;; esac
+    if [ -e "$old/.complete" ] && ! flock -n -x "$old/.complete" true; then
+      continue  # a VM still uses it: the next build deletes it
+    fi
+    umount_under "$old"
+    rm -rf --one-file-system "$old"
+  done
+}
 IMAGE=$(image_dir)
-if [ -f "$IMAGE/.complete" ]; then echo "$IMAGE"; exit 0; fi
+exec 9>"$DIR/.lock-$ARCH"
+if [ -f "$IMAGE/.complete" ]; then
+  if flock -n 9; then prune; fi   # (not while another build of this arch runs)
+  echo "$IMAGE"
+  exit 0
+fi
 
 # one build per architecture at a time; a second caller waits and then finds the result
-exec 9>"$DIR/.lock-$ARCH"
 if ! flock -n 9; then
   say "another build of the $ARCH image is running; waiting for it"
   flock 9
 fi
-if [ -f "$IMAGE/.complete" ]; then echo "$IMAGE"; exit 0; fi
+if [ -f "$IMAGE/.complete" ]; then prune; echo "$IMAGE"; exit 0; fi
 
 : >"$LOG"
 step_fail() {
@@ -119,12 +137,5 @@ t0=$SECONDS
   || step_fail "building the $ARCH image"
 say "$ARCH image built in $((SECONDS - t0)) s: $IMAGE"
 echo "image seconds: $((SECONDS - t0))" >>"$LOG"
-
-# keep one tree and one image per architecture
-for old in "$DIR"/tree-"$ARCH"-* "$DIR"/image-"$ARCH"-*; do
-  [ -e "$old" ] || continue
-  case $old in "$TREE"|"$IMAGE") continue ;; esac
-  umount_under "$old"
-  rm -rf --one-file-system "$old"
-done
+prune
 echo "$IMAGE"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import random
@@ -300,6 +301,7 @@ class DeviceVM:
         self._qga_path, self._qmp_path = sockdir / "qga.sock", sockdir / "qmp.sock"
         self._proc: subprocess.Popen | None = None
         self._agent: _GuestAgent | None = None
+        self._image_lock = None
         self._serial_devices: dict[str, str] | None = None
         self.boots = 0
         self.state: str | None = None
@@ -322,6 +324,11 @@ class DeviceVM:
         deadline = t0 + timeout
         if self.image is None:
             self.image = build_image(self.arch)
+        if self._image_lock is None:
+            # a shared lock for as long as this VM may boot: build.sh never deletes an image
+            # some overlay still stands on
+            self._image_lock = open(self.image / ".complete", "rb")
+            fcntl.flock(self._image_lock, fcntl.LOCK_SH)
         if not self.overlay.exists():
             self._make_overlay()
         argv = self.qemu_argv()
@@ -416,15 +423,23 @@ class DeviceVM:
             self._proc.wait()
             self._proc = None
 
+    def close(self) -> None:
+        """Kill QEMU if it runs and let go of the base image (the overlay stays in workdir)."""
+        self._kill()
+        if self._image_lock is not None:
+            self._image_lock.close()
+            self._image_lock = None
+
     def __enter__(self) -> DeviceVM:
         self.boot()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or not self.running:
-            self._kill()  # keep the logs as they are for the failure
-        else:
-            self.shutdown()
+        try:
+            if exc_type is None and self.running:
+                self.shutdown()
+        finally:
+            self.close()  # after a failure: killed at once, the logs as they were
 
     # ---- inside the guest --------------------------------------------------------------------
 

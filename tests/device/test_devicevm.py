@@ -240,3 +240,4 @@ def test_a_vm_that_cannot_boot_says_why_and_where_its_logs_are(devicevm_image, t
         vm.boot()
     assert str(vm.qemu_log) in str(e.value) and "-no-such-option" in str(e.value)
     assert not vm.running
+    vm.close()

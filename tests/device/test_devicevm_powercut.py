@@ -79,8 +79,7 @@ def test_power_cut_keeps_every_fsynced_value_and_ext4_recovers(devicevm_image, t
             assert vm.state == "running"
             numbers = [int(x) for x in vm.get("/var/lib/counter").decode().split("\n")[:-1]]
         finally:
-            if vm.running:
-                vm.power_cut()
+            vm.close()
     finally:
         os.close(master)
         os.close(slave)
