@@ -581,7 +581,7 @@ class DeviceVM:
         net = "user,id=net0,restrict=on"
         for g, h in sorted(self.forwards.items()):
             net += f",guestfwd=tcp:{GUEST_FWD_ADDR}:{g}-cmd:socat - TCP:127.0.0.1:{h}"
-        argv += ["-netdev", net, "-device", f"virtio-net-pci,netdev=net0,addr={_SLOT_NET:#x}",
+        argv += ["-netdev", net, "-device", f"virtio-net-pci,netdev=net0,romfile=,addr={_SLOT_NET:#x}",
                  "-device", f"virtio-serial-pci,addr={_SLOT_VSERIAL:#x}",
                  "-chardev", f"socket,id=qga,path={_q(self._qga_path)},server=on,wait=off",
                  "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
