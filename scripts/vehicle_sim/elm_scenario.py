@@ -25,7 +25,8 @@ Entries of the emulator's ``default`` scenario for other OBD PIDs are overridden
 ``NO DATA``, so the car claims and answers only what it models.
 
 Control from the harness (one interpreter line each, output is one JSON line):
-``TWIN.set_code("P0301")``, ``TWIN.clear()``, ``TWIN.describe()``.
+``TWIN.set_code("P0301")``, ``TWIN.clear()``, ``TWIN.describe()``,
+``TWIN.set_clock(epoch, speed, offset)``.
 """
 from __future__ import annotations
 
@@ -221,6 +222,11 @@ class ElmTwin:
     def clear(self) -> None:
         self.ecu.clear(self.now())
         print(json.dumps({"cleared_at": self.ecu.describe(self.now())["cleared_at"]}))
+
+    def set_clock(self, epoch: float, speed: float, offset: float) -> None:
+        """Moves the car to another moment of the drive (tests position it after connecting)."""
+        self.clock = DriveClock(float(epoch), float(speed), float(offset))
+        print(json.dumps({"t": self.now(), "speed": self.clock.speed}))
 
     def describe(self) -> None:
         t = self.now()

@@ -93,6 +93,12 @@ class TwinEmulator(ElmEmulator):
         """The drive time, phase, loop and the ECU's memory (codes, freeze frame, monitors)."""
         return self._call("describe()")
 
+    def set_clock(self, clock: DriveClock) -> dict[str, Any]:
+        """Moves the car to another moment of the drive, e.g. once a test has connected (the
+        drive jumps; codes set before keep their drive times)."""
+        self.clock = clock
+        return self._call(f"set_clock({clock.epoch!r}, {clock.speed!r}, {clock.offset!r})")
+
     def set_dtcs(self, stored: list[str] | tuple[str, ...] = (),
                  pending: list[str] | tuple[str, ...] = (),
                  permanent: list[str] | tuple[str, ...] = ()) -> None:
