@@ -36,7 +36,7 @@ from statistics import median
 
 import can
 
-from scripts.replay import ReplayStats
+from scripts.replay import ReplayStats, Sender
 from scripts.vehicle_sim.drive import Car, Drive, DriveClock, State, load_spec
 from scripts.vehicle_sim.recording import RecordedFrame, dbc, load
 
@@ -255,9 +255,8 @@ class CanTwin:
         ``channel_map`` as in :func:`scripts.replay.replay`. Falling more than ``max_lag_s``
         behind, it skips ahead rather than burst."""
         stats = ReplayStats()
-        single = isinstance(bus, can.BusABC)
+        sender = Sender(bus, channel_map, stats, send_timeout_s=send_timeout_s, what="twin CAN")
         stop_event = stop_event or threading.Event()
-        errors_logged = False
         last = self.clock.now()
         while not stop_event.wait(tick_s):
             now = self.clock.now()
@@ -265,28 +264,10 @@ class CanTwin:
             if behind > max_lag_s:
                 last = now - max_lag_s * self.clock.speed
             for t, info, data in self.frames(last, now):
-                if single:
-                    if channel_map is not None and info.channel not in channel_map:
-                        stats.skipped += 1
-                        continue
-                    target = bus
-                else:
-                    target = bus.get(channel_map.get(info.channel, "") if channel_map is not None
-                                     else info.channel)
-                    if target is None:
-                        stats.skipped += 1
-                        continue
-                msg = can.Message(timestamp=self.clock.wall(t), arbitration_id=info.arbitration_id,
-                                  is_extended_id=info.is_extended_id, data=data,
-                                  channel=info.channel)
-                try:
-                    target.send(msg, timeout=send_timeout_s)
-                    stats.sent += 1
-                except can.CanError as e:
-                    stats.failed += 1
-                    if not errors_logged:
-                        log.warning("twin CAN: send failed (%s); counting further failures", e)
-                        errors_logged = True
+                sender.send(can.Message(timestamp=self.clock.wall(t), channel=info.channel,
+                                        arbitration_id=info.arbitration_id,
+                                        is_extended_id=info.is_extended_id, data=data),
+                            info.channel)
             last = now
         return stats
 

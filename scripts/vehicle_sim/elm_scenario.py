@@ -34,7 +34,8 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +147,24 @@ class ElmTwin:
         self.clock = clock
         self.ecu = ecu or EcuMemory(drive)
         self.vin = drive.car.vin
+        self._pinned: float | None = None
 
     def now(self) -> float:
-        return self.clock.now()
+        pinned = self._pinned
+        return pinned if pinned is not None else self.clock.now()
+
+    @contextmanager
+    def pinned(self) -> Iterator[float]:
+        """One drive time for every PID of a multi-PID request: an ECU answers from one
+        moment, never half before and half after the ignition went off."""
+        if self._pinned is not None:   # nested: the emulator asks itself for each PID
+            yield self._pinned
+            return
+        self._pinned = t = self.clock.now()
+        try:
+            yield t
+        finally:
+            self._pinned = None
 
     def ignition(self, t: float | None = None) -> bool:
         return self.drive.at(self.now() if t is None else t).ignition
@@ -294,9 +310,19 @@ def load(spec_path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
 
 def attach(emulator: Any) -> None:
     """Registers :class:`Task` as the emulator's ECU task for the engine ECU range, replacing
-    ECU tasks made before (their requests went to another scenario)."""
+    ECU tasks made before (their requests went to another scenario), and pins one drive time
+    for each multi-PID request (the emulator answers one by asking itself for each PID)."""
     emulator.plugins[PLUGIN] = sys.modules[__name__]
     emulator.task_shared_ns.clear()
+    inner = emulator.multi_pid_answer
+
+    def multi_pid_answer(cmd: str, header: str | None) -> str | None:
+        if TWIN is None:
+            return inner(cmd, header)
+        with TWIN.pinned():
+            return inner(cmd, header)
+
+    emulator.multi_pid_answer = multi_pid_answer
 
 
 _HEX = re.compile(r"^[0-9A-F]+$")

@@ -24,21 +24,29 @@ There is no coolant, intake, fuel level or voltage signal in the DBC for this ca
 model (:mod:`scripts.vehicle_sim.drive`) supplies those.
 
 Times are seconds from the log's first frame (the log itself counts from the device's boot).
-:func:`load` caches per process: the emulator process and the CAN replay each read the log
-once. ``frames=True`` also keeps every frame (about 135,000, ~30 MB) for the CAN replay.
+:func:`load` caches per process, and keeps the decoded series (not the frames) in a JSON file
+under ``$DONGLE_TWIN_CACHE`` (default: the system's temporary directory), keyed by the log's
+size and mtime and by :data:`SIGNALS`: an emulator process then starts without reading the
+log, or importing python-can at all. ``frames=True`` reads every frame (about 135,000, ~30 MB)
+for the CAN side.
 """
 from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
+import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import can
-import cantools
+from typing import TYPE_CHECKING
 
 from scripts.shared_data import RAV4, RAV4_LOG
+
+if TYPE_CHECKING:
+    import cantools
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +118,52 @@ class Recording:
         return self.series[name]
 
 
+CACHE_VERSION = 1
+
+
 @functools.cache
-def dbc() -> cantools.database.can.Database:
+def dbc() -> "cantools.database.can.Database":
+    import cantools
     return cantools.database.load_file(str(DBC_PATH), strict=False)
 
 
 _cache: dict[str, Recording] = {}
 
 
+def _cache_file(path: str) -> Path:
+    st = os.stat(path)
+    key = json.dumps([CACHE_VERSION, os.path.realpath(path), st.st_size, st.st_mtime_ns,
+                      sorted(SIGNALS.items()), VIN_MESSAGES, os.path.getmtime(DBC_PATH)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("DONGLE_TWIN_CACHE") or Path(tempfile.gettempdir()) / "dongle-vehicle-sim")
+    return root / f"{Path(path).name}.{digest}.json"
+
+
+def _from_cache(path: str) -> Recording | None:
+    try:
+        doc = json.loads(_cache_file(path).read_text())
+        series = {n: Series(tuple(t), tuple(v)) for n, (t, v) in doc["series"].items()}
+        if set(series) != set(SIGNALS.values()):
+            return None
+        return Recording(Path(path), float(doc["duration_s"]), series, str(doc["vin"]), None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _to_cache(path: str, rec: Recording) -> None:
+    try:
+        target = _cache_file(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"duration_s": rec.duration_s, "vin": rec.vin, "series": {
+            n: [list(s.t), list(s.v)] for n, s in rec.series.items()}}))
+        tmp.replace(target)
+    except OSError as e:
+        log.info("recording cache not written: %s", e)
+
+
 def _read(path: str, frames: bool) -> Recording:
+    import can
     db = dbc()
     wanted: dict[int, list[tuple[str, str]]] = {}
     for (msg, sig), name in SIGNALS.items():
@@ -169,6 +214,10 @@ def load(path: str | Path = RAV4_LOG, *, frames: bool = False) -> Recording:
     copy read with ``frames=True`` serves both kinds of call)."""
     key = str(path)
     cached = _cache.get(key)
+    if cached is None and not frames:
+        cached = _from_cache(key)
     if cached is None or (frames and cached.frames is None):
-        cached = _cache[key] = _read(key, frames)
+        cached = _read(key, frames)
+        _to_cache(key, cached)
+    _cache[key] = cached
     return cached
