@@ -218,6 +218,23 @@ def test_vin_is_the_same_across_emulator_starts():
     assert other != vins[0] and vin_check.validate(other) == (True, "ok")
 
 
+def test_a_parked_car_does_not_connect_until_the_key_is_on(drive):
+    """Ignition off: the adapter answers, no ECU does (python-OBD's auto-detection sees
+    UNABLE TO CONNECT, as from a real ELM327); at key-on the car connects with its PIDs."""
+    clock = DriveClock.starting(1.0, offset=loop_time(drive, 0, "parked", 10.0))
+    with TwinEmulator(drive.car, clock) as emu:
+        reader = ObdReader(emu.port)
+        try:
+            assert reader.connect() is False
+            assert "no vehicle" in reader.last_error
+            position(emu, drive, 1, "key_on", 1.0)
+            assert reader.connect(), reader.last_error
+            assert {"RPM", "SPEED", "COOLANT_TEMP", "ENGINE_LOAD"} <= reader.supported_pids()
+            assert reader.read_pids(["RPM", "SPEED"]) == {"RPM": (0.0, "rpm"), "SPEED": (0.0, "km/h")}
+        finally:
+            reader.close()
+
+
 def test_a_code_set_while_the_engine_is_off_is_stored_once_it_runs(drive):
     """The freeze frame holds the car at the moment the code was stored; a later code does not
     replace it."""

@@ -13,9 +13,11 @@ nothing under agent/ or drivers/ imports this). It uses the emulator's extension
   emulator's own ``iso_tp_frames``).
 - **ECU task plug-in** ``task_ecu_7XX`` (:class:`Task`, registered in ``emulator.plugins``): the
   emulator runs it before its dictionary for every request to an engine-range ECU. It makes the
-  ECU go silent (``NO DATA``) while the car is parked with the ignition off, and strips the
-  ELM327 response-count hint from multi-PID requests (``010C0D052``) so that the emulator's own
-  multi-PID answer serves them.
+  ECU go silent while the car is parked with the ignition off (``NO DATA``, or ``UNABLE TO
+  CONNECT`` while the adapter searches for the protocol after ``AT SP 0``, as an ELM327 does:
+  python-OBD counts a connect whose first ``01 00`` gets ``NO DATA`` as a car connected), and
+  strips the ELM327 response-count hint from multi-PID requests (``010C0D052``) so that the
+  emulator's own multi-PID answer serves them.
 
 Served: mode 01 (:data:`MODE01`, supported-PID bitmaps 00-A0 computed from that table, up to six
 PIDs per request as the agent sends them), mode 02 frame 00 (freeze frame, with or without the
@@ -148,6 +150,7 @@ class ElmTwin:
         self.ecu = ecu or EcuMemory(drive)
         self.vin = drive.car.vin
         self._pinned: float | None = None
+        self.searching = True   # the adapter's protocol is "automatic" and not yet found
 
     def now(self) -> float:
         pinned = self._pinned
@@ -165,6 +168,22 @@ class ElmTwin:
             yield t
         finally:
             self._pinned = None
+
+    def adapter_command(self, cmd: str) -> None:
+        """Follows the ELM327's protocol state: ``AT Z``/``AT D``/``AT SP 0`` (automatic) make
+        the next request search for the protocol; ``AT SP n``/``AT TP n`` fix it."""
+        if _RESET.match(cmd):
+            self.searching = True
+        elif m := _SET_PROTOCOL.match(cmd):
+            self.searching = bool(m.group(1)) or m.group(2) == "0"
+
+    def no_answer(self) -> str:
+        """What the adapter prints when the ECU does not answer: while it searches for the
+        protocol (the first request after ``AT SP 0``) an ELM327 gives up with ``UNABLE TO
+        CONNECT``, once the protocol is known with ``NO DATA``."""
+        if self.searching:
+            return "<string>SEARCHING...</string>" + ST("") + ST("UNABLE TO CONNECT")
+        return ST("NO DATA")
 
     def ignition(self, t: float | None = None) -> bool:
         return self.drive.at(self.now() if t is None else t).ignition
@@ -326,6 +345,8 @@ def attach(emulator: Any) -> None:
 
 
 _HEX = re.compile(r"^[0-9A-F]+$")
+_RESET = re.compile(r"^AT(Z|D|WS)$")
+_SET_PROTOCOL = re.compile(r"^AT[ST]P(A?)([0-9A-C])$")
 _COUNT_HINT = re.compile(r"^(01(?:[0-9A-F]{2}){2,6})[1-9A-F]$")
 
 
@@ -335,10 +356,14 @@ class Task(EcuTasks):
 
     def run(self, cmd: str, length: int | None = None, frame: int | None = None):
         twin = TWIN
-        if twin is None or not _HEX.match(cmd or ""):
+        if twin is None:
+            return Tasks.RETURN.TASK_CONTINUE(cmd)
+        if not _HEX.match(cmd or ""):
+            twin.adapter_command(cmd or "")
             return Tasks.RETURN.TASK_CONTINUE(cmd)      # AT commands are the adapter's
         if not twin.ignition():
-            return Tasks.RETURN.ANSWER(ST("NO DATA"))   # ignition off: the ECU sleeps
+            return Tasks.RETURN.ANSWER(twin.no_answer())  # ignition off: the ECU sleeps
+        twin.searching = False                          # an ECU answers: protocol found
         hint = _COUNT_HINT.match(cmd)
         if hint:
             return Tasks.RETURN.TASK_CONTINUE(hint.group(1))
