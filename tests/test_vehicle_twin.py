@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import os
 import threading
 import time
 import uuid
@@ -29,9 +30,10 @@ from agent.health.trips import TripDetector
 from drivers.obd import ObdReader
 from scripts.shared_data import RAV4, RAV4_LOG
 from scripts.vehicle_sim.can_twin import CanTwin, start_thread
-from scripts.vehicle_sim.drive import Car, Drive, DriveClock, vin_for
+from scripts.vehicle_sim.drive import Car, Drive, DriveClock, load_spec, vin_for
 from scripts.vehicle_sim.elm_twin import TwinEmulator
 from scripts.vehicle_sim.recording import load
+from scripts.vehicle_sim.twin import VehicleTwin
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.skipif(not RAV4_LOG.exists(), reason="the RAV4 recording is not here")
@@ -410,10 +412,10 @@ def test_loops_give_known_trips_and_engine_starts():
 class CanLog:
     """Receives WHEEL_SPEEDS on the twin's bus, stamped with drive time."""
 
-    def __init__(self, channel: str, clock: DriveClock):
+    def __init__(self, bus: can.BusABC, clock: DriveClock):
         self.db = cantools.database.load_file(str(DBC), strict=False)
         self.wheel_id = self.db.get_message_by_name("WHEEL_SPEEDS").frame_id
-        self.bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
+        self.bus = bus
         self.clock = clock
         self.frames: list[tuple[float, int]] = []     # (drive time, id) of every frame
         self.wheels: list[tuple[float, float]] = []   # (drive time, mean wheel speed)
@@ -472,7 +474,7 @@ def can_twin(drive):
         twin = CanTwin(drive, DriveClock.starting(speed, offset), channels=["can0"])
         bus = can.Bus(interface="virtual", channel=channel)
         clock = twin.clock = DriveClock.starting(speed, offset)
-        log = CanLog(channel, clock)
+        log = CanLog(can.Bus(interface="virtual", channel=channel), clock)
         thread, stop = start_thread(twin, bus)
         made.append((log, bus, thread, stop))
         return log, clock
@@ -521,3 +523,56 @@ def test_obd_speed_and_can_wheel_speed_agree(drive, can_twin):
         late = 0.05 * clock.speed   # frames go out in 10 ms batches: stamped up to a tick late
         assert log.frames_between(park + late, wake - 0.01) == 0
         assert log.frames_between(park - 10, park) > 20
+
+
+def test_the_demo_starts_both_sides_from_one_place_and_resumes(tmp_path, drive):
+    """VehicleTwin as the demo runs it: the emulator on a pty, the CAN side in its own process
+    on udp_multicast, both from twin.json; stopped and started again, the drive goes on."""
+    try:
+        import msgpack  # noqa: F401  (python-can's udp_multicast interface needs it)
+    except ImportError:
+        pytest.skip("python-can's udp_multicast interface needs msgpack")
+    group, mport = f"239.74.{os.getpid() % 200 + 1}.9", 44000 + os.getpid() % 2000
+    try:
+        rx = can.Bus(interface="udp_multicast", channel=group, port=mport)
+    except (OSError, can.CanError) as e:
+        pytest.skip(f"udp_multicast not usable here: {e}")
+    log = None
+    twin = VehicleTwin(tmp_path, Car(), speed=2.0, offset=loop_time(drive, 0, "pull_away"),
+                       can={"interface": "udp_multicast", "channel": group, "port": mport})
+    try:
+        port = twin.start()
+        log = CanLog(rx, twin.clock)
+        if not wait_until(lambda: log.last_frame(), timeout=WAIT_S):
+            pytest.skip("multicast on loopback delivers nothing here (no multicast route)")
+        reader = ObdReader(port, protocol="6")
+        try:
+            assert reader.connect(), reader.last_error
+            checked = 0
+            window = 0.25 * twin.clock.speed   # UDP between processes: a little more latency
+            while checked < 15:
+                t0, got, t1 = timed(twin.clock, lambda: reader.read_pids(["SPEED"]))
+                assert wait_until(lambda: (log.last_frame() or 0) > t1 + window, timeout=5)
+                assert close_to_one_of(got["SPEED"][0], log.wheel_speeds(t0 - window, t1 + window),
+                                       0.5 + 0.02), (t0, got)
+                checked += 1
+                time.sleep(0.1)
+        finally:
+            reader.close()
+        stopped_at = twin.clock.now()
+    finally:
+        twin.stop()
+        if log is not None:
+            log.close()
+        else:
+            rx.shutdown()
+    resume_at = load_spec(tmp_path / "twin.json")[2]["resume_at"]
+    assert resume_at == pytest.approx(drive.loop_s) and resume_at > stopped_at
+    with VehicleTwin(tmp_path, Car()) as again:     # no CAN side this time
+        assert again.now()["loop"] == 1 and again.now()["t"] >= resume_at
+        reader = ObdReader(again.port, protocol="6")
+        try:
+            assert reader.connect(), reader.last_error
+            assert reader.read_vin() == Car().vin
+        finally:
+            reader.close()

@@ -32,7 +32,7 @@ test can compute the expected answer for any moment):
   tank, refilled during a park when below ``refuel_below_pct``); odometer and distance since
   codes cleared grow with distance; run time counts from the engine start;
 - control module voltage: 14.0-14.4 V running, ~10 V cranking, the resting battery when off
-  (12.55 V plus a surface charge that fades over ~10 min after the engine stops).
+  (12.45 V plus a surface charge of up to 0.4 V that fades over ~10 min after the engine stops).
 
 :class:`DriveClock` maps wall time to drive time with a speed factor; the ELM327-emulator
 process and the CAN replay each hold one built from the same numbers (:func:`save_spec`),
@@ -67,8 +67,8 @@ WARM_TARGET_C = 110.0      # the exponential aims here and is held at the thermo
 WARM_TAU_S = 330.0
 COOL_TAU_S = 2400.0
 WARM_C = 70.0              # "warm engine" (readiness monitors, warm-up cycles)
-REST_V = 12.55
-SURFACE_V = 0.45
+REST_V = 12.45
+SURFACE_V = 0.4
 SURFACE_TAU_S = 600.0
 GRID_S = 0.1
 
@@ -507,7 +507,7 @@ class Drive:
             rested = start.parked_for_s if not before else math.inf
             rest = REST_V + SURFACE_V * math.exp(-rested / SURFACE_TAU_S)
         if p.name == "key_on":
-            voltage = rest - 0.2
+            voltage = rest - 0.1       # the ECUs, the fuel pump
         elif p.name == "crank":
             voltage = 10.1
         elif running:
@@ -516,7 +516,7 @@ class Drive:
                 + 0.03 * math.sin(2 * math.pi * t / 3.1)
         else:
             voltage = rest
-        adapter_v = voltage - 0.1 if ignition else voltage
+        adapter_v = voltage - 0.05 if ignition else voltage   # the cable to pin 16
         run_time = (u - self.phase["warm_idle"].start) if running else 0.0
         dist = n * self.loop_distance_km + (0.0 if before else self._cum_at("dist", uc))
         fuel_l = start.fuel_l - (0.0 if before else self._cum_at("fuel", uc))
