@@ -17,7 +17,7 @@ agent/ or drivers/ imports it.
 - :mod:`.elm_scenario`: runs inside the ELM327-emulator: the ``twin`` scenario (answers
   computed from the drive) and the ECU task plug-in (silent while parked).
 - :mod:`.elm_twin`: :class:`~.elm_twin.TwinEmulator`, the emulator on a pty with that
-  scenario (:class:`scripts.elm_emulator.ElmEmulator` underneath).
+  scenario (:class:`scripts.vehicle_sim.elm_emulator.ElmEmulator` underneath).
 - :mod:`.can_twin`: the CAN side on the same clock (recorded frames, held and re-encoded frames
   for the made-up phases, silence while parked).
 - :mod:`.twin`: :class:`~.twin.VehicleTwin` starts both sides from one place (the demo's entry).

@@ -36,7 +36,7 @@ from statistics import median
 
 import can
 
-from scripts.replay import ReplayStats, Sender
+from scripts.vehicle_sim.replay import ReplayStats, Sender
 from scripts.vehicle_sim.drive import Car, Drive, DriveClock, State, load_spec
 from scripts.vehicle_sim.recording import RecordedFrame, dbc, load
 
@@ -252,7 +252,7 @@ class CanTwin:
             channel_map: Mapping[str, str] | None = None, stop_event: threading.Event | None = None,
             tick_s: float = 0.01, max_lag_s: float = 1.0, send_timeout_s: float = 1.0) -> ReplayStats:
         """Sends the twin's frames as the drive clock goes, until ``stop_event``. ``bus`` and
-        ``channel_map`` as in :func:`scripts.replay.replay`. Falling more than ``max_lag_s``
+        ``channel_map`` as in :func:`scripts.vehicle_sim.replay.replay`. Falling more than ``max_lag_s``
         behind, it skips ahead rather than burst."""
         stats = ReplayStats()
         sender = Sender(bus, channel_map, stats, send_timeout_s=send_timeout_s, what="twin CAN")

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from agent import vin as vin_check
+from drivers.core import vin as vin_check
 from scripts.vehicle_sim.recording import Recording, load
 
 PHASES = ("key_on", "crank", "warm_idle", "pull_away", "recorded", "stop", "idle", "parked")

@@ -1,6 +1,6 @@
 """The ELM327-emulator on a pty, answering as the twin car (:mod:`.elm_scenario`).
 
-:class:`TwinEmulator` is :class:`scripts.elm_emulator.ElmEmulator` (the same process, pty,
+:class:`TwinEmulator` is :class:`scripts.vehicle_sim.elm_emulator.ElmEmulator` (the same process, pty,
 link and interpreter handling) with its scenario replaced through the emulator's own extension
 points, before the port is handed out:
 
@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from scripts.elm_emulator import ElmEmulator, EmulatorError
+from scripts.vehicle_sim.elm_emulator import ElmEmulator, EmulatorError
 from scripts.vehicle_sim.drive import Car, DriveClock, save_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scripts.shared_data import RAV4, RAV4_LOG
+from scripts.testbed.shared_data import RAV4, RAV4_LOG
 
 if TYPE_CHECKING:
     import cantools
