@@ -126,7 +126,7 @@ class HealthMonitor:
             try:
                 self._refresh_config()
                 self._drain(wait_s=0.5)
-                self.trips.tick(self._clock())
+                self.tick(self._clock())
                 if time.monotonic() >= self._next_maintenance:
                     self._next_maintenance = time.monotonic() + 60
                     self.check_maintenance()
@@ -134,6 +134,13 @@ class HealthMonitor:
                 self.errors += 1
                 log.exception("health: processing failed; carrying on")
                 self._stop.wait(1.0)
+
+    def tick(self, now_ms: int) -> None:
+        """Time passes without samples: a trip ends after its silence, the engine counts as off
+        after ``health.battery_12v.off_after_s`` without engine speed (the health thread calls
+        this twice a second; public for tests and replays)."""
+        self.trips.tick(now_ms)
+        self.starts.tick(now_ms)
 
     def wake_maintenance(self) -> None:
         """Re-checks maintenance at the next loop (a service record was just added)."""
@@ -294,4 +301,5 @@ class HealthMonitor:
     def status(self) -> dict:
         return {"processed": self.processed, "dropped": self.dropped, "errors": self.errors,
                 "in_trip": self.trips.trip is not None and self.trips.trip.started_sent,
+                "trips": self.trips.trips, "engine_starts": self.starts.starts,
                 "roles": sorted(set(self._roles.values())), "driving_behaviour": self.driving_allowed}
