@@ -578,3 +578,58 @@ def test_the_demo_starts_both_sides_from_one_place_and_resumes(tmp_path, drive):
             assert reader.read_vin() == Car().vin
         finally:
             reader.close()
+
+
+def test_the_ecu_keeps_its_memory_while_the_car_is_off(tmp_path, drive):
+    """As an ECU does: a code stored in one run is there at the next key-on (before the engine
+    runs) with its freeze frame; a clear made then is still in force at the run after, with
+    the readiness monitors incomplete; --dtc given again changes nothing of a stored code."""
+    def reading_of(twin: VehicleTwin):
+        reader = ObdReader(twin.port, protocol="6")
+        try:
+            assert reader.connect(), reader.last_error
+            return reader, awake_reading(reader)
+        except BaseException:
+            reader.close()
+            raise
+
+    with VehicleTwin(tmp_path, Car(), offset=AWAKE, stored=("P0301",)) as twin:
+        reader, first = reading_of(twin)
+        reader.close()
+    assert first.stored == ["P0301"] and first.freeze["code"] == "P0301"
+    with VehicleTwin(tmp_path, Car(), stored=("P0301",)) as again:
+        assert again.now()["phase"] == "key_on"          # the engine has not run yet
+        reader, second = reading_of(again)
+        try:
+            assert second.stored == ["P0301"] and second.mil is True
+            assert second.freeze == first.freeze          # the moment it was stored, not now
+            assert reader.clear_dtcs()
+        finally:
+            reader.close()
+    with VehicleTwin(tmp_path, Car()) as third:
+        reader, after = reading_of(third)
+        reader.close()
+        # the restart went on at the next loop: that loop's drive counts towards the monitors
+        expected = third.emulator.describe()["ecu"]["monitors"]
+    assert after.stored == [] and after.mil is False and after.freeze is None
+    assert after.permanent == ["P0301"]                   # until the monitors have run again
+    assert {n: m["complete"] for n, m in after.monitors.items() if m["available"]} == expected
+    assert not all(expected.values())                     # the cold-engine loop left some to do
+
+
+def test_a_lead_in_starts_the_car_parked_before_the_key_on_it_goes_on_from(tmp_path, drive):
+    """The demo's lead-in: parked with the ignition off (no ECU answers) for lead_in_s, then
+    the key-on the drive goes on from; stopped before it, the next run starts before it again."""
+    for _ in range(2):
+        with VehicleTwin(tmp_path, Car(), lead_in_s=60.0) as twin:
+            now = twin.now()
+            assert now["phase"] == "parked" and now["t"] < 0
+            assert now["key_on_in"] == pytest.approx(60.0, abs=5.0)
+            reader = ObdReader(twin.port)
+            try:
+                assert reader.connect() is False and "no vehicle" in reader.last_error
+            finally:
+                reader.close()
+        assert load_spec(tmp_path / "twin.json")[2]["resume_at"] == 0.0
+    with pytest.raises(ValueError):
+        VehicleTwin(tmp_path, Car(), lead_in_s=Car().parked_s)

@@ -5,7 +5,8 @@ answers of the emulator and the expectations of a test come from the same moment
 
 - :meth:`EcuMemory.set_code` stores a code as a real ECU does, when the engine runs: set while
   the engine runs, it is stored at once; set while it is off or cranking, it is stored once the
-  engine has run 2 s (the fault shows when the monitor runs). The first stored code captures
+  engine has run 2 s (the fault shows when the monitor runs). A code already stored stays as it
+  is (setting it again changes nothing, as a fault that is still there). The first stored code captures
   the freeze frame: the car's :class:`~scripts.vehicle_sim.drive.State` at that moment.
   Powertrain codes (P0, P2, P3 generic) light the MIL; a stored code with the MIL on is also
   permanent (mode 0A).
@@ -16,6 +17,8 @@ answers of the emulator and the expectations of a test come from the same moment
 - Readiness: before any clear, every supported monitor is complete (a car driven for years).
   After a clear, each completes once the drive since the clear has met its condition
   (:data:`MONITORS`): engine-running seconds, warm-engine seconds (coolant >= 70 °C), distance.
+- The memory is kept while the car is off, as an ECU's is: :meth:`EcuMemory.to_dict` and
+  :meth:`EcuMemory.from_dict` carry it across restarts of the twin (drive times go on).
 """
 from __future__ import annotations
 
@@ -97,6 +100,9 @@ class EcuMemory:
         code = code.strip().upper()
         t = self.drive.next_running(now, DETECT_AFTER_S)
         with self._lock:
+            for c in self._codes:
+                if c.code == code and c.pending == pending and c.t <= now:
+                    return c.t       # stored already: it stays as it was stored
             self._codes = [c for c in self._codes if not (c.code == code and c.pending == pending)]
             self._codes.append(StoredCode(code, t, pending))
             if not pending and (self._freeze is None or self._freeze[1] > t):
@@ -111,6 +117,29 @@ class EcuMemory:
             self._codes = []
             self._freeze = None
             self._cleared_at = now
+
+    # -- kept while the car is off ----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The memory as JSON data (drive times), for :meth:`from_dict`."""
+        with self._lock:
+            return {"codes": [{"code": c.code, "t": c.t, "pending": c.pending} for c in self._codes],
+                    "cleared_at": self._cleared_at, "permanent": list(self._permanent),
+                    "freeze": list(self._freeze) if self._freeze else None}
+
+    @classmethod
+    def from_dict(cls, drive: Drive, d: dict[str, Any] | None) -> "EcuMemory":
+        """The memory :meth:`to_dict` gave (an empty one for ``None``)."""
+        ecu = cls(drive)
+        d = d or {}
+        ecu._codes = [StoredCode(str(c["code"]), float(c["t"]), bool(c.get("pending")))
+                      for c in d.get("codes") or []]
+        cleared = d.get("cleared_at")
+        ecu._cleared_at = float(cleared) if cleared is not None else None
+        ecu._permanent = [str(c) for c in d.get("permanent") or []]
+        freeze = d.get("freeze")
+        ecu._freeze = (str(freeze[0]), float(freeze[1])) if freeze else None
+        return ecu
 
     # -- answers --------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ Entries of the emulator's ``default`` scenario for other OBD PIDs are overridden
 ``NO DATA``, so the car claims and answers only what it models.
 
 Control from the harness (one interpreter line each, output is one JSON line):
-``TWIN.set_code("P0301")``, ``TWIN.clear()``, ``TWIN.describe()``,
+``TWIN.set_code("P0301")``, ``TWIN.clear()``, ``TWIN.describe()``, ``TWIN.memory()``,
 ``TWIN.set_clock(epoch, speed, offset)``.
 """
 from __future__ import annotations
@@ -269,6 +269,10 @@ class ElmTwin:
         print(json.dumps({"t": t, "phase": state.phase, "loop": state.loop, "vin": self.vin,
                           "ecu": self.ecu.describe(t)}))
 
+    def memory(self) -> None:
+        """The ECU's memory (:meth:`EcuMemory.to_dict`), to keep across a restart."""
+        print(json.dumps({"t": self.now(), "memory": self.ecu.to_dict()}))
+
 
 # -- the ObdMessage scenario ----------------------------------------------------------------------
 
@@ -317,7 +321,8 @@ def load(spec_path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     and returns the ``ObdMessage`` dictionary the emulator's ``merge`` command takes."""
     global TWIN
     car, clock, extra = load_spec(spec_path)
-    TWIN = ElmTwin(Drive(car), clock)
+    drive = Drive(car)
+    TWIN = ElmTwin(drive, clock, EcuMemory.from_dict(drive, extra.get("memory")))
     for code in extra.get("stored", []):
         TWIN.ecu.set_code(code, clock.now())
     for code in extra.get("pending", []):

@@ -44,16 +44,20 @@ _MODULE = "import scripts.vehicle_sim.elm_scenario as _twin"
 
 class TwinEmulator(ElmEmulator):
     """An ELM327-emulator whose car is the twin: ``car`` at the moment ``clock`` says.
-    ``stored`` / ``pending``: codes the car has from the start (stored once the engine runs)."""
+    ``stored`` / ``pending``: codes the car has from the start (stored once the engine runs);
+    ``memory``: the ECU's memory from an earlier emulator of this car (:meth:`memory`)."""
 
     def __init__(self, car: Car | None = None, clock: DriveClock | None = None,
                  workdir: str | os.PathLike[str] | None = None, *,
                  link: str | os.PathLike[str] | None = None, stored: tuple[str, ...] = (),
-                 pending: tuple[str, ...] = (), start_timeout_s: float = 60.0):
+                 pending: tuple[str, ...] = (), memory: dict[str, Any] | None = None,
+                 start_timeout_s: float = 60.0):
         super().__init__("car", workdir, link=link, start_timeout_s=start_timeout_s)
         self.car = car or Car()
         self.clock = clock or DriveClock.starting()
         self._codes = {"stored": list(stored), "pending": list(pending)}
+        if memory:
+            self._codes["memory"] = memory
 
     @property
     def vin(self) -> str:
@@ -92,6 +96,11 @@ class TwinEmulator(ElmEmulator):
     def describe(self) -> dict[str, Any]:
         """The drive time, phase, loop and the ECU's memory (codes, freeze frame, monitors)."""
         return self._call("describe()")
+
+    def memory(self) -> dict[str, Any]:
+        """The ECU's memory as :class:`scripts.vehicle_sim.ecu.EcuMemory.to_dict` gives it (the
+        ``memory`` argument of a later emulator for the same car)."""
+        return self._call("memory()")["memory"]
 
     def set_clock(self, clock: DriveClock) -> dict[str, Any]:
         """Moves the car to another moment of the drive, e.g. once a test has connected (the

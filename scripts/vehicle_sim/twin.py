@@ -8,8 +8,11 @@ frames are of the same moment of the drive.
 
 Restarts: on :meth:`VehicleTwin.stop` the file records where the drive should go on (the next
 loop's key-on), and the next start for the same car continues from there: the odometer, the
-fuel level and the coolant never jump back. ``fresh=True`` starts the drive over. The ECU's
-codes are not kept across restarts (``stored`` sets them again).
+fuel level and the coolant never jump back, and the ECU keeps its memory (trouble codes, freeze
+frame, readiness since a clear), as an ECU does while the car is off; ``stored`` codes are set
+on top (one stored already stays as it was). ``fresh=True`` starts the drive and the ECU over. ``lead_in_s``: the car starts
+that long before that key-on, parked with the ignition off (shorter than the park), so that
+whoever connects to it sees the key turned and the engine cranked.
 
     twin = VehicleTwin(run_dir, can={"interface": "udp_multicast", "channel": group, "port": p})
     port = twin.start()          # the ELM327's pty (or the link)
@@ -47,7 +50,7 @@ class VehicleTwin:
                  speed: float = 1.0, offset: float | None = None,
                  can: dict[str, Any] | None = None, only: tuple[str, ...] = ("can0",),
                  stored: tuple[str, ...] = (), link: str | os.PathLike[str] | None = None,
-                 fresh: bool = False):
+                 fresh: bool = False, lead_in_s: float = 0.0):
         self.run_dir = Path(run_dir)
         self.car = car or Car()
         self.speed = speed
@@ -57,10 +60,14 @@ class VehicleTwin:
         self.stored = tuple(stored)
         self.link = link
         self.fresh = fresh
+        if not 0 <= lead_in_s < self.car.parked_s:
+            raise ValueError(f"lead_in_s must be in [0, parked_s = {self.car.parked_s}), got {lead_in_s}")
+        self.lead_in_s = float(lead_in_s)
         self.clock: DriveClock | None = None
         self.emulator: TwinEmulator | None = None
         self._can_proc: subprocess.Popen[bytes] | None = None
         self._drive: Drive | None = None
+        self._memory: dict[str, Any] | None = None
 
     @property
     def spec_path(self) -> Path:
@@ -79,21 +86,25 @@ class VehicleTwin:
             self._drive = Drive(self.car)
         return self._drive
 
-    def _resume_offset(self) -> float:
-        if self.offset is not None or self.fresh or not self.spec_path.exists():
-            return self.offset or 0.0
+    def _resume(self) -> tuple[float, dict[str, Any] | None]:
+        """(drive time to go on from, the ECU's memory) from the last run of this car."""
+        if self.fresh or not self.spec_path.exists():
+            return self.offset or 0.0, None
         try:
             car, clock, extra = load_spec(self.spec_path)
         except (OSError, ValueError, KeyError) as e:
             log.warning("twin: %s unreadable (%s); the drive starts over", self.spec_path, e)
-            return 0.0
+            return self.offset or 0.0, None
         if car.name != self.car.name:
-            return 0.0
+            return self.offset or 0.0, None
+        memory = extra.get("memory") if isinstance(extra.get("memory"), dict) else None
+        if self.offset is not None:
+            return self.offset, memory
         resume = extra.get("resume_at")
         if isinstance(resume, (int, float)):
-            return float(resume)
+            return float(resume), memory
         # not stopped cleanly: go on at the loop after the one it was in
-        return self._next_loop(clock.now())
+        return self._next_loop(clock.now()), memory
 
     def _next_loop(self, t: float) -> float:
         loop_s = self.drive.loop_s
@@ -102,11 +113,13 @@ class VehicleTwin:
     def start(self) -> str:
         """Starts the ELM327 side (and the CAN side); returns the ELM327's port."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.clock = DriveClock.starting(self.speed, self._resume_offset())
-        save_spec(self.spec_path, self.car, self.clock)
+        resume, memory = self._resume()
+        self.clock = DriveClock.starting(self.speed, resume - self.lead_in_s)
+        self._memory = memory
+        save_spec(self.spec_path, self.car, self.clock, **({"memory": memory} if memory else {}))
         try:
             self.emulator = TwinEmulator(self.car, self.clock, self.run_dir / "elm", link=self.link,
-                                         stored=self.stored)
+                                         stored=self.stored, memory=memory)
             port = self.emulator.start()
             if self.can:
                 self._start_can()
@@ -137,12 +150,18 @@ class VehicleTwin:
                 self._can_proc.kill()
                 self._can_proc.wait()
             self._can_proc = None
+        memory = self._memory
         if self.emulator is not None:
+            try:
+                memory = self.emulator.memory()
+            except Exception as e:  # noqa: BLE001 - an emulator that died keeps what it had
+                log.warning("twin: the ECU's memory could not be read (%s); the last one is kept", e)
             self.emulator.stop()
             self.emulator = None
         if self.clock is not None:
             save_spec(self.spec_path, self.car, self.clock,
-                      resume_at=self._next_loop(self.clock.now()))
+                      resume_at=self._next_loop(self.clock.now()),
+                      **({"memory": memory} if memory else {}))
             self.clock = None
 
     def __enter__(self) -> "VehicleTwin":
@@ -157,11 +176,16 @@ class VehicleTwin:
         return self._can_proc is not None and self._can_proc.poll() is None
 
     def now(self) -> dict[str, Any]:
-        """The drive time, phase and loop now (this process's model)."""
+        """The drive time, phase and loop now (this process's model), and ``key_on_in``: the
+        drive seconds until the next key-on while parked (else 0)."""
         if self.clock is None:
             raise RuntimeError("twin not started")
-        state = self.drive.at(self.clock.now())
-        return {"t": state.t, "loop": state.loop, "phase": state.phase}
+        t = self.clock.now()
+        state = self.drive.at(t)
+        key_on_in = 0.0
+        if state.phase == "parked":
+            key_on_in = (-t if t < 0 else (state.loop + 1) * self.drive.loop_s - t)
+        return {"t": state.t, "loop": state.loop, "phase": state.phase, "key_on_in": key_on_in}
 
 
 def main(argv: list[str] | None = None) -> int:
