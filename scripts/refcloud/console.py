@@ -161,8 +161,8 @@ EXPLAIN_DUPLICATE = ("cloud: \"duplicate, ignored\": the device sent this envelo
                      "what the broker had not acknowledged when the link or the agent last stopped); the "
                      "cloud has it already, by (device, seq), and keeps the first copy")
 EXPLAIN_DUPLICATE_ACK = ("cloud: an ack \"duplicate\": the broker keeps the cloud's last config and release "
-                         "for each device and hands them over again at every connect; the device has them "
-                         "already and says so")
+                         "for each device (MQTT retained messages) and hands them over again whenever the "
+                         "device subscribes; the device has them already and says so")
 
 
 class Screen:
