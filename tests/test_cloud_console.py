@@ -112,3 +112,18 @@ def test_an_envelope_sent_again_is_a_duplicate_only_to_the_console_that_showed_i
     assert not any("duplicate" in line for v in shown.values() for line in v)
     consoles["demo"].handle("dev-0001", "up/event", env)      # QoS 1 sent it again
     assert shown["demo"][1:] == [EXPLAIN_DUPLICATE, shown["demo"][0] + " (duplicate, ignored)"]
+
+
+def test_a_report_snapshot_reads_as_trips_starts_battery_and_codes():
+    rec = {"dev": "d-1", "kind": "event", "seq": 9, "duplicate": False, "body": {
+        "type": "health", "ts": 1, "kind": "snapshot", "level": "info", "detail": {
+            "agent": "0.1.0", "health": {
+                "trip": {"in_trip": True, "trips": 1, "current": {}, "last": {}}, "engine_starts": 2,
+                "odometer_km": None,
+                "battery_12v": {"ts": 1_750_000_000_000, "rest_v": None, "crank_min_v": 10.1, "level": "ok"},
+                "maintenance": [{"kind": "oil_change", "level": "unknown"}],
+                "dtc": {"codes": [{"code": "P0301", "state": "stored"}], "mil": True, "severity": "warn"}}}}}
+    line = format_record(rec)
+    assert "event health snapshot: trips 1 (in a trip); engine starts 2; last start " in line
+    assert line.endswith(": cranking 10.10 V (ok); odometer unknown; trouble codes P0301 stored (warn); "
+                         "oil_change unknown")

@@ -287,7 +287,8 @@ class HealthMonitor:
 
     def snapshot(self) -> dict:
         """The health part of the ``report`` command's snapshot."""
-        snap = {"trip": self.trips.status(), "odometer_km": self.odometer_km(),
+        snap = {"trip": self.trips.status(), "engine_starts": self.starts.starts,
+                "odometer_km": self.odometer_km(),
                 "battery_12v": self.last_start or {"level": "unknown", "reasons": ["no engine start seen yet"]},
                 "maintenance": [d.as_dict() for d in self.maintenance_state()],
                 "dtc": self.dtc_state()}

@@ -375,6 +375,36 @@ def _dtc_text(body: dict) -> str:
     return _safe(text, 600)
 
 
+def _snapshot_text(detail: dict) -> str:
+    """The ``report`` command's snapshot for people: trips, engine starts and the last one's
+    battery readings, odometer, trouble codes, maintenance (the rest is in the JSON)."""
+    health = detail.get("health") if isinstance(detail.get("health"), dict) else {}
+    parts = []
+    trip = health.get("trip") if isinstance(health.get("trip"), dict) else {}
+    if trip:
+        parts.append(f"trips {trip.get('trips')}" + (" (in a trip)" if trip.get("in_trip") else ""))
+    if "engine_starts" in health:
+        parts.append(f"engine starts {health['engine_starts']}")
+    battery = health.get("battery_12v") if isinstance(health.get("battery_12v"), dict) else {}
+    if battery.get("ts") is not None:
+        volts = ", ".join(f"{label} {battery[k]:.2f} V" for k, label in (("rest_v", "resting"), ("crank_min_v", "cranking"))
+                          if isinstance(battery.get(k), (int, float)))
+        parts.append(f"last start {_clock_time(battery['ts'])}: {volts or 'not measured'} ({battery.get('level')})")
+    elif battery:
+        parts.append(f"battery {battery.get('level')}")
+    odometer = health.get("odometer_km")
+    parts.append(f"odometer {odometer:,.1f} km" if isinstance(odometer, (int, float)) else "odometer unknown")
+    dtc = health.get("dtc") if isinstance(health.get("dtc"), dict) else {}
+    if dtc:
+        codes = ", ".join(f"{c.get('code')} {c.get('state')}" for c in dtc.get("codes") or [] if isinstance(c, dict))
+        parts.append(f"trouble codes {codes or 'none'} ({dtc.get('severity')})")
+    for d in health.get("maintenance") or []:
+        if isinstance(d, dict):
+            left = f", {d['due_in_km']:,.0f} km left" if isinstance(d.get("due_in_km"), (int, float)) else ""
+            parts.append(f"{d.get('kind')} {d.get('level')}{left}")
+    return _safe("; ".join(parts), 600)
+
+
 def format_record(rec: dict, resolutions: dict[str, float] | None = None) -> str:
     """One line for a record. Telemetry values are shown at their signal's resolution
     (``resolutions``: ``{name: step}``, agent/vehicle/resolution.py), else at 6 digits."""
@@ -403,6 +433,8 @@ def format_record(rec: dict, resolutions: dict[str, float] | None = None) -> str
         etype = body.get("type")
         fields = {k: v for k, v in body.items() if k not in ("type", "ts")}
         text = _safe(json.dumps(fields, default=str), 300) if fields else ""
+        if etype == "health" and body.get("kind") == "snapshot" and isinstance(body.get("detail"), dict):
+            return f"[{dev}] seq={seq:<6} event health snapshot: {_snapshot_text(body['detail'])}{dup}"
         if etype == "dtc" and isinstance(body.get("codes"), list):
             return f"[{dev}] seq={seq:<6} event dtc: {_dtc_text(body)}{dup}"
         if etype in ("trip_start", "trip_end"):
