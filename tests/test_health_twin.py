@@ -46,13 +46,17 @@ def drive() -> Drive:
     return Drive(Car())
 
 
-def obd_samples(state: State, t_ms: int) -> list[Sample]:
+def obd_samples(state: State, t_ms: int, odometer: bool = False) -> list[Sample]:
     """What the poller hands over for one multi-PID answer, in the units and resolution of the
-    ECU's encoding (PID 0C in 1/4 rpm, 0D in km/h, 10 in 1/100 g/s, 42 in mV)."""
-    return [Sample("engine.rpm", "rpm", t_ms, round(state.rpm * 4) / 4),
-            Sample("vehicle.speed", "km/h", t_ms, float(round(state.speed_kmh))),
-            Sample("engine.maf", "g/s", t_ms, round(state.maf_gs * 100) / 100),
-            Sample("ecu.voltage", "V", t_ms, round(state.voltage * 1000) / 1000)]
+    ECU's encoding (PID 0C in 1/4 rpm, 0D in km/h, 10 in 1/100 g/s, 42 in mV); ``odometer``:
+    and the odometer as a CAN signal would give it (0.1 km)."""
+    out = [Sample("engine.rpm", "rpm", t_ms, round(state.rpm * 4) / 4),
+           Sample("vehicle.speed", "km/h", t_ms, float(round(state.speed_kmh))),
+           Sample("engine.maf", "g/s", t_ms, round(state.maf_gs * 100) / 100),
+           Sample("ecu.voltage", "V", t_ms, round(state.voltage * 1000) / 1000)]
+    if odometer:
+        out.append(Sample("can.odometer", "km", t_ms, round(state.odometer_km, 1)))
+    return out
 
 
 def connected(drive: Drive, t: float, reconnect_s: float, holes: tuple[tuple[float, float], ...]) -> bool:
@@ -74,6 +78,7 @@ class Agent:
         self.monitor = HealthMonitor(store=self.store, emit_event=self.events.append,
                                      config=lambda: self.config, clock=lambda: self.now)
         self.readings: list[dict] = []
+        self.odometer = "odometer" in ((self.config.get("health") or {}).get("signals") or {})
 
     def run(self, drive: Drive, t0: float, t1: float, *, reconnect_s: float,
             holes: tuple[tuple[float, float], ...] = (), every: float = 1.0,
@@ -91,7 +96,7 @@ class Agent:
                 each_loop(loop)
             self.monitor.tick(self.now)
             if connected(drive, t, reconnect_s, holes):
-                self.monitor.process(obd_samples(state, self.now))
+                self.monitor.process(obd_samples(state, self.now, self.odometer))
                 start = self.monitor.last_start
                 if start and (not self.readings or self.readings[-1]["ts"] != start["ts"]):
                     self.readings.append(start)
@@ -202,6 +207,29 @@ def test_maintenance_comes_due_in_the_loop_the_odometer_reaches_it(drive, tmp_pa
         schemas.validate("event", event)
         expected_left = 1002.6 - sum(e["distance_km"] for e in agent.of("trip_end")[:crossing + 1])
         assert event["detail"]["due_in_km"] == pytest.approx(expected_left, abs=0.05)
+    finally:
+        agent.close()
+
+
+def test_an_odometer_signal_and_the_trips_give_the_twins_odometer(drive, tmp_path):
+    """With the car's odometer as a signal (here 0.1 km, as from CAN), trip events carry it and
+    the agent's odometer follows the twin's over loops: a trip adds only what it drove after
+    the last reading (not the whole trip on top of a reading taken during it)."""
+    config = {"version": 1, "obd": {"pids": PIDS}, "health": {"signals": {"odometer": "can.odometer"}}}
+    agent = Agent(tmp_path, config)
+    try:
+        loops = 3
+        for n in range(loops):
+            agent.run(drive, n * drive.loop_s - (100.0 if n == 0 else 0.0), (n + 1) * drive.loop_s,
+                      reconnect_s=12.0)
+            assert agent.monitor.odometer_km() == pytest.approx(
+                drive.at((n + 1) * drive.loop_s).odometer_km, abs=0.1), n
+        starts, ends = agent.of("trip_start"), agent.of("trip_end")
+        assert len(starts) == len(ends) == loops
+        for n, (start, end) in enumerate(zip(starts, ends)):
+            lt = drive.loop_truth(n)
+            assert start["odometer_km"] == pytest.approx(lt.odometer_start_km, abs=0.1)
+            assert end["odometer_km"] == pytest.approx(lt.odometer_end_km, abs=0.1)
     finally:
         agent.close()
 
