@@ -13,14 +13,16 @@ agent/ or drivers/ imports it.
   the car (its VIN follows from the name) and its few settings; :meth:`~.drive.Drive.truth` and
   :meth:`~.drive.Drive.loop_truth` give the known answers per loop (trips, engine starts,
   distance, duration, fuel).
-- :mod:`.ecu`: the engine ECU's memory: trouble codes, freeze frame, readiness monitors.
+- :mod:`.ecu`: the engine ECU's memory: trouble codes, freeze frame, readiness monitors (kept
+  across restarts of the twin, as an ECU keeps it while the car is off).
 - :mod:`.elm_scenario`: runs inside the ELM327-emulator: the ``twin`` scenario (answers
   computed from the drive) and the ECU task plug-in (silent while parked).
 - :mod:`.elm_twin`: :class:`~.elm_twin.TwinEmulator`, the emulator on a pty with that
   scenario (:class:`scripts.vehicle_sim.elm_emulator.ElmEmulator` underneath).
 - :mod:`.can_twin`: the CAN side on the same clock (recorded frames, held and re-encoded frames
   for the made-up phases, silence while parked).
-- :mod:`.twin`: :class:`~.twin.VehicleTwin` starts both sides from one place (the demo's entry).
+- :mod:`.twin`: :class:`~.twin.VehicleTwin` starts both sides from one place (the demo's entry:
+  scripts/demo.py), goes on from the next key-on at a restart, optionally after a lead-in parked.
 
 Run by hand::
 
