@@ -21,7 +21,7 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from agent.cli import main as cli
+from agent.cli import common, main as cli
 from agent.cloud import schemas
 from agent import settings
 from agent.compose import Agent, build
@@ -98,9 +98,12 @@ class Bench:
         return rc, out.getvalue(), err.getvalue()
 
     def json(self, *argv, stdin: str = ""):
+        """``dongle ARGV --json``: exactly one JSON object on stdout, ``{"ok": true, ...}``."""
         rc, out, err = self.run(*argv, "--json", stdin=stdin)
         assert rc == 0, (rc, out, err)
-        return json.loads(out)
+        doc = json.loads(out)  # fails on anything before or after the one document
+        assert isinstance(doc, dict) and doc["ok"] is True, doc
+        return doc
 
     def events(self, type_: str) -> list[dict]:
         return [r["body"] for r in self.fleet.console.records
@@ -152,8 +155,8 @@ def test_status_live_buffer_with_the_agent_running(bench):
     assert rc == 0 and "OBD adapter" in out and "connected" in out and DEV in out
 
     # live: the emulator's RPM and speed as the agent polls them.
-    sig = wait_until(lambda: {s["name"]: s for s in bench.json("live", "--once")} if any(
-        s["name"] == "engine.rpm" for s in bench.json("live", "--once")) else None, 30)
+    sig = wait_until(lambda: {s["name"]: s for s in bench.json("live", "--once")["signals"]} if any(
+        s["name"] == "engine.rpm" for s in bench.json("live", "--once")["signals"]) else None, 30)
     assert sig["engine.rpm"]["unit"] == "rpm" and sig["engine.rpm"]["value"] > 0
     rc, out, _ = bench.run("live", "--once")
     assert rc == 0 and "engine.rpm" in out
@@ -162,6 +165,19 @@ def test_status_live_buffer_with_the_agent_running(bench):
     assert set(buf["depth"]) == {"samples", "frames", "events", "outbox"} and buf["evictions"] == 0
     rc, out, _ = bench.run("buffer")
     assert rc == 0 and "outbox" in out and "evictions: 0" in out
+
+
+def test_piping_live_into_head_ends_without_a_traceback(bench):
+    agent = bench.start()
+    assert _obd_connected(agent)
+    assert wait_until(lambda: bench.json("live", "--once")["signals"], 30)
+    dongle = Path(sys.executable).parent / "dongle"
+    for extra in ("", "--json"):
+        r = subprocess.run(["bash", "-c", f"'{dongle}' --config '{bench.cli_toml}' live --interval 0.05 {extra} "
+                                          "| head -n 3; echo \"dongle exit ${PIPESTATUS[0]}\" >&2"],
+                           capture_output=True, text=True, timeout=60)
+        assert len(r.stdout.splitlines()) == 3, r.stdout
+        assert r.stderr == "dongle exit 141\n", r.stderr
 
 
 def test_no_agent_running_read_only_fallbacks_and_refusals(bench):
@@ -176,14 +192,14 @@ def test_no_agent_running_read_only_fallbacks_and_refusals(bench):
     assert rc == 0 and "NOT RUNNING" in out
     st = bench.json("status")
     assert st["running"] is False and st["device_id"] == DEV
-    assert [b["booking_id"] for b in bench.json("bookings")] == ["b-9"]
+    assert [b["booking_id"] for b in bench.json("bookings")["bookings"]] == ["b-9"]
     assert bench.json("dtc")["source"] == "last_reported"
-    assert bench.json("config", "show")["version"] == 0
+    assert bench.json("config", "show")["config"]["version"] == 0
     assert bench.json("service-log", "--verify")["verification"]["ok"] is True
     assert "depth" in bench.json("buffer")
     for argv in (("live", "--once"), ("booking", "checkin", "b-9"), ("dtc", "clear")):
         rc, out, err = bench.run(*argv)
-        assert rc == cli.EXIT_NO_AGENT, argv
+        assert rc == common.EXIT_NO_AGENT, argv
         assert "no agent running" in err, argv
     rc, out, _ = bench.run("booking", "checkin", "b-9", "--json")
     assert json.loads(out) == {"ok": False, "code": "no_agent", "error": json.loads(out)["error"]}
@@ -197,7 +213,7 @@ def test_config_show_and_diff(bench):
            "health": {"maintenance": {"items": {"oil_change": {"km": 10000, "days": 365}}}}}
     bench.fleet.console.publish(DEV, "config", doc)
     assert wait_until(lambda: agent.config.get("version") == 3)
-    assert bench.json("config", "show") == doc
+    assert bench.json("config", "show") == {"ok": True, "config": doc}
     diff = bench.json("config", "diff")
     assert diff["active_version"] == 3 and "default" in diff["against"]
     changed = {c["path"]: (c["old"], c["new"]) for c in diff["changes"]}
@@ -220,13 +236,62 @@ def test_logs_from_a_file_and_without_any(bench, tmp_path):
     rc, out, _ = bench.run("logs", "--file", str(log), "-n", "3")
     assert rc == 0 and out.splitlines() == ["line 297", "line 298", "line 299"]
     rc, out, _ = bench.run("logs", "--file", str(log), "-n", "1", "--json")
-    assert json.loads(out) == {"line": "line 299"}
+    assert json.loads(out) == {"ok": True, "source": "file", "path": str(log), "lines": ["line 299"]}
     (tmp_path / "elsewhere").mkdir()
     cfg = tmp_path / "elsewhere" / "nolog.toml"
     cfg.write_text(f'[device]\nid = "x-0001"\ndata_dir = "{tmp_path / "nothing"}"\n')
     rc, out, err = bench.run("--config", str(cfg), "logs")  # the later --config wins
     if not Path("/run/systemd/system").is_dir():  # no journal on this machine
         assert rc == 1 and "no agent log file found" in err
+
+
+def _commands(parser, prefix=()):
+    """Every (sub)command of the parser: (name path, its parser)."""
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, prefix + (name,))
+    if prefix:
+        yield prefix, parser
+
+
+def test_every_command_takes_the_global_options_before_and_after_its_name():
+    commands = list(_commands(cli.build_parser()))
+    assert {c[0] for c, _ in commands} >= {"status", "live", "dtc", "bookings", "booking", "service-log",
+                                          "config", "buffer", "capture", "logs", "battery", "export",
+                                          "privacy", "wipe", "provision"}
+    for name, parser in commands:
+        assert {"--config", "--json", "-v"} <= set(parser._option_string_actions), name
+    for argv in (["wipe", "--config", "X", "--json"], ["--config", "X", "wipe", "--json"],
+                 ["export", "--out", "o", "--config", "X"], ["privacy", "pause", "--config", "X", "--json"],
+                 ["--json", "--config", "Y", "status", "--config", "X"]):
+        args = cli.build_parser().parse_args(argv)
+        assert args.config == "X", argv
+
+
+def test_wipe_json_prompts_on_stderr_and_prints_one_document(bench):
+    """No agent needed: the answer at the terminal is wrong, so nothing is asked of it."""
+    rc, out, err = bench.run("wipe", "--json", stdin="not-the-id\n")
+    assert rc == 1
+    assert json.loads(out) == {"ok": False, "code": "refused",
+                               "error": "not confirmed at the terminal; nothing was wiped"}
+    assert f"Type the device id ({DEV}) to confirm: " in err and "This erases everything" in err
+    # --config after the command, as for every other command
+    rc, out, err = bench.run("wipe", "--config", str(bench.cli_toml), "--json", stdin="\n")
+    assert rc == 1 and json.loads(out)["code"] == "refused"
+
+
+def test_errors_are_the_same_json_object_for_every_command(bench, tmp_path):
+    """No agent running: the commands that need one answer the same error object."""
+    for argv in (("live", "--once"), ("battery",), ("privacy",), ("booking", "checkin", "b-1"),
+                 ("dtc", "clear")):
+        rc, out, err = bench.run(*argv, "--json")
+        assert rc == common.EXIT_NO_AGENT, argv
+        doc = json.loads(out)
+        assert set(doc) == {"ok", "code", "error"} and doc["ok"] is False and doc["code"] == "no_agent", argv
+    rc, out, err = bench.run("--config", str(tmp_path / "none.toml"), "status", "--json")
+    assert rc == 1 and json.loads(out)["code"] == "no_settings"
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +359,7 @@ def test_socket_serves_members_of_the_group(fleet, short_dir, emu):
         assert st.st_gid == 100 and st.st_mode & 0o777 == 0o660
         r = _as_nobody(b, "bookings", "--json", extra_groups=[100])
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout) == []
+        assert json.loads(r.stdout) == {"ok": True, "bookings": []}
         r = _as_nobody(b, "bookings")  # the same user without the group
         assert r.returncode == 1 and "not permitted" in r.stderr
     finally:
@@ -439,7 +504,7 @@ def test_booking_checkin_complete_and_service_log(bench):
     assert ev["technician"] == "Anna Schmidt" and ev["odometer_km"] == 42000
     done = bench.wait_event("booking", lambda b: b["status"] == "completed")
     assert done["booking_id"] == "b-1"
-    assert {b["booking_id"]: b["status"] for b in bench.json("bookings")} == {"b-1": "completed", "b-2": "scheduled"}
+    assert {b["booking_id"]: b["status"] for b in bench.json("bookings")["bookings"]} == {"b-1": "completed", "b-2": "scheduled"}
     rc, out, err = bench.run("booking", "complete", "b-1", "--odometer", "1", "--item", "x")
     assert rc == 1 and "is completed" in err
 
