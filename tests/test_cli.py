@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sysconfig
 import sys
@@ -364,6 +365,80 @@ def test_socket_serves_members_of_the_group(fleet, short_dir, emu):
         assert r.returncode == 1 and "not permitted" in r.stderr
     finally:
         b.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The control socket's bounds: idle, slow and too many clients
+# --------------------------------------------------------------------------------------------
+
+def _connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(str(path))
+    return s
+
+
+def _answer(s: socket.socket) -> dict:
+    line = s.makefile("rb").readline()
+    assert line, "closed without an answer"
+    return json.loads(line)
+
+
+def test_idle_clients_are_dropped_and_one_too_many_is_refused(bench):
+    agent = bench.start()
+    server = agent.technician.server
+    idle = [_connect(bench.socket) for _ in range(server.max_connections)]
+    try:
+        assert wait_until(lambda: server.status()["connections"] == server.max_connections, 10)
+        extra = _connect(bench.socket)
+        busy = _answer(extra)
+        assert busy["ok"] is False and busy["code"] == "busy"
+        assert f"{server.max_connections} connections are open already" in busy["error"]
+        assert extra.recv(1) == b""
+        extra.close()
+        # A technician's `dongle status` meanwhile: served once the idle ones are dropped.
+        st = bench.json("status")
+        assert st["device_id"] == DEV and st["broker"]["connected"] is True
+        for s in idle:
+            dropped = _answer(s)
+            assert dropped["code"] == "timeout" and "no complete request within" in dropped["error"]
+            assert s.recv(1) == b""
+        assert server.stats["timed_out"] >= server.max_connections and server.stats["busy"] >= 1
+        assert wait_until(lambda: server.status()["connections"] == 0, 10)
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_slow_loris_client_is_dropped_while_status_is_served(bench):
+    agent = bench.start()
+    server = agent.technician.server
+    loris = _connect(bench.socket)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        request = b'{"op": "status", "padding": "' + b"x" * 1000
+        for i in range(len(request)):   # one byte every 0.2 s, never the end of the line
+            if stop.wait(0.2):
+                return
+            try:
+                loris.send(request[i:i + 1])
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        assert wait_until(lambda: server.status()["connections"] == 1, 10)
+        assert bench.json("status")["device_id"] == DEV   # not held up by the slow one
+        dropped = _answer(loris)
+        assert dropped["ok"] is False and dropped["code"] == "timeout"
+        assert t.is_alive(), "the client was still sending when it was dropped"
+        assert server.stats["timed_out"] == 1 and server.stats["busy"] == 0
+    finally:
+        stop.set()
+        t.join(5)
+        loris.close()
 
 
 # --------------------------------------------------------------------------------------------
