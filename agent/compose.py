@@ -376,6 +376,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
                       confirm_by_button=indicators.confirm_by_button if indicators.has_button else None)
     technician = Technician(
         store=store, clock=clock, socket_path=s.control.socket, group=s.control.group,
+        technician_group=s.control.technician_group,
         data_dir=s.data_dir, device_id=s.device_id, version=version,
         agent_status=lambda: agent.status(), broker_endpoint=lambda: f"{link.host}:{link.port}",
         obd=obd, can=can, health=health, indicators=indicators, bookings=bookings, config=config,

@@ -123,6 +123,8 @@ class EvSettings:
 class ControlSettings:
     socket: Path = Path("/run/dongle/agent.sock")
     group: str = "dongle"
+    #: The technician credential: members may clear trouble codes without the button (handlers.py).
+    technician_group: str = "dongle-tech"
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,11 @@ class Bench:
     """One device: agent settings, the CLI's settings file, the running agent, the cloud."""
 
     def __init__(self, fleet, short_dir: Path, *, obd_port: str | None, can_channel: str | None = None,
-                 group: str | None = None):
+                 group: str | None = None, technician_group: str | None = None):
         self.fleet = fleet
         self.socket = short_dir / "agent.sock"
-        control = {"socket": str(self.socket), **({"group": group} if group else {})}
+        control = {"socket": str(self.socket), **({"group": group} if group else {}),
+                   **({"technician_group": technician_group} if technician_group else {})}
         self.toml = fleet.device(DEV, obd_port=obd_port, control=control)
         extra = ""
         self.buses = [{"name": "can0", "interface": "virtual", "channel": can_channel}] if can_channel else []
@@ -318,7 +319,7 @@ needs_root_and_python = pytest.mark.skipif(os.geteuid() != 0 or _system_python()
                                            reason="needs root (to run as another user) and a system Python 3.11+")
 
 
-def _as_nobody(bench, *argv, extra_groups=()):
+def _as_nobody(bench, *argv, extra_groups=(), stdin: str = ""):
     """``dongle ARGV`` as user nobody (optionally with supplementary groups), in a new process."""
     cfg = bench.socket.parent / "cli.toml"
     shutil.copy(bench.cli_toml, cfg)
@@ -326,7 +327,7 @@ def _as_nobody(bench, *argv, extra_groups=()):
     # The system interpreter (nobody cannot run root's), given this venv's libraries and packages.
     run = (f"import runpy, site, sys; site.addsitedir({sysconfig.get_paths()['purelib']!r}); "
            "sys.argv[0] = 'dongle'; runpy.run_module('agent.cli.main', run_name='__main__')")
-    return subprocess.run([_system_python(), "-c", run, "--config", str(cfg), *argv],
+    return subprocess.run([_system_python(), "-c", run, "--config", str(cfg), *argv], input=stdin,
                           capture_output=True, text=True, timeout=60, user="nobody", group="nogroup",
                           extra_groups=list(extra_groups), cwd="/",
                           env={"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"})
@@ -363,6 +364,24 @@ def test_socket_serves_members_of_the_group(fleet, short_dir, emu):
         assert json.loads(r.stdout) == {"ok": True, "bookings": []}
         r = _as_nobody(b, "bookings")  # the same user without the group
         assert r.returncode == 1 and "not permitted" in r.stderr
+    finally:
+        b.stop()
+
+
+@needs_root_and_python
+def test_the_technician_credential_is_a_supplementary_group_of_the_client(fleet, short_dir, emu):
+    emu.set_dtcs(stored=["P0420"])
+    users, staff = grp.getgrgid(100).gr_name, grp.getgrgid(50).gr_name   # "users", "staff" on Debian
+    b = Bench(fleet, short_dir, obd_port=emu.port, group=users, technician_group=staff)
+    try:
+        agent = b.start()
+        assert _obd_connected(agent)
+        r = _as_nobody(b, "dtc", "clear", extra_groups=[100], stdin="yes\n")   # may use the socket, no credential
+        assert r.returncode == 1 and f"not in the '{staff}' group" in r.stderr, r.stderr
+        r = _as_nobody(b, "dtc", "clear", extra_groups=[100, 50], stdin="yes\n")
+        assert r.returncode == 0, r.stderr
+        ev = b.wait_event("dtc_cleared")
+        assert ev["codes"] == ["P0420"] and ev["by"] == f"technician nobody (terminal + credential {staff})"
     finally:
         b.stop()
 
@@ -445,8 +464,36 @@ def test_a_slow_loris_client_is_dropped_while_status_is_served(bench):
 # Trouble codes
 # --------------------------------------------------------------------------------------------
 
-def test_dtc_read_and_clear_after_terminal_confirmation(bench, emu):
+def test_dtc_clear_without_a_button_needs_the_technician_credential(bench, emu):
+    """No button here and root is not in the technician group (dongle-tech does not exist)."""
+    emu.set_dtcs(stored=["P0301"])
+    agent = bench.start()
+    assert _obd_connected(agent) and not agent.indicators.has_button
+    rc, out, err = bench.run("dtc", "clear", stdin="yes\n")
+    assert rc == 1
+    assert "not permitted" in err and "'dongle-tech' group" in err and "usermod -aG dongle-tech root" in err
+    # The confirmation flag alone, sent by any client, is no proof either.
+    s = _connect(bench.socket)
+    s.sendall(json.dumps({"op": "dtc_clear", "confirmed": True, "codes_seen": ["P0301"]}).encode() + b"\n")
+    assert _answer(s)["code"] == "not_permitted"
+    s.close()
+    assert [c["code"] for c in bench.json("dtc")["codes"]] == ["P0301"]
+    refused = agent.store.query("SELECT action, by FROM technician_log")
+    assert refused == [("dtc_clear_refused", "root")] * 2
+    assert bench.events("dtc_cleared") == []
+
+
+def test_dtc_read_and_clear_after_terminal_confirmation(fleet, short_dir, emu):
+    """Root holds the technician credential here (technician_group = "root")."""
     emu.set_dtcs(stored=["P0301", "P0420"])
+    bench = Bench(fleet, short_dir, obd_port=emu.port, technician_group="root")
+    try:
+        _read_and_clear(bench, emu)
+    finally:
+        bench.stop()
+
+
+def _read_and_clear(bench, emu):
     agent = bench.start()
     assert _obd_connected(agent)
     res = bench.json("dtc")
@@ -474,7 +521,7 @@ def test_dtc_read_and_clear_after_terminal_confirmation(bench, emu):
     assert "Type 'yes' to confirm" in err and "Cleared: P0301, P0420" in out
     ev = bench.wait_event("dtc_cleared")
     assert ev["codes"] == ["P0301", "P0420"]
-    assert ev["by"].startswith("technician root (terminal)") and "requested by the cloud" in ev["by"]
+    assert ev["by"].startswith("technician root (terminal + credential root)") and "requested by the cloud" in ev["by"]
     assert agent.store.get_meta("pending_clear_dtc") is None
     assert bench.json("dtc")["codes"] == []
     who = agent.store.query("SELECT action, by FROM technician_log WHERE action='dtc_clear'")
@@ -519,6 +566,22 @@ def test_dtc_clear_needs_the_button_where_there_is_one(fleet, short_dir, emu, mo
         ev = b.wait_event("dtc_cleared", lambda e: e["codes"] == ["P0300"])
         assert ev["by"] == "technician root (terminal + technician mode)"
         assert b.json("status")["technician_mode"] is True
+    finally:
+        b.stop()
+
+
+def test_dtc_clear_with_the_technician_credential_needs_no_button(fleet, short_dir, emu, mock_pins):
+    emu.set_dtcs(stored=["P0171"])
+    b = Bench(fleet, short_dir, obd_port=emu.port, technician_group="root")
+    try:
+        agent = b.start()
+        assert agent.indicators.has_button and _obd_connected(agent)
+        rc, out, err = b.run("dtc", "clear", "--button-timeout", "30", stdin="yes\n")
+        assert rc == 0, err
+        assert "Press the button" not in err
+        ev = b.wait_event("dtc_cleared")
+        assert ev["codes"] == ["P0171"] and ev["by"] == "technician root (terminal + credential root)"
+        assert agent.indicators.status()["leds"].get("attention") != "fast"
     finally:
         b.stop()
 

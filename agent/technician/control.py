@@ -24,6 +24,7 @@ Local settings (``[control]`` in agent.toml): ``socket`` (default ``/run/dongle/
 """
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import logging
@@ -60,11 +61,37 @@ class ControlError(Exception):
         self.message = message
 
 
+#: ``SO_PEERGROUPS`` (Linux 4.13+; not in Python's socket module): the peer's groups as the
+#: kernel recorded them at connect().
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
 @dataclass(frozen=True)
 class Peer:
+    """The process at the other end, as the kernel tells it (``SO_PEERCRED``, ``SO_PEERGROUPS``):
+    nothing the client sends can change it."""
+
     pid: int
     uid: int
     gid: int
+    #: supplementary groups at connect(); None where the kernel cannot tell (then /proc)
+    gids: frozenset[int] | None = None
+
+    @classmethod
+    def of(cls, conn: socket.socket) -> Peer:
+        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+        gids = None
+        for size in (256, 65536):
+            try:
+                raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * size)
+            except OSError as e:
+                if e.errno == errno.ERANGE:
+                    continue
+                break
+            gids = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+            break
+        return cls(pid, uid, gid, gids)
 
     @property
     def user(self) -> str:
@@ -74,7 +101,10 @@ class Peer:
             return f"uid {self.uid}"
 
     def groups(self) -> set[int]:
-        """The peer process's live group set (``/proc/<pid>/status``), else its user's groups."""
+        """The peer's groups: from the kernel at connect(), else the process's live group set
+        (``/proc/<pid>/status``), else its user's groups."""
+        if self.gids is not None:
+            return set(self.gids) | {self.gid}
         try:
             for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
                 if line.startswith("Groups:"):
@@ -85,6 +115,10 @@ class Peer:
             return set(os.getgrouplist(pwd.getpwuid(self.uid).pw_name, self.gid))
         except KeyError:
             return {self.gid}
+
+    def in_group(self, name: str) -> bool:
+        gid = _group_id(name)
+        return gid is not None and gid in self.groups()
 
 
 Reply = Callable[[dict], None]
@@ -294,9 +328,8 @@ class ControlServer:
                 raise _ClientGone() from None
 
         try:
-            pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                struct.calcsize("3i")))
-            peer = Peer(pid, uid, gid)
+            peer = Peer.of(conn)
+            pid, uid = peer.pid, peer.uid
             if not self._permitted(peer):
                 self.stats["refused"] += 1
                 log.warning("control: refused %s (uid %d): not root and not in group %s",
