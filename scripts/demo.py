@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         console.start()
         started.append(("console", console.stop))
 
-        log_path = run_dir / "agent.log"
+        # Beside agent.toml, where `dongle logs --config …/agent.toml` looks for it (no journal here).
+        log_path = toml.parent / "agent.log"
         agent = demo_update.AgentService(layout.root, toml, log_path, restart_s=1.0).start()
         started.append(("agent", agent.stop))
         print(f"demo: dongle-agent for {DEVICE} started from {layout.current} (log: {log_path})")
