@@ -392,7 +392,8 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         agent_status=lambda: agent.status(), broker_endpoint=lambda: f"{link.host}:{link.port}",
         obd=obd, can=can, health=health, indicators=indicators, bookings=bookings, config=config,
         ingest=ingest, identity=identity, emit_event=emit_event, battery_report=battery_report,
-        handlers=owner.handlers())
+        handlers=owner.handlers(), dbc_paths=[b["dbc"] for b in s.can.buses if b.get("dbc")],
+        ev_profile=lambda: ev_profiles.get(ev.profile) if ev is not None and ev.profile else None)
 
     # -- software updates -------------------------------------------------------------------------
     updater, release_handler = _updater(s, clock=clock, version=version, emit_event=emit_event,

@@ -32,6 +32,7 @@ now_ms = Clock().now_ms
 from agent.cloud.cloudconfig import default_config
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from scripts.testbed.wait import wait_until
+from tests.support.shown import assert_shown_at_resolution
 
 DEV = "tech-0001"
 DAY = 86_400_000
@@ -162,6 +163,13 @@ def test_status_live_buffer_with_the_agent_running(bench):
     assert sig["engine.rpm"]["unit"] == "rpm" and sig["engine.rpm"]["value"] > 0
     rc, out, _ = bench.run("live", "--once")
     assert rc == 0 and "engine.rpm" in out
+    # Shown at python-OBD's resolution: load in steps of 100/255 %, rpm of 0.25 rpm.
+    sig = wait_until(lambda: (lambda d: d if {"engine.load", "engine.rpm"} <= set(d) else None)(
+        {s["name"]: s for s in bench.json("live", "--once")["signals"]}), 30)
+    assert sig["engine.load"]["resolution"] == pytest.approx(100 / 255) and sig["engine.rpm"]["resolution"] == 0.25
+    assert_shown_at_resolution(sig.values())
+    rows = {line.split()[0]: line.split()[1] for line in bench.run("live", "--once")[1].splitlines()[2:]}
+    assert len(rows["engine.load"].partition(".")[2]) == 1 and len(rows["engine.rpm"].partition(".")[2]) == 1
 
     buf = bench.json("buffer")
     assert set(buf["depth"]) == {"samples", "frames", "events", "outbox"} and buf["evictions"] == 0

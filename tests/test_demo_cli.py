@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.testbed.wait import wait_until
+from tests.support.shown import assert_shown_at_resolution
 
 REPO = Path(__file__).resolve().parent.parent
 DONGLE = Path(sys.executable).parent / "dongle"
@@ -56,3 +57,22 @@ def test_dongle_logs_finds_the_demos_log(demo):
     assert doc["ok"] is True and doc["source"] == "file" and doc["path"] == str(demo.parent / "agent.log")
     r = dongle(demo, "logs", "-n", "3")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3, r.stderr
+
+
+def test_live_numbers_are_rounded_to_each_signals_resolution(demo):
+    """The RAV4 replay's CAN signals at their DBC scale (wheel speeds 0.01 km/h, with an offset of
+    -67.67 that leaves float noise), the OBD PIDs at python-OBD's (load 100/255 %)."""
+    def live():
+        r = dongle(demo, "live", "--once", "--json")
+        sig = {s["name"]: s for s in json.loads(r.stdout)["signals"]} if r.returncode == 0 else {}
+        return sig if {"can.wheel_speed_fl", "engine.load"} <= set(sig) else None
+
+    sig = wait_until(live, 90, interval=0.5, what="CAN and OBD signals in `dongle live`")
+    assert sig["can.wheel_speed_fl"]["resolution"] == 0.01 and sig["can.wheel_speed_fl"]["unit"] == "km/h"
+    assert sig["engine.load"]["resolution"] == pytest.approx(100 / 255)
+    assert sig["vehicle.speed"]["resolution"] == 1
+    assert_shown_at_resolution(sig.values())
+    r = dongle(demo, "live", "--once")
+    rows = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[2:]}
+    assert len(rows["can.wheel_speed_fl"].partition(".")[2]) == 2, rows
+    assert "." not in rows["vehicle.speed"], rows

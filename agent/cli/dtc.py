@@ -5,6 +5,7 @@ import argparse
 
 from agent.cli.common import (add_command, ask_agent, emit, fail, interim_printer, meta, offline, pairs,
                               prompt, table)
+from agent.technician import resolution
 from agent.technician.control import AgentNotRunning, ClientError
 
 
@@ -19,9 +20,12 @@ def format_dtc(res: dict) -> str:
                           for c in res["codes"]], ("code", "state", "severity", "description")))
         out.append(f"\nMIL (check engine light): {'ON' if res['mil'] else 'off'}; overall severity: "
                    f"{res.get('severity', '-')}")
-    if res.get("freeze"):
-        out.append("\nFreeze frame:")
-        out.append(pairs([(k, v) for k, v in sorted(res["freeze"].items())]))
+    freeze = res.get("freeze")
+    if freeze:
+        out.append(f"\nFreeze frame (the engine when {freeze.get('code', 'the first code')} was stored):")
+        values = freeze.get("values") or {}
+        out.append(pairs([(pid, f"{resolution.text(v.get('value'), v.get('resolution'))} {v.get('unit', '')}".rstrip())
+                          for pid, v in sorted(values.items()) if isinstance(v, dict)]) or "(no values)")
     if res.get("pending_clear_dtc"):
         out.append("\nThe cloud asked for these codes to be cleared: confirm with `dongle dtc clear`.")
     return "\n".join(out)

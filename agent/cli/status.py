@@ -7,6 +7,7 @@ import time
 
 from agent.cli.common import (EXIT_OK, add_command, ago, ask_agent, ask_or_read, emit, emit_json, fail, meta,
                               offline, pairs, respond, table)
+from agent.technician import resolution
 from agent.technician.control import AgentNotRunning, ClientError
 
 
@@ -78,8 +79,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def format_live(signals: list[dict]) -> str:
     if not signals:
         return "no signals received yet (is the adapter connected and the ignition on?)"
-    return table([(s["name"], f"{s['value']:.6g}", s["unit"], ago(s["age_s"])) for s in signals],
-                 ("signal", "value", "unit", "age"))
+    return table([(s["name"], resolution.text(s["value"], s.get("resolution")), s["unit"], ago(s["age_s"]))
+                  for s in signals], ("signal", "value", "unit", "age"))
 
 
 def cmd_live(args: argparse.Namespace) -> int:

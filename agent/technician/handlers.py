@@ -32,11 +32,13 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.cloud.bookings import safe_text
 from drivers.core.clock import Clock
+from agent.technician import resolution
 from agent.technician.control import ControlError, ControlServer, Peer, Reply
 from agent.technician.service_log import ServiceLog, ServiceLogError
 
@@ -59,7 +61,8 @@ class Technician:
                  version: str, agent_status: Callable[[], dict], broker_endpoint: Callable[[], str],
                  obd=None, can=None, health=None, indicators=None, bookings, config,
                  ingest, identity, emit_event: Callable[[dict], None],
-                 battery_report: Callable[[], dict], handlers: dict | None = None):
+                 battery_report: Callable[[], dict], handlers: dict | None = None,
+                 dbc_paths: Sequence[str] = (), ev_profile: Callable[[], Any] = lambda: None):
         self._store = store
         self._clock = clock
         self._data_dir = Path(data_dir)
@@ -76,6 +79,9 @@ class Technician:
         self._ingest = ingest
         self._identity = identity
         self._emit_event = emit_event
+        self._dbc_paths = tuple(dbc_paths)
+        self._ev_profile = ev_profile
+        self._steps: tuple[Any, dict[str, float]] = (None, {})
         self.service_log = ServiceLog(store, clock=clock.now_ms)
         store.create_tables(
             "technician_log (id INTEGER PRIMARY KEY, ts INTEGER, action TEXT, by TEXT, detail TEXT)")
@@ -186,10 +192,24 @@ class Technician:
                 "maintenance": {d["kind"]: d["level"] for d in snap["maintenance"]},
                 "dtc": snap["dtc"]["severity"]}
 
+    def resolutions(self) -> dict[str, float]:
+        """Signal name → resolution (agent/technician/resolution.py), worked out once per
+        config version and EV profile (the DBCs are parsed then, not on every request)."""
+        profile = self._ev_profile()
+        key = (self._config.version, getattr(profile, "name", None))
+        if self._steps[0] != key:
+            self._steps = (key, resolution.signal_resolutions(self._config.current(), self._dbc_paths,
+                                                              ev_profile=profile))
+        return self._steps[1]
+
     def live(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        """The latest value of each signal, rounded to its resolution (given as ``resolution``,
+        ``null`` where unknown)."""
         latest = self._health.live() if self._health is not None else {}
         now = self._clock.now_ms()
-        return {"signals": [{"name": n, "value": v, "unit": u, "age_s": round((now - t) / 1000, 1)}
+        steps = self.resolutions()
+        return {"signals": [{"name": n, "value": resolution.shown(v, steps.get(n)), "unit": u,
+                             "resolution": steps.get(n), "age_s": round((now - t) / 1000, 1)}
                             for n, (t, v, u) in sorted(latest.items())]}
 
     def dtc(self, req: dict, peer: Peer, reply: Reply) -> dict:
@@ -199,7 +219,7 @@ class Technician:
             raise ControlError("no_adapter", "the vehicle did not answer the trouble code request "
                                              "(adapter disconnected or ignition off?)")
         codes = [{**c, "severity": code_severity(c["code"], c["state"], body["mil"])} for c in body["codes"]]
-        return {"codes": codes, "mil": body["mil"], "freeze": body.get("freeze"),
+        return {"codes": codes, "mil": body["mil"], "freeze": _freeze_shown(body.get("freeze")),
                 "severity": severity(body["codes"], body["mil"]), "ts": body["ts"],
                 "pending_clear_dtc": self._store.get_meta("pending_clear_dtc")}
 
@@ -334,6 +354,18 @@ class Technician:
         finally:
             remove()
         return {"frames": total, "buses": sorted(buses), "seconds": seconds}
+
+
+def _freeze_shown(freeze: dict | None) -> dict | None:
+    """A freeze frame (``{"code", "values": {PID: {"value", "unit"}}}``) with each value rounded
+    to its PID's resolution (and the resolution given)."""
+    values = (freeze or {}).get("values")
+    if not isinstance(values, dict):
+        return freeze
+    steps = resolution.obd_steps({"name": pid, "pid": pid} for pid in values)
+    return {**freeze, "values": {pid: {**v, "value": resolution.shown(v.get("value"), steps.get(pid)),
+                                       "resolution": steps.get(pid)} if isinstance(v, dict) else v
+                                 for pid, v in values.items()}}
 
 
 def buffer_report(query, *, ingest_dropped: dict | None = None, now: int | None = None) -> dict:
