@@ -59,7 +59,10 @@ def test_known_steps_and_how_values_are_shown():
     assert resolution.text(33.725490196078436, 100 / 255) == "33.7"
     assert resolution.shown(50.599999999999994, 0.01) == 50.6 and resolution.text(50.6, 0.01) == "50.60"
     assert resolution.shown(50.599999999999994, None) == 50.6   # unknown: float noise only
-    assert resolution.text(812.0, 0.25) == "812.0" and resolution.text(90.0, 1.0) == "90"
+    assert resolution.text(812.0, 0.25) == "812.00" and resolution.text(90.0, 1.0) == "90"
+    assert [resolution.decimals(s) for s in (100 / 255, 1.5, 0.25, 0.01, 1 / 200, 1 / 128, 1, 10, 3)] == \
+        [1, 1, 2, 2, 3, 3, 0, 0, 0]
+    assert resolution.text(4.5, 1.5) == "4.5"
     assert resolution.shown(-0.001, 0.01) == 0.0 and str(resolution.shown(-0.001, 0.01)) == "0.0"
 
 

@@ -9,9 +9,9 @@ A signal's *resolution* is the step between two adjacent raw values, in the sign
 
 The samples themselves do not carry it; :func:`signal_resolutions` derives the map, signal name
 → step, from the active cloud config (the names it gives the signals) and the DBCs of the local
-settings. :func:`shown` rounds a value to as many decimals as its step needs (0.25 → 1, 100/255
-→ 1, 0.01 → 2, 1 → 0); without a known step, to 9 significant digits (float noise such as
-``50.599999999999994`` goes either way).
+settings. :func:`shown` rounds a value to as many decimals as its step needs (:func:`decimals`:
+100/255 → 1, 1.5 → 1, 0.25 → 2, 0.01 → 2, 1 → 0); without a known step, to 9 significant digits
+(float noise such as ``50.599999999999994`` goes either way).
 """
 from __future__ import annotations
 
@@ -27,10 +27,16 @@ UNKNOWN_DIGITS = 9
 
 
 def decimals(step: float | None) -> int | None:
-    """Decimals needed to show values ``step`` apart (``None`` when the step is unknown)."""
+    """Decimals for values ``step`` apart (``None`` when the step is unknown): enough to tell
+    two adjacent values apart (0.39 → 1), and to write the step itself where a few more do it
+    (1.5 → 1, 0.25 → 2, 0.005 → 3; 100/255 never ends: 1)."""
     if step is None or not step > 0 or not math.isfinite(step):
         return None
-    return max(0, math.ceil(-math.log10(step) - 1e-9))
+    apart = max(0, math.ceil(-math.log10(step) - 1e-9))
+    for places in range(apart, apart + 3):
+        if abs(round(step, places) - step) <= step * 1e-6:
+            return places
+    return apart
 
 
 def shown(value: float, step: float | None) -> float:
