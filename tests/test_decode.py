@@ -147,7 +147,7 @@ def test_text_output_and_its_summary():
     assert rc == 0, err
     lines = out.splitlines()
     # 46408.6 s to 46468.5 s: the 10 s slots (aligned to 0, as for telemetry) 4640 to 4646
-    assert lines[0].split() == ["t_s", "signal", "value", "unit"] and len(lines) == 1 + 7
+    assert lines[0].split() == ["time", "signal", "value", "unit"] and len(lines) == 1 + 7
     assert [int(float(line.split()[0]) // 10) for line in lines[1:]] == list(range(4640, 4647))
     t, name, value, unit = lines[1].split()
     assert name == "SPEED.SPEED" and unit == "km/h" and len(value.partition(".")[2]) == 2

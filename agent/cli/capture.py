@@ -195,6 +195,14 @@ def _samples(samples, steps):
                "unit": s.unit}
 
 
+def _clock_time(t_s: float) -> str:
+    """A sample's time for people: the local time of day where the log has epoch times (a
+    capture by the dongle), else the log's own seconds (time since the logger booted)."""
+    if 1_500_000_000 <= t_s <= 4_102_444_800:
+        return time.strftime("%H:%M:%S", time.localtime(t_s)) + f".{int(t_s * 1000) % 1000:03d}"
+    return f"{t_s:.3f}"
+
+
 def _summary(stats: dict, n: int, log: str) -> str:
     out = f"{n} samples from {stats.get('frames', 0)} frames of {log} ({stats.get('decoded', 0)} decoded"
     if stats.get("unknown_id"):
@@ -241,7 +249,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         if writer:
             writer.writerow(["t_s", "signal", "value", "unit"])
         else:
-            print(f"{'t_s':>12}  {'signal':<40}  {'value':>12}  unit")
+            print(f"{'time':>14}  {'signal':<40}  {'value':>12}  unit")
         n = 0
         while True:
             try:
@@ -254,7 +262,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             if writer:
                 writer.writerow([f"{s['t_s']:.3f}", s["name"], value, s["unit"]])
             else:
-                print(f"{s['t_s']:12.3f}  {s['name']:<40}  {value:>12}  {s['unit']}")
+                print(f"{_clock_time(s['t_s']):>14}  {s['name']:<40}  {value:>12}  {s['unit']}")
         sys.stdout.flush()
         note(_summary(stats, n, args.log))
         return 0
