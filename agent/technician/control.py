@@ -299,7 +299,7 @@ class ControlServer:
                 continue
             if not chunk:
                 if not buf:
-                    raise _ClientGone()
+                    raise _ClientGone("closed without a request")   # e.g. another agent's probe
                 return bytes(buf)   # the client ended its request with the connection
             buf += chunk
             end = buf.find(b"\n")
@@ -353,8 +353,9 @@ class ControlServer:
                 send({"ok": False, "code": e.code, "error": e.message})
                 return
             send(self._dispatch(request, peer, lambda m: send({"interim": True, **m})))
-        except (_ClientGone, ConnectionResetError, BrokenPipeError):
-            log.info("control: the client went away before the answer")
+        except (_ClientGone, ConnectionResetError, BrokenPipeError) as e:
+            log.log(logging.DEBUG if e.args == ("closed without a request",) else logging.INFO,
+                    "control: the client went away before the answer")
         except Exception:
             log.exception("control: serving a request failed")
 
