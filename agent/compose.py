@@ -36,7 +36,7 @@ from agent.cloud.bookings import Bookings
 from agent.cloud.commands import Commands
 from agent.cloud.config_apply import ActiveConfig, ConfigApplier, endpoint
 from agent.cloud.downlink import Downlink, Outcome
-from agent.cloud.keys import DeviceKeys
+from agent.cloud.keys import DeviceKeys, KeyFileError, check_ca_file, check_tls_files
 from agent.cloud.mqtt import MqttLink
 from agent.component import Component
 from agent.device import systemd
@@ -180,8 +180,9 @@ class Agent:
 
 def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = None,
           version: str | None = None) -> Agent:
-    """The agent of ``settings``, built but not started. Raises ``KeyFileError`` when a key
-    named in the settings cannot be used."""
+    """The agent of ``settings``, built but not started. Raises ``LocalFileError`` (a
+    ``KeyFileError``, ``DbcError`` or ``ProfileFileError``) when a file the settings name (or
+    make it read) cannot be used; agent/daemon.py names the key."""
     clock = clock or Clock()
     version = version or agent_version()
     s = settings
@@ -200,8 +201,18 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         state = power.state if power is not None else None
         return str(state) if state is not None else "driving"
 
-    # -- identity, store, the config in force ---------------------------------------------------
+    # -- the local files first: a bad one stops the agent before anything starts ----------------
     keys = DeviceKeys.load(s.keys.sign_key, s.keys.enc_key, s.keys.cloud_enc_pub, s.keys.cloud_sign_pubs)
+    check_tls_files(s.mqtt.ca_file, s.mqtt.cert_file, s.mqtt.key_file, device_id=s.device_id)
+    if s.update is not None and s.update.ca_file is not None:
+        try:
+            check_ca_file(s.update.ca_file)
+        except KeyFileError as e:
+            e.key = "update.ca_file"   # the same file may be named by an mqtt key too
+            raise
+    ev_profiles = _ev_profiles(s) if s.ev.transport != "off" else None
+
+    # -- identity, store, the config in force ---------------------------------------------------
     s.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(s.db_path, clock=clock, budget_bytes=s.store.budget_bytes)
     config = ActiveConfig(store)
@@ -296,7 +307,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
                 snap = dataclasses.replace(snap, vehicle=datakey.pseudonym(snap.vehicle))
             battery.observe_snapshot(snap)
 
-        ev = EvReader(transport, ingest.put_samples, vehicle_awake, on_snapshot=on_snapshot,
+        ev = EvReader(transport, ingest.put_samples, vehicle_awake, on_snapshot=on_snapshot, profiles=ev_profiles,
                       on_profile=lambda name: store.set_meta("ev_profile", name), clock=clock.now_ms)
         ev.apply_config(config.current())
         battery.apply_config(config.current())
@@ -376,11 +387,13 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
                       confirm_by_button=indicators.confirm_by_button if indicators.has_button else None)
     technician = Technician(
         store=store, clock=clock, socket_path=s.control.socket, group=s.control.group,
+        technician_group=s.control.technician_group,
         data_dir=s.data_dir, device_id=s.device_id, version=version,
         agent_status=lambda: agent.status(), broker_endpoint=lambda: f"{link.host}:{link.port}",
         obd=obd, can=can, health=health, indicators=indicators, bookings=bookings, config=config,
         ingest=ingest, identity=identity, emit_event=emit_event, battery_report=battery_report,
-        handlers=owner.handlers())
+        handlers=owner.handlers(), dbc_paths=[b["dbc"] for b in s.can.buses if b.get("dbc")],
+        ev_profile=lambda: ev_profiles.get(ev.profile) if ev is not None and ev.profile else None)
 
     # -- software updates -------------------------------------------------------------------------
     updater, release_handler = _updater(s, clock=clock, version=version, emit_event=emit_event,
@@ -425,6 +438,18 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
                       updater=updater, identity=identity, bookings=bookings, commands=commands,
                       emit_event=emit_event))
     return agent
+
+
+def _ev_profiles(s: Settings) -> dict:
+    """The EV profiles, shipped and local (``ev.profiles``), every file checked now."""
+    from agent.vehicle.ev_profile import ProfileFileError, load_profiles
+    try:
+        return load_profiles(s.ev.profiles, strict=True)
+    except ProfileFileError as e:
+        if s.key_naming(e.path) is None:   # shipped with the agent: read because of ev.transport
+            e.key = "ev.transport"
+            e.message = f"an EV profile shipped with the agent: {e.message}"
+        raise
 
 
 def _updater(s: Settings, *, clock: Clock, version: str, emit_event: Callable[[dict], None], power, obd,
