@@ -31,6 +31,7 @@ from agent.settings import Settings
 from agent.technician import control
 from agent.technician.control import AgentNotRunning, ClientError
 from agent.version import add_version_option
+from drivers.core.text import safe_text as safe  # text from the car or the cloud on a terminal
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_AGENT = 0, 1, 2, 3
 # --------------------------------------------------------------------------------------------
 # Output helpers
 # --------------------------------------------------------------------------------------------
-
-def safe(text: object, limit: int = 200) -> str:
-    """Text from the car or the cloud shown on a terminal: control characters escaped."""
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return s if len(s) <= limit else s[:limit] + "…"
-
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     cells = [[safe("" if v is None else v) for v in row] for row in rows]

@@ -3,7 +3,8 @@
 Validation beyond the JSON Schema: a booking must not lie in the past (checked only once the
 clock is synchronised), text fields are capped (longer is rejected, not truncated, so nothing
 is silently changed), coordinates must be real ones (not 0,0 "null island"). Text is stored as
-given through bound SQL parameters; it is escaped only where it is shown (``safe_text``).
+given through bound SQL parameters; it is escaped only where it is shown
+(:func:`drivers.core.text.safe_text`).
 """
 from __future__ import annotations
 
@@ -13,18 +14,13 @@ from collections.abc import Callable
 
 from agent.cloud.downlink import Outcome
 from agent.outbox.store import Store
+from drivers.core.text import safe_text
 
 log = logging.getLogger(__name__)
 
 TEXT_LIMITS = {"booking_id": 64, "service": 200, "notes": 2000, "provider.name": 200,
                "provider.address": 500, "provider.phone": 40}
 PAST_GRACE_MS = 60 * 60 * 1000  # a booking up to an hour late is still accepted (check-in runs late)
-
-
-def safe_text(text: object, limit: int = 2000) -> str:
-    """Text from outside shown on a terminal or in a log: control characters escaped."""
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return s if len(s) <= limit else s[:limit] + "…"
 
 
 def _problems(body: dict, now: int | None) -> str | None:

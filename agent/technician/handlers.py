@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.cloud.bookings import safe_text
+from drivers.core.text import safe_text
 from drivers.core.clock import Clock
 from agent.technician.control import ControlError, ControlServer, Peer, Reply
 from agent.technician.service_log import ServiceLog, ServiceLogError
