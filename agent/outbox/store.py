@@ -103,6 +103,7 @@ class Store:
         self.clock = clock or Clock()
         self._lock = threading.RLock()
         self._depth = 0  # transaction nesting of the thread holding the lock
+        self._owner: int | None = None  # that thread, while _depth > 0
         self.non_finite = 0      # sample values dropped as NaN/inf (add_samples)
         self.events_invalid = 0  # events dropped as unsendable (seal_events)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -155,6 +156,12 @@ class Store:
     def batch(self):
         """One transaction around several writes: ``with store.batch(): add_samples(); add_frames()``."""
         return _Transaction(self)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the calling thread is inside one of this store's transactions (work that
+        SQLite refuses there, such as a WAL checkpoint, must wait for the commit)."""
+        return self._depth > 0 and self._owner == threading.get_ident()
 
     # -- disk budget ----------------------------------------------------------------------
     def set_budget(self, budget_bytes: int) -> None:
@@ -646,6 +653,7 @@ class _Transaction:
             except BaseException:
                 s._lock.release()
                 raise
+            s._owner = threading.get_ident()
         s._depth += 1
         return s._conn
 
@@ -654,6 +662,7 @@ class _Transaction:
         try:
             s._depth -= 1
             if s._depth == 0:
+                s._owner = None
                 if exc_type is None:
                     try:
                         s._conn.execute("COMMIT")
