@@ -48,7 +48,7 @@ from agent.outbox.ingest import Ingest
 from agent.outbox.store import Store
 from agent.outbox.uplink import Sealer, Uplink, upload_policy
 from agent.owner import privacy as privacy_mod
-from agent.owner.datakey import DataKey
+from agent.owner.datakey import DataKey, EventsAtRest
 from agent.owner.erase import device_key_files
 from agent.owner.location import Location
 from agent.owner.owner_data import BehaviourRows, OwnerData
@@ -204,11 +204,12 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     # -- identity, store, the config in force ---------------------------------------------------
     keys = DeviceKeys.load(s.keys.sign_key, s.keys.enc_key, s.keys.cloud_enc_pub, s.keys.cloud_sign_pubs)
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(s.db_path, clock=clock, budget_bytes=s.store.budget_bytes)
+    datakey = DataKey.in_dir(s.data_dir)
+    # Events carrying identity data (the VIN) wait for sealing encrypted under the data key.
+    store = Store(s.db_path, clock=clock, budget_bytes=s.store.budget_bytes, event_codec=EventsAtRest(datakey))
     config = ActiveConfig(store)
     watchdog = systemd.Watchdog()
     sealer = Sealer(s.device_id, keys.sign, keys.cloud_enc, clock=clock.now_ms)
-    datakey = DataKey.in_dir(s.data_dir)
 
     # -- the owner's consent, and the health rules (which need it for driving behaviour) --------
     privacy = privacy_mod.Privacy(store, config=config.current, emit_event=emit_event, clock=clock.now_ms)

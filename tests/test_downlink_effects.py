@@ -9,6 +9,7 @@ console as the cloud, the ELM327-emulator as the vehicle and gpsfake feeding a r
   then ack ``failed``);
 - a consent withdrawal by config leaves none of the deleted position ciphertexts in any byte of
   the data directory (the checkpoint used to run inside the open transaction and fail);
+- the VIN is in no byte of the data directory, not even while its ``vehicle`` event is queued;
 - a downlink message queued when the agent dies is processed once after the restart (the
   broker's PUBACK waits for the commit), and the network thread never waits for the store.
 """
@@ -116,6 +117,33 @@ def test_read_dtc_with_no_answer_is_reported_by_an_event(fleet, emu, obd_agent):
     detail = rec["body"]["detail"]
     assert detail["ref_seq"] == seq and detail["request_id"] == "rd-2" and "did not answer" in detail["reason"]
     assert not [e for e in events(c, dev, "dtc") if e.get("ref_seq") == seq]
+
+
+def test_the_vin_is_in_no_byte_of_the_data_directory(fleet, obd_agent):
+    dev, agent = obd_agent
+    rec = fleet.console.wait_for(lambda r: r.get("dev") == dev and r.get("kind") == "event"
+                                 and r["body"].get("type") == "vehicle", 60)
+    assert rec and rec["body"].get("vin"), "the vehicle event with the emulator's VIN"
+    vin = rec["body"]["vin"].encode()
+    assert agent.identity.last()["vin"] == rec["body"]["vin"]   # kept, encrypted
+    assert vin not in data_bytes(agent.settings.data_dir), "the VIN is on flash in clear"
+
+
+def test_a_queued_vehicle_event_is_encrypted_until_sealed(fleet, tmp_path):
+    """With the uplink held back, the ``vehicle`` event waits in the store: not in clear."""
+    dev = "dle-0002"
+    agent = build(settings.load(fleet.device(dev)))
+    try:
+        vin = "WP0ZZZ99ZTS392124"
+        agent.identity.on_vehicle({"vin": vin, "protocol": "ISO 15765-4 (CAN 11/500)", "ecus": ["7E8"]})
+        assert agent.store.counts()["events"] == 1
+        assert vin.encode() not in data_bytes(agent.settings.data_dir)
+        agent.start()      # then sealed and sent as ever
+        rec = fleet.console.wait_for(lambda r: r.get("dev") == dev and r.get("kind") == "event"
+                                     and r["body"].get("type") == "vehicle", 30)
+        assert rec and rec["body"]["vin"] == vin and rec["body"]["vin_valid"] is True
+    finally:
+        agent.stop()
 
 
 @pytest.fixture
