@@ -273,11 +273,15 @@ class Privacy:
 
     def delete_data(self, categories: list[str]) -> dict[str, int]:
         """The ``delete_data`` command: everything held of these categories, sent or not.
-        Called inside the downlink's transaction: the deletion commits with the ack, and the
-        caller runs :meth:`flush_owed` after the commit. It takes no lock of its own (each
-        handler's purge is one store transaction), so it never waits for the privacy thread
-        while the store is held."""
-        counts = {cat: self._purge(cat, "purge_all") if cat in CATEGORIES else 0 for cat in categories}
+        Raises ValueError for a category that is not one of :data:`CATEGORIES` (the command
+        schema refuses those before they get here). Called inside the downlink's transaction:
+        the deletion commits with the ack, and the caller runs :meth:`flush_owed` after the
+        commit. It takes no lock of its own (each handler's purge is one store transaction), so
+        it never waits for the privacy thread while the store is held."""
+        unknown = [c for c in categories if c not in CATEGORIES]
+        if unknown:
+            raise ValueError(f"unknown data categories {unknown} (known: {', '.join(CATEGORIES)})")
+        counts = {cat: self._purge(cat, "purge_all") for cat in categories}
         log.info("privacy: delete_data %s", counts)
         return counts
 
