@@ -111,7 +111,6 @@ class Agent:
             self.watchdog.register(name)
         for _, c in self.components:
             c.start()
-        self.applier.resume()
         self._stop.clear()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
@@ -423,7 +422,8 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     components += [("update", updater)] if updater else []
     # Last: downlink queued since the link connected is applied to components already running
     # (and stopped first, so nothing is applied to a component being stopped).
-    components += [("commands", commands), ("downlink", downlink)]
+    # The config applier first among them: it acks a config left owed and resumes a probation.
+    components += [("config", applier), ("commands", commands), ("downlink", downlink)]
     agent = Agent(settings=s, version=version, clock=clock, store=store, config=config, applier=applier,
                   watchdog=watchdog, components=components, parts=dict(
                       ingest=ingest, uplink=uplink, link=link, downlink=downlink, sealer=sealer, obd=obd,

@@ -279,6 +279,35 @@ def test_restart_during_probation_still_rolls_back_and_acks_once(fleet):
         agent.stop()
 
 
+def test_a_config_committed_when_the_agent_died_is_applied_and_acked_once_at_start(fleet):
+    """The worker commits the config, its seq and the ack it owes; the agent dies before the
+    after-commit application. The next start applies it and sends that ack, once."""
+    toml = fleet.device(DEV)
+    agent = build(settings.load(toml))   # not started: what the worker does, then the power cut
+    cloud = Cloud(fleet)
+    env = cloud.seal("config", _config(3), seq=7)
+    dl = agent.downlink
+    with agent.store.batch():
+        opened = protocol.open_envelope(env, expected_dev=DEV, expected_kind="config",
+                                        trusted_signers=dl._trusted_signers(), recipient_key=dl._recipient_key,
+                                        now_ms=None, last_seq=agent.store.last_downlink_seq("config"))
+        outcome = dl.handlers["config"](opened)
+        agent.store.set_downlink_seq("config", opened.seq)
+    assert outcome.status == "applied" and not outcome.send_ack and outcome.after_commit
+    agent.store.close()
+    agent = build(settings.load(toml))
+    agent.start()
+    try:
+        assert agent.config["version"] == 3
+        ack = cloud.wait_ack("config", 7)
+        assert ack["status"] == "applied" and ack["config_version"] == 3
+        cloud.send("config", env)   # the broker's redelivery (never PUBACKed)
+        assert wait_until(lambda: [a["body"]["status"] for a in cloud.acks("config")] == ["applied", "duplicate"])
+        assert agent.store.get_meta("config_ack_owed") is None
+    finally:
+        agent.stop()
+
+
 def test_config_acks_always_name_the_config_the_device_keeps(setup):
     cloud, st = setup
     cloud.send("config", cloud.seal("config", _config(6), seq=5))

@@ -171,7 +171,24 @@ class ConfigApplier:
             self._store.set_meta(META_ACK_OWED, None)
         log.info("config v%s applied%s", doc["version"], f" ({len(problems)} problems)" if problems else "")
 
-    # -- at start, and probation -------------------------------------------------------------
+    # -- the component: at start, and probation ----------------------------------------------
+    def start(self) -> None:
+        """Started just before the downlink worker (agent/compose.py), so that an owed ack or a
+        probation is taken up before any new config is."""
+        self.resume()
+
+    def stop(self) -> None:
+        pass
+
+    def apply_config(self, doc: dict) -> list[str]:
+        return []
+
+    def status(self) -> dict:
+        with self._lock:
+            p = self._probation
+        return {"version": self.active.version,
+                "probation": None if p is None else {"version": p["doc"].get("version"), "ref_seq": p["ref_seq"]}}
+
     def resume(self) -> None:
         """At start: sends the ack of a config committed but not yet acked when the agent
         stopped, and resumes the probation of a link-moving config it stopped during."""
