@@ -18,9 +18,10 @@ defined at the top of :func:`build` that name the later component; none of them 
 before :meth:`Agent.start`.
 
 Threads: the OBD poller, the CAN readers, the ingest writer (group commit), the uplink, the MQTT
-network thread (which also runs downlink handling), power management, the health rules, GNSS,
-the EV reader, the control socket, the updater and the supervisor (config probation, watchdog).
-A failure in one is logged and retried, never fatal to the others.
+network thread (which only queues downlink), the downlink worker (checks, commits, then applies:
+agent/cloud/downlink.py), the DTC reads of cloud commands, power management, the health rules,
+GNSS, the EV reader, the control socket, the updater and the supervisor (config probation,
+watchdog). A failure in one is logged and retried, never fatal to the others.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from agent.cloud import cloudconfig
 from agent.cloud.bookings import Bookings
 from agent.cloud.commands import Commands
 from agent.cloud.config_apply import ActiveConfig, ConfigApplier, endpoint
+from agent.cloud import downlink as downlink_mod
 from agent.cloud.downlink import Downlink, Outcome
 from agent.cloud.keys import DeviceKeys, KeyFileError, check_ca_file, check_tls_files
 from agent.cloud.mqtt import MqttLink
@@ -46,7 +48,7 @@ from agent.outbox.ingest import Ingest
 from agent.outbox.store import Store
 from agent.outbox.uplink import Sealer, Uplink, upload_policy
 from agent.owner import privacy as privacy_mod
-from agent.owner.datakey import DataKey
+from agent.owner.datakey import DataKey, EventsAtRest
 from agent.owner.erase import device_key_files
 from agent.owner.location import Location
 from agent.owner.owner_data import BehaviourRows, OwnerData
@@ -109,7 +111,6 @@ class Agent:
             self.watchdog.register(name)
         for _, c in self.components:
             c.start()
-        self.applier.resume()
         self._stop.clear()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
@@ -155,8 +156,7 @@ class Agent:
             "buffer": self.store.counts(), "store": self.store.status(),
             "ingest": self.ingest.status(), "uplink": self.uplink.status(),
             "last_uplink_seq": self.store.last_uplink_seq,
-            "downlink": {"unauthenticated": dict(self.downlink.unauthenticated),
-                         "acks": dict(self.downlink.acks)},
+            "downlink": self.downlink.status(),
         }
         for name, c in named.items():
             if name not in out and name != "link":
@@ -214,11 +214,12 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
 
     # -- identity, store, the config in force ---------------------------------------------------
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(s.db_path, clock=clock, budget_bytes=s.store.budget_bytes)
+    datakey = DataKey.in_dir(s.data_dir)
+    # Events carrying identity data (the VIN) wait for sealing encrypted under the data key.
+    store = Store(s.db_path, clock=clock, budget_bytes=s.store.budget_bytes, event_codec=EventsAtRest(datakey))
     config = ActiveConfig(store)
     watchdog = systemd.Watchdog()
     sealer = Sealer(s.device_id, keys.sign, keys.cloud_enc, clock=clock.now_ms)
-    datakey = DataKey.in_dir(s.data_dir)
 
     # -- the owner's consent, and the health rules (which need it for driving behaviour) --------
     privacy = privacy_mod.Privacy(store, config=config.current, emit_event=emit_event, clock=clock.now_ms)
@@ -331,8 +332,9 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         keepalive_s=s.mqtt.keepalive_s, session_expiry_s=s.mqtt.session_expiry_s,
         backoff=Backoff(s.mqtt.backoff_min_s, s.mqtt.backoff_max_s), agent_version=version,
         config_version=lambda: config.version, max_inflight=s.uplink.max_inflight + 2,  # + status publishes
-        on_message=lambda suffix, payload: downlink.handle(suffix, payload),
-        on_connection=lambda up: uplink.on_connection(up))
+        # The network thread only queues downlink; the worker acks it to the broker once committed.
+        on_message=lambda suffix, payload, ack: downlink.submit(suffix, payload, ack),
+        receive_maximum=downlink_mod.QUEUE_MAX, on_connection=lambda up: uplink.on_connection(up))
     uplink = Uplink(store, link, sealer, config=config.current, vehicle_state=vehicle_state,
                     batch_max_samples=s.uplink.batch_max_samples, max_inflight=s.uplink.max_inflight,
                     heartbeat=lambda: watchdog.beat("uplink"),
@@ -410,9 +412,10 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     appliers += [("health", health.apply_config), ("owner_data", owner.apply_config)]
     applier = ConfigApplier(config, store, link, appliers=appliers, local_endpoint=s.mqtt.host_port,
                             rollback_s=s.mqtt.config_rollback_s, send_ack=send_ack, wake_uplink=wake_uplink)
-    commands = Commands(store, read_dtc=(lambda: obd.read_dtcs_now(10.0)) if obd else (lambda: None),
+    commands = Commands(store, read_dtc=obd.read_dtcs_now if obd else None,
+                        vehicle_connected=lambda: bool(obd is not None and obd.status().get("connected")),
                         snapshot=lambda: agent.health_snapshot(), delete_data=privacy.delete_data,
-                        wake_uplink=wake_uplink, clock=clock)
+                        flush_deleted=privacy.flush_owed, wake_uplink=wake_uplink, clock=clock)
     downlink = Downlink(
         store, sealer.seal, device_id=s.device_id, recipient_key=keys.enc,
         trusted_signers=lambda: keys.trusted_signers,
@@ -430,6 +433,10 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     components += [("ev", ev)] if ev else []
     components += [("health", health), ("gpio", indicators), ("owner_data", owner), ("technician", technician)]
     components += [("update", updater)] if updater else []
+    # Last: downlink queued since the link connected is applied to components already running
+    # (and stopped first, so nothing is applied to a component being stopped).
+    # The config applier first among them: it acks a config left owed and resumes a probation.
+    components += [("config", applier), ("commands", commands), ("downlink", downlink)]
     agent = Agent(settings=s, version=version, clock=clock, store=store, config=config, applier=applier,
                   watchdog=watchdog, components=components, parts=dict(
                       ingest=ingest, uplink=uplink, link=link, downlink=downlink, sealer=sealer, obd=obd,

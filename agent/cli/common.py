@@ -24,6 +24,7 @@ from agent import settings as settings_mod
 from agent.settings import Settings
 from agent.technician import control
 from agent.technician.control import AgentNotRunning, ClientError
+from drivers.core.text import safe_text as safe  # text from the car or the cloud on a terminal
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_AGENT = 0, 1, 2, 3
 EXIT_OUTPUT_CLOSED = 128 + 13   # SIGPIPE: stdout's reader went away (main.py)
@@ -124,10 +125,6 @@ def interim_printer(m: dict) -> None:
 # Text for people
 # --------------------------------------------------------------------------------------------
 
-def safe(text: object, limit: int = 200) -> str:
-    """Text from the car or the cloud shown on a terminal: control characters escaped."""
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return s if len(s) <= limit else s[:limit] + "…"
 
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.cloud.bookings import safe_text
+from drivers.core.text import safe_text
 from drivers.core.clock import Clock
 from agent.technician import resolution
 from agent.technician.control import ControlError, ControlServer, Peer, Reply
