@@ -485,7 +485,7 @@ def test_adapter_that_connects_then_answers_garbage_to_obd_requests(pollers):
         assert status["running"]
         assert status["errors"] >= 3 and status["last_error"]
         assert status["samples"] == 0 and sink.samples == []
-        assert peer.commands.count("010C") >= 2  # RPM was really asked for
+        assert sum(c.startswith("010C") for c in peer.commands) >= 2  # RPM was really asked for
         assert peer.commands.count("03") >= 2  # and the trouble codes
         assert dtc_events == []  # garbage is never taken for a set of codes
         assert vehicles == [{"vin": None, "vin_valid": False, "protocol": CAN_11_500}]

@@ -17,8 +17,8 @@ answers ``?`` to it.
 Answer checks (:func:`answers_to`): python-OBD decodes whatever messages come back — a late
 answer to the previous request, or an ELM text such as ``NO DATA`` (which becomes an empty
 message that the DTC decoder reads as "no codes"). :func:`answers_to` keeps only messages whose
-first bytes echo the request (``0x40 + mode``, and the PID for modes 01, 02 and 09);
-:func:`adapter_error` names the ELM327 error text an answer held.
+first bytes echo the request (``0x40 + mode``, and the PID for modes 01, 02 and 09). What the
+ELM327's own texts mean is drivers/obd/elm_lines.py's.
 """
 from __future__ import annotations
 
@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 MAX_PIDS_PER_REQUEST = 6
 #: python-OBD / ELM327 protocol ids of ISO 15765-4 (CAN).
 CAN_PROTOCOL_IDS = frozenset({"6", "7", "8", "9"})
-#: Texts an ELM327 (or a clone) answers instead of data. Matched as prefixes, upper case.
-ELM_ERRORS = ("NO DATA", "?", "BUS INIT", "BUS BUSY", "BUS ERROR", "CAN ERROR", "DATA ERROR",
-              "FB ERROR", "STOPPED", "BUFFER FULL", "UNABLE TO CONNECT", "LV RESET", "ACT ALERT",
-              "<RX ERROR", "<DATA ERROR", "ERR", "SEARCHING")
 
 _PID_ECHO_MODES = (1, 2, 9)
 
@@ -165,23 +161,3 @@ def answers_to(cmd: OBDCommand, messages: Iterable[Message] | None,
                request: bytes | None = None) -> list[Message]:
     """The messages that really answer ``cmd`` (see :func:`echoes`)."""
     return [m for m in messages or [] if m.parsed() and echoes(cmd, m, request)]
-
-
-def adapter_error(messages: Iterable[Message] | None) -> str | None:
-    """The ELM327 error text among ``messages`` (``"NO DATA"``, ``"CAN ERROR"``, ...), or the
-    first line that is neither data nor a known text; ``None`` when every line is data."""
-    unknown: str | None = None
-    for m in messages or []:
-        if m.parsed():
-            continue
-        try:
-            text = m.raw().strip()
-        except Exception:  # noqa: BLE001
-            text = ""
-        upper = text.upper()
-        for known in ELM_ERRORS:
-            if upper.startswith(known):
-                return text
-        if text and unknown is None:
-            unknown = text
-    return unknown
