@@ -287,7 +287,7 @@ def test_unknown_and_unsupported_pids_are_skipped_and_reported(emu, pollers, cap
     pids = pid_config(("RPM", 0.05)) + [
         {"name": "x.bogus", "pid": "NOT_A_PID", "period_s": 0.05},
         {"name": "fuel.rate", "pid": "FUEL_RATE", "period_s": 0.05},  # unsupported by the car
-        {"name": "bad.period", "pid": "SPEED", "period_s": 0},
+        {"name": "bad.period", "pid": "SPEED", "period_s": -1},
         "not an object",
     ]
     poller = ObdPoller(emu.port, pids, sink, protocol="6", batch_size=2)
