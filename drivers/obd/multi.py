@@ -29,6 +29,7 @@ from obd import OBDCommand, OBDResponse
 from obd.protocols import ECU
 
 from drivers.obd.elm327 import Message, message_like
+from drivers.obd.units import DecodeCache
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class MultiPidCommand(OBDCommand):
             raise ValueError(f"response-count hint must be 1..15, not {count_hint}")
         self.commands = commands
         self.count_hint = count_hint
+        self._by_pid = {c.pid: c for c in commands}
+        self._ecus = {c.name: c.ecu for c in commands}
         self.request = b"01" + b"".join(c.command[2:] for c in commands)
         command = self.request + (b"%X" % count_hint if count_hint else b"")
         super().__init__("+".join(c.name for c in commands),
@@ -78,21 +81,39 @@ class MultiPidCommand(OBDCommand):
     def _decode(self, messages: list[Message]) -> dict[str, OBDResponse]:
         return decode_split(messages, self.commands)
 
+    def values(self, messages: Iterable[Message], cache: DecodeCache
+               ) -> dict[str, tuple[float, str]]:
+        """``{name: (value, unit text)}`` for the PIDs the answer holds: python-OBD's choice of
+        ECU (the first message from an ECU the PID's command accepts, in python-OBD's order) and
+        its decoder, through ``cache``."""
+        parts: dict[str, bytes] = {}
+        for message in messages:
+            ecu = message.ecu
+            for name, part in split_data(bytes(message.data), self._by_pid).items():
+                if name not in parts and self._ecus[name] & ecu:
+                    parts[name] = part
+        out: dict[str, tuple[float, str]] = {}
+        for cmd in self.commands:
+            part = parts.get(cmd.name)
+            if part is not None:
+                value = cache.value(cmd, part)
+                if value is not None:
+                    out[cmd.name] = value
+        return out
+
     def clone(self) -> "MultiPidCommand":
         return MultiPidCommand(self.commands, self.count_hint)
 
 
-def split_message(message: Message, commands: Iterable[OBDCommand]) -> dict[str, Message]:
-    """One ECU's answer ``41 p1 d.. p2 d..`` as ``{name: Message(41 p data)}``, for the PIDs of
-    ``commands`` it holds. Parsing stops at a PID that was not asked for (its length is unknown)
+def split_data(data: bytes, by_pid: dict[int, OBDCommand]) -> dict[str, bytes]:
+    """One ECU's answer ``41 p1 d.. p2 d..`` as ``{name: b"\\x41" + p + data}``, for the PIDs of
+    ``by_pid`` it holds. Parsing stops at a PID that was not asked for (its length is unknown)
     or at data cut short; what came before is kept."""
-    by_pid = {c.pid: c for c in commands}
-    data = bytes(message.data)
-    out: dict[str, Message] = {}
+    out: dict[str, bytes] = {}
     if len(data) < 2 or data[0] != 0x41:
         return out
-    i = 1
-    while i < len(data):
+    i, end = 1, len(data)
+    while i < end:
         cmd = by_pid.get(data[i])
         if cmd is None:
             if any(data[i:]):  # trailing zero padding is normal; anything else is worth a note
@@ -100,13 +121,19 @@ def split_message(message: Message, commands: Iterable[OBDCommand]) -> dict[str,
                           data.hex(), data[i])
             break
         size = cmd.bytes - 2
-        if i + 1 + size > len(data):
+        if i + 1 + size > end:
             log.debug("multi-PID answer %s: data of PID %02X cut short", data.hex(), data[i])
             break
         if cmd.name not in out:
-            out[cmd.name] = message_like(message, b"\x41" + data[i:i + 1 + size])
+            out[cmd.name] = b"\x41" + data[i:i + 1 + size]
         i += 1 + size
     return out
+
+
+def split_message(message: Message, commands: Iterable[OBDCommand]) -> dict[str, Message]:
+    """:func:`split_data` of a python-OBD message, as messages (with its frames and ECU)."""
+    parts = split_data(bytes(message.data), {c.pid: c for c in commands})
+    return {name: message_like(message, part) for name, part in parts.items()}
 
 
 def decode_split(messages: Iterable[Message], commands: Sequence[OBDCommand]

@@ -60,6 +60,7 @@ python-OBD notes (0.7.3) that shape this module:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -76,8 +77,8 @@ from drivers.obd import diag as obd_diag
 from drivers.obd import elm327, elm_lines
 from drivers.obd import port as obd_port
 from drivers.obd.multi import (CAN_PROTOCOL_IDS, MAX_PIDS_PER_REQUEST, MultiPidCommand,
-                               answers_to, decode_split, frame_count, is_multi_capable)
-from drivers.obd.units import unit_text, value_and_unit  # noqa: F401 - re-exported
+                               answers_to, frame_count, is_multi_capable)
+from drivers.obd.units import DecodeCache, unit_text, value_and_unit  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,23 @@ def vin_is_valid(vin: str | None) -> bool:
 
 def command_for(name: str) -> Any | None:
     """The python-OBD command called ``name`` (e.g. ``"RPM"``), or ``None``."""
+    if not isinstance(name, str):
+        return None
     try:
-        if isinstance(name, str) and obd.commands.has_name(name):
-            return obd.commands[name]
+        return _command(name)
     except Exception:  # noqa: BLE001 - a library lookup must not crash the caller
         log.debug("lookup of OBD command %r failed", name, exc_info=True)
     return None
+
+
+@functools.lru_cache(maxsize=512)
+def _command(name: str) -> Any | None:
+    return obd.commands[name] if obd.commands.has_name(name) else None
+
+
+@functools.lru_cache(maxsize=512)
+def _groupable(name: str) -> bool:
+    return is_multi_capable(command_for(name))
 
 
 def _protocol_arg(protocol: str | int | None) -> str | None:
@@ -163,6 +175,7 @@ class ObdReader:
         self.requests = {"multi": 0, "single": 0}
         self._clock = clock
         self._conn: Any | None = None
+        self._protocol_id: str | None = None
         self._device: str | None = None
         self._slot: obd_port.PortSlot | None = None
         self._slot_lock = threading.Lock()
@@ -171,6 +184,8 @@ class ObdReader:
         self._parse: Callable[[list[str]], list[Any]] | None = None
         self._status_text: str | None = None
         self._bitmaps: dict[int, int | None] = {}  # mode 01 range base -> mask, None: no answer
+        self._support_cache: dict[str, bool | None] = {}
+        self._decoded = DecodeCache()
         self._vin_bitmap: int | None = None
         self._frame_counts: dict[tuple[str, ...], int] = {}
         self._multi_cmds: dict[tuple[tuple[str, ...], int | None], MultiPidCommand] = {}
@@ -232,6 +247,7 @@ class ObdReader:
             return self._fail(f"python-OBD {elm327.VERSION} lacks what the reader needs: {e}")
         slot.budget_s = self.timeout_s
         self._conn = conn
+        self._protocol_id = self._read_protocol_id()
         self._device = device
         self.last_error = None
         self.outcome = None
@@ -240,6 +256,7 @@ class ObdReader:
         self.count_hint = None
         self._frame_counts = {}
         self._misses = {}
+        self._bitmaps, self._vin_bitmap, self._support_cache = {}, None, {}
         self._solo = {}
         self._solo_backoff = {}
         self._streak = {}
@@ -287,8 +304,9 @@ class ObdReader:
 
     @property
     def protocol_id(self) -> str | None:
-        if self._conn is None:
-            return None
+        return self._protocol_id if self._conn is not None else None
+
+    def _read_protocol_id(self) -> str | None:
         try:
             return str(self._conn.protocol_id() or "") or None
         except Exception:  # noqa: BLE001
@@ -322,6 +340,7 @@ class ObdReader:
             base += 0x20
         if self._vin_bitmap is None:
             self._vin_bitmap = self._bitmap(_MODE09_GETTER)
+        self._support_cache = {}
         if base == 0 and not answered_any:
             self.last_error = f"supported PIDs: {self.last_error or 'no answer'}"
         return self._bitmaps.get(0) is not None
@@ -330,6 +349,12 @@ class ObdReader:
         """``True``/``False`` as the vehicle's bitmaps say, ``None`` when the bitmap of the PID's
         range did not answer (yet). Commands outside modes 01, 02 and 09 (trouble codes, adapter
         commands) are ``True``; unknown names ``False``."""
+        known = self._support_cache.get(command_name, self)
+        if known is self:
+            known = self._support_cache[command_name] = self._support_of(command_name)
+        return known  # type: ignore[return-value]
+
+    def _support_of(self, command_name: str) -> bool | None:
         cmd = command_for(command_name)
         if cmd is None:
             return False
@@ -394,7 +419,7 @@ class ObdReader:
     def can_group(self, command_name: str) -> bool:
         """True when ``command_name`` may share a multi-PID request with others now (a fixed-length
         mode 01 PID, not in the per-PID fall-back)."""
-        if not is_multi_capable(command_for(command_name)):
+        if not _groupable(command_name):
             return False
         solo = self._solo.get(command_name)
         return solo is None or solo[0] <= self._clock()
@@ -587,7 +612,7 @@ class ObdReader:
 
     def _query_single(self, command_name: str) -> tuple[float, str] | None:
         """One PID in one request; with the response-count hint for mode 01 PIDs on CAN."""
-        if self.protocol_id in CAN_PROTOCOL_IDS and is_multi_capable(command_for(command_name)) \
+        if self.protocol_id in CAN_PROTOCOL_IDS and _groupable(command_name) \
                 and self.supports(command_name):
             self.requests["single"] += 1
             got, _ = self._query_group([command_name])
@@ -633,15 +658,10 @@ class ObdReader:
             if 1 <= frames <= 15:
                 self._frame_counts[key] = frames
         try:
-            decoded = decode_split(messages, base.commands)
+            values = base.values(messages, self._decoded)
         except Exception:  # noqa: BLE001
             log.debug("OBD multi-PID answer not understood", exc_info=True)
-            decoded = {}
-        values: dict[str, tuple[float, str]] = {}
-        for name, response in decoded.items():
-            number = value_and_unit(response.value)
-            if number is not None:
-                values[name] = number
+            values = {}
         missing = [n for n in command_names if n not in values]
         if missing:
             self._failed(elm_lines.RETRY, f"{', '.join(missing)}: not in the answer "

@@ -1,8 +1,14 @@
-"""Short unit texts and plain numbers from python-OBD's pint values."""
+"""Short unit texts and plain numbers from python-OBD's pint values, and python-OBD's decoders
+run once per distinct answer (:class:`DecodeCache`)."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
+
+from drivers.obd.elm327 import Message, message_like
+
+log = logging.getLogger(__name__)
 
 _UNIT_TEXT = {
     "revolutions_per_minute": "rpm",
@@ -60,3 +66,42 @@ def value_and_unit(value: Any) -> tuple[float, str] | None:
     if not math.isfinite(number):
         return None
     return number, unit_text(unit)
+
+
+class DecodeCache:
+    """``(value, unit text)`` of a python-OBD command's answer data (``41 0C 1A F8``), decoded
+    by python-OBD itself the first time a command sees that data and remembered after: python-OBD
+    builds a pint quantity per answer and pint's unit text costs as much again, while a live
+    PID's answers repeat (one-byte PIDs have 256 answers at most). At most ``per_command``
+    answers are kept per command (then that command's table starts afresh). One per reader
+    (not thread-safe)."""
+
+    _MISSING = object()
+
+    def __init__(self, per_command: int = 1024):
+        self.per_command = per_command
+        self._tables: dict[str, dict[bytes, tuple[float, str] | None]] = {}
+        self._template = Message([])
+        self.hits = self.misses = 0
+
+    def value(self, cmd: Any, data: bytes) -> tuple[float, str] | None:
+        table = self._tables.get(cmd.name)
+        if table is None:
+            table = self._tables[cmd.name] = {}
+        found = table.get(data, self._MISSING)
+        if found is not self._MISSING:
+            self.hits += 1
+            return found  # type: ignore[return-value]
+        self.misses += 1
+        message = message_like(self._template, data)
+        message.ecu = cmd.ecu  # python-OBD's ECU filter was applied by the caller
+        try:
+            response = cmd([message])
+            found = None if response.is_null() else value_and_unit(response.value)
+        except Exception:  # noqa: BLE001 - a decoder fed odd bytes must not stop the others
+            log.debug("decoding %s from %s failed", cmd.name, data.hex(), exc_info=True)
+            found = None
+        if len(table) >= self.per_command:
+            table.clear()
+        table[data] = found
+        return found
