@@ -25,6 +25,7 @@ import can
 
 from drivers.core.backoff import Backoff
 from drivers.core.clock import Clock
+from drivers.core.local_file import LocalFileError
 from drivers.core.model import Frame
 
 if TYPE_CHECKING:
@@ -48,16 +49,31 @@ _CAN_ERR_CRTL_PASSIVE = 0x10 | 0x20  # RX_PASSIVE | TX_PASSIVE in data[1]
 Filters = list[dict[str, Any]] | None
 
 
+class DbcError(LocalFileError):
+    """A DBC file that cannot be read or parsed (the message says where and why)."""
+
+
 def load_dbc(path: str | Path) -> Database:
     """A DBC loaded the way real-world files need it (``strict=False``: overlapping signals).
+    Raises :class:`DbcError` naming the file and the problem (cantools' own words, e.g. the
+    line and column of a syntax error).
 
     cantools is imported here, not with this module: an agent whose buses name no DBC (raw
     capture only) does without it (~2 MB of RSS)."""
     import cantools
     from cantools.database.can import Database
-    db = cantools.database.load_file(str(path), database_format="dbc", strict=False)
+    try:
+        db = cantools.database.load_file(str(path), database_format="dbc", strict=False)
+    except OSError as e:
+        raise DbcError(path, f"cannot read it: {e.strerror or e}") from None
+    except Exception as e:  # cantools: UnsupportedDatabaseFormatError (syntax), ValueError, KeyError, ...
+        text = " ".join(str(e).split()).removeprefix("DBC: ")
+        if len(text) > 1 and text[0] == text[-1] == '"':
+            text = text[1:-1]
+        text = text or type(e).__name__
+        raise DbcError(path, f"not a valid DBC file: {text[:300]}") from None
     if not isinstance(db, Database):
-        raise ValueError(f"{path}: not a CAN database")
+        raise DbcError(path, "not a CAN database")
     return db
 
 

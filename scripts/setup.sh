@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the demo and the tests need on a Debian 12 machine (or Raspberry Pi OS):
-# system packages (mosquitto, python3-venv), a virtualenv in .venv, the agent and its test tools.
+# system packages (mosquitto, rabbitmq-server, python3-venv), a virtualenv in .venv, the agent
+# and its test tools.
 # Idempotent: a second run only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,6 +14,8 @@ command -v make >/dev/null 2>&1 || need_apt+=(make)
 # Tests and the demo run a real gpsd fed by gpsfake (the owner's-data tests).
 command -v gpsd >/dev/null 2>&1 || [ -x /usr/sbin/gpsd ] || need_apt+=(gpsd)
 command -v gpsfake >/dev/null 2>&1 || need_apt+=(gpsd-clients)
+# The clustering broker of the tests (scripts/testbed/rabbitmq.py: private nodes, MQTT plugin).
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -20,7 +23,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-# The Debian package enables a system-wide broker; the demo and tests start their own.
+# The Debian packages enable a system-wide mosquitto and rabbitmq-server; the demo and tests
+# start their own (own ports, own epmd) and never use or stop those.
 
 python3 - <<'PY'
 import sys

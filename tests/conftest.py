@@ -300,3 +300,45 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.close()
+
+
+# --------------------------------------------------------------------------------------------
+# RabbitMQ, the clustering broker (scripts/testbed/rabbitmq.py): same TLS identity and ACL as
+# the Mosquitto above, MQTT 3.1.1 only. Module-scoped because a node takes seconds to start:
+# tests sharing one use distinct device ids. Skipped where rabbitmq-server is not installed.
+#
+# - ``rabbitmq_broker`` (module): a started RabbitBroker (classic session queues).
+# - ``rabbitmq_cluster`` (module): a started three-node RabbitCluster (quorum session queues).
+# Both need ``broker.add_device(id)`` before a device can connect (LocalBroker's is a no-op).
+# --------------------------------------------------------------------------------------------
+
+def _rabbitmq_or_skip():
+    from scripts.testbed import rabbitmq
+    reason = rabbitmq.missing_reason()
+    if reason:
+        pytest.skip(f"RabbitMQ not available: {reason}")
+    return rabbitmq
+
+
+@pytest.fixture(scope="module")
+def rabbitmq_broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[object]:
+    rabbitmq = _rabbitmq_or_skip()
+    b = rabbitmq.RabbitBroker(tmp_path_factory.mktemp("rabbitmq"), pki.ca,
+                              cloud_users=(CLOUD_USER,))
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def rabbitmq_cluster(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[object]:
+    rabbitmq = _rabbitmq_or_skip()
+    c = rabbitmq.RabbitCluster(tmp_path_factory.mktemp("rabbitmq-cluster"), pki.ca,
+                               cloud_users=(CLOUD_USER,))
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()

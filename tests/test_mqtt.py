@@ -29,6 +29,7 @@ now_ms = Clock().now_ms
 from agent.cloud.mqtt import MqttLink, status_payload
 from scripts.testbed.devca import DevCA
 from scripts.testbed.mosquitto import ENVELOPE_MAX, LocalBroker, free_port
+from scripts.testbed.wait import wait_until
 from tests.conftest import ClientCert, MqttPeer, Pki, make_device_cert
 
 pytestmark = pytest.mark.timeout(90)
@@ -76,7 +77,7 @@ def make_link(broker: LocalBroker, pki: Pki) -> Iterator[Callable[..., Harness]]
         cert = cert or pki.device(device_id)
         kwargs.setdefault("backoff", fast_backoff())
         harness: Harness
-        on_message = kwargs.pop("on_message", None) or (lambda s, p: harness.received.put((s, p)))
+        on_message = kwargs.pop("on_message", None) or (lambda s, p, ack: (harness.received.put((s, p)), ack()))
         link = MqttLink(device_id=device_id, host=broker.host, port=port or broker.port,
                         ca_file=kwargs.pop("ca_file", broker.ca_file), cert_file=cert.cert,
                         key_file=cert.key, agent_version=AGENT,
@@ -146,7 +147,6 @@ _CHILD = r"""
 import json, logging, sys, time
 from drivers.core.backoff import Backoff
 from agent.cloud.mqtt import MqttLink
-from scripts.testbed.wait import wait_until
 logging.basicConfig(level=logging.INFO)
 args = json.loads(sys.argv[1])
 link = MqttLink(**args, backoff=Backoff(0.05, 0.5), agent_version="child-9",
@@ -359,11 +359,12 @@ def test_exception_in_on_message_does_not_break_the_link(
     calls: list[bytes] = []
     handled: queue.Queue[bytes] = queue.Queue()
 
-    def buggy_handler(suffix: str, payload: bytes) -> None:
+    def buggy_handler(suffix: str, payload: bytes, ack: Callable[[], None]) -> None:
         calls.append(payload)
         if payload == b"bad":
             raise RuntimeError("handler bug")
         handled.put(payload)
+        ack()
 
     h = make_link(device, start=False, on_message=buggy_handler)
     cloud_peer.subscribe(f"{PREFIX}/{device}/status")

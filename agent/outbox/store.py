@@ -23,6 +23,10 @@ Events, acks and every other table are never evicted for telemetry.
 
 A full disk or a read-only filesystem never loses an event that fits the in-memory bound: it
 waits in memory (``status()["memory_events"]``) and is written once the disk accepts it.
+
+Event bodies are stored as CBOR; with an ``event_codec`` (agent/owner/datakey.py
+``EventsAtRest``), the bodies it chooses (those carrying identity data, e.g. the VIN) are
+stored in the form it makes (encrypted) and opened again only to be sealed or exported.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cbor2
 
@@ -85,6 +90,14 @@ CACHE_KIB = 512
 STORAGE_ERRORS = (sqlite3.OperationalError, sqlite3.DatabaseError, OSError)
 
 
+class EventCodec(Protocol):
+    """How event bodies are kept at rest: ``seal(body)`` gives the map stored (it keeps ``type``
+    and ``ts`` readable), ``open(stored)`` the body again (raising if it cannot)."""
+
+    def seal(self, body: dict) -> dict: ...
+    def open(self, stored: dict) -> dict: ...
+
+
 def storage_problem(e: BaseException) -> str:
     """``disk_full``, ``read_only`` or ``io_error`` for a storage exception."""
     text = str(e).lower()
@@ -97,12 +110,14 @@ def storage_problem(e: BaseException) -> str:
 
 class Store:
     def __init__(self, path: str | Path, *, clock: Clock | None = None,
-                 budget_bytes: int | None = None):
+                 budget_bytes: int | None = None, event_codec: EventCodec | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.clock = clock or Clock()
         self._lock = threading.RLock()
         self._depth = 0  # transaction nesting of the thread holding the lock
+        self._owner: int | None = None  # that thread, while _depth > 0
+        self._event_codec = event_codec
         self.non_finite = 0      # sample values dropped as NaN/inf (add_samples)
         self.events_invalid = 0  # events dropped as unsendable (seal_events)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -155,6 +170,12 @@ class Store:
     def batch(self):
         """One transaction around several writes: ``with store.batch(): add_samples(); add_frames()``."""
         return _Transaction(self)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the calling thread is inside one of this store's transactions (work that
+        SQLite refuses there, such as a WAL checkpoint, must wait for the commit)."""
+        return self._depth > 0 and self._owner == threading.get_ident()
 
     # -- disk budget ----------------------------------------------------------------------
     def set_budget(self, budget_bytes: int) -> None:
@@ -308,7 +329,8 @@ class Store:
         ts = int(body.get("ts", self.clock.now_ms()))
         if ts < PLAUSIBLE_AFTER_MS:
             self._note_provisional(c)
-        return c.execute("INSERT INTO events(ts, body) VALUES (?, ?)", (ts, cbor2.dumps(body))).lastrowid
+        stored = self._event_codec.seal(body) if self._event_codec is not None else body
+        return c.execute("INSERT INTO events(ts, body) VALUES (?, ?)", (ts, cbor2.dumps(stored))).lastrowid
 
     def add_event(self, body: dict) -> int | None:
         """Stores an event durably. If the disk refuses (full, read-only), the event waits in
@@ -448,14 +470,15 @@ class Store:
         with self._txn() as c:
             rows = c.execute("SELECT id, body FROM events ORDER BY id LIMIT ?", (limit,)).fetchall()
             for event_id, raw in rows:
-                body = cbor2.loads(raw)
-                if prepare is not None:
-                    try:
+                stored = cbor2.loads(raw)
+                try:
+                    body = self._event_codec.open(stored) if self._event_codec is not None else stored
+                    if prepare is not None:
                         body = prepare(body)
-                    except Exception as e:
-                        self.events_invalid += 1
-                        log.error("store: event %r dropped, it cannot be sent: %s", body.get("type"), e)
-                        body = None
+                except Exception as e:
+                    self.events_invalid += 1
+                    log.error("store: event %r dropped, it cannot be sent: %s", stored.get("type"), e)
+                    body = None
                 if body is None:
                     c.execute("DELETE FROM events WHERE id=?", (event_id,))
                     continue
@@ -646,6 +669,7 @@ class _Transaction:
             except BaseException:
                 s._lock.release()
                 raise
+            s._owner = threading.get_ident()
         s._depth += 1
         return s._conn
 
@@ -654,6 +678,7 @@ class _Transaction:
         try:
             s._depth -= 1
             if s._depth == 0:
+                s._owner = None
                 if exc_type is None:
                     try:
                         s._conn.execute("COMMIT")

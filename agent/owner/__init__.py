@@ -1,0 +1,1 @@
+"""The owner's data: consent and its enforcement, location, the data key, export and wipe."""

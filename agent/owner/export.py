@@ -15,7 +15,7 @@ from typing import Any
 import cbor2
 
 from agent.owner import location as location_mod
-from agent.owner.datakey import KEY_FILE, DataKey, DataKeyError
+from agent.owner.datakey import KEY_FILE, DataKey, DataKeyError, EventsAtRest
 from agent.technician.control import open_store_readonly
 from drivers.core.clock import Clock
 
@@ -57,7 +57,7 @@ def _decode(table: str, row: dict, key: DataKey) -> dict:
             fix = key.open_obj(row.pop("blob"), location_mod.AAD)
             return {**row, **fix}
         if table == "events" and "body" in row:
-            row["body"] = cbor2.loads(row["body"])
+            row["body"] = EventsAtRest(key).open(cbor2.loads(row["body"]))
         elif table == "outbox":
             payload = row.pop("payload", b"") or b""
             row["bytes"] = len(payload)

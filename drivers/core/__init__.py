@@ -1,0 +1,1 @@
+"""The shared kernel both drivers/ and agent/ import: samples and frames, the clock, backoff, VIN rules."""

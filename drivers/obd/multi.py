@@ -14,6 +14,10 @@ more ECUs. :class:`MultiPidCommand` appends it when asked; the caller learns the
 previous answer (:func:`frame_count`) and drops the hint where an adapter (or the emulator)
 answers ``?`` to it.
 
+Decoding: :meth:`MultiPidCommand.values` splits each ECU's answer into the PIDs' bytes and runs
+python-OBD's own decoder once per distinct answer (:class:`DecodeCache`; pint quantities and
+their unit texts were half the poller's CPU).
+
 Answer checks (:func:`answers_to`): python-OBD decodes whatever messages come back — a late
 answer to the previous request, or an ELM text such as ``NO DATA`` (which becomes an empty
 message that the DTC decoder reads as "no codes"). :func:`answers_to` keeps only messages whose
@@ -29,7 +33,7 @@ from obd import OBDCommand, OBDResponse
 from obd.protocols import ECU
 
 from drivers.obd.elm327 import Message, message_like
-from drivers.obd.units import DecodeCache
+from drivers.obd.units import value_and_unit
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,45 @@ class MultiPidCommand(OBDCommand):
 
     def clone(self) -> "MultiPidCommand":
         return MultiPidCommand(self.commands, self.count_hint)
+
+
+class DecodeCache:
+    """``(value, unit text)`` of a python-OBD command's answer data (``41 0C 1A F8``), decoded
+    by python-OBD itself the first time a command sees that data and remembered after: python-OBD
+    builds a pint quantity per answer and pint's unit text costs as much again, while a live
+    PID's answers repeat (one-byte PIDs have 256 answers at most). At most ``per_command``
+    answers are kept per command (then that command's table starts afresh). One per reader
+    (not thread-safe)."""
+
+    _MISSING = object()
+
+    def __init__(self, per_command: int = 1024):
+        self.per_command = per_command
+        self._tables: dict[str, dict[bytes, tuple[float, str] | None]] = {}
+        self._template = Message([])
+        self.hits = self.misses = 0
+
+    def value(self, cmd: Any, data: bytes) -> tuple[float, str] | None:
+        table = self._tables.get(cmd.name)
+        if table is None:
+            table = self._tables[cmd.name] = {}
+        found = table.get(data, self._MISSING)
+        if found is not self._MISSING:
+            self.hits += 1
+            return found  # type: ignore[return-value]
+        self.misses += 1
+        message = message_like(self._template, data)
+        message.ecu = cmd.ecu  # python-OBD's ECU filter was applied by the caller
+        try:
+            response = cmd([message])
+            found = None if response.is_null() else value_and_unit(response.value)
+        except Exception:  # noqa: BLE001 - a decoder fed odd bytes must not stop the others
+            log.debug("decoding %s from %s failed", cmd.name, data.hex(), exc_info=True)
+            found = None
+        if len(table) >= self.per_command:
+            table.clear()
+        table[data] = found
+        return found
 
 
 def split_data(data: bytes, by_pid: dict[int, OBDCommand]) -> dict[str, bytes]:

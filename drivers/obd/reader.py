@@ -76,9 +76,9 @@ from drivers.core.backoff import Backoff
 from drivers.obd import diag as obd_diag
 from drivers.obd import elm327, elm_lines
 from drivers.obd import port as obd_port
-from drivers.obd.multi import (CAN_PROTOCOL_IDS, MAX_PIDS_PER_REQUEST, MultiPidCommand,
-                               answers_to, frame_count, is_multi_capable)
-from drivers.obd.units import DecodeCache, unit_text, value_and_unit  # noqa: F401 - re-exported
+from drivers.obd.multi import (CAN_PROTOCOL_IDS, MAX_PIDS_PER_REQUEST, DecodeCache,
+                               MultiPidCommand, answers_to, frame_count, is_multi_capable)
+from drivers.obd.units import unit_text, value_and_unit  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,8 @@
-"""Short unit texts and plain numbers from python-OBD's pint values, and python-OBD's decoders
-run once per distinct answer (:class:`DecodeCache`)."""
+"""Short unit texts and plain numbers from python-OBD's pint values."""
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
-
-from drivers.obd.elm327 import Message, message_like
-
-log = logging.getLogger(__name__)
 
 _UNIT_TEXT = {
     "revolutions_per_minute": "rpm",
@@ -68,40 +62,28 @@ def value_and_unit(value: Any) -> tuple[float, str] | None:
     return number, unit_text(unit)
 
 
-class DecodeCache:
-    """``(value, unit text)`` of a python-OBD command's answer data (``41 0C 1A F8``), decoded
-    by python-OBD itself the first time a command sees that data and remembered after: python-OBD
-    builds a pint quantity per answer and pint's unit text costs as much again, while a live
-    PID's answers repeat (one-byte PIDs have 256 answers at most). At most ``per_command``
-    answers are kept per command (then that command's table starts afresh). One per reader
-    (not thread-safe)."""
+#: The step between two adjacent raw values of python-OBD's decoders, in the unit each returns
+#: (decoders.py: ``percent`` is A * 100 / 255 %, ``temp`` A - 40 °C, ...). UAS decoders carry
+#: their own scale (UnitsAndScaling.UAS_IDS). A test holds this table to python-OBD's decoders.
+_DECODER_STEPS = {
+    "percent": 100 / 255, "absolute_load": 100 / 255, "percent_centered": 100 / 128,
+    "temp": 1.0, "pressure": 1.0, "fuel_pressure": 3.0, "max_maf": 10.0, "count": 1.0,
+    "sensor_voltage": 1 / 200, "sensor_voltage_big": 8 / 65535, "current_centered": 1 / 256,
+    "evap_pressure": 0.25, "abs_evap_pressure": 1 / 200, "evap_pressure_alt": 1.0,
+    "timing_advance": 0.5, "inject_timing": 1 / 128, "fuel_rate": 0.05,
+    "elm_voltage": 0.1,   # the adapter answers e.g. "12.3V"
+}
 
-    _MISSING = object()
 
-    def __init__(self, per_command: int = 1024):
-        self.per_command = per_command
-        self._tables: dict[str, dict[bytes, tuple[float, str] | None]] = {}
-        self._template = Message([])
-        self.hits = self.misses = 0
+def resolution(command: Any) -> float | None:
+    """The resolution of a python-OBD command's values (the step between two adjacent raw
+    values, in the unit of its value), or ``None`` for a decoder without one (status bits,
+    strings)."""
+    import functools
 
-    def value(self, cmd: Any, data: bytes) -> tuple[float, str] | None:
-        table = self._tables.get(cmd.name)
-        if table is None:
-            table = self._tables[cmd.name] = {}
-        found = table.get(data, self._MISSING)
-        if found is not self._MISSING:
-            self.hits += 1
-            return found  # type: ignore[return-value]
-        self.misses += 1
-        message = message_like(self._template, data)
-        message.ecu = cmd.ecu  # python-OBD's ECU filter was applied by the caller
-        try:
-            response = cmd([message])
-            found = None if response.is_null() else value_and_unit(response.value)
-        except Exception:  # noqa: BLE001 - a decoder fed odd bytes must not stop the others
-            log.debug("decoding %s from %s failed", cmd.name, data.hex(), exc_info=True)
-            found = None
-        if len(table) >= self.per_command:
-            table.clear()
-        table[data] = found
-        return found
+    decode = getattr(command, "decode", None)
+    if isinstance(decode, functools.partial) and decode.func.__name__ == "decode_uas":
+        from obd.UnitsAndScaling import UAS_IDS
+        uas = UAS_IDS.get(decode.keywords.get("id_"))
+        return float(uas.scale) if uas is not None else None
+    return _DECODER_STEPS.get(getattr(decode, "__name__", None))

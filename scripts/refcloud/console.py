@@ -40,18 +40,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.cloud import keys, protocol, topics
 from drivers.core.clock import Clock
+from drivers.core.text import safe_text as _safe
 
 now_ms = Clock().now_ms
 
 log = logging.getLogger("cloud_console")
 
 PREFIX_ROOT = topics.ROOT
-
-
-def _safe(text: str, limit: int = 200) -> str:
-    """Shows untrusted text on a terminal: control characters escaped, length capped."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return out if len(out) <= limit else out[:limit] + "…"
 
 
 class Registry:

@@ -1,0 +1,1 @@
+"""Test infrastructure: brokers, dev CA, devenv, TUF server, gps, waits, device VM harness."""

@@ -113,6 +113,10 @@ class LocalBroker:
         except OSError:
             return ""
 
+    def add_device(self, *device_ids: str) -> None:
+        """Nothing to do: the pattern ACL admits every certificate CN. (RabbitMQ needs a user
+        per device; scripts/testbed/rabbitmq.py has the same method, so tests can take either.)"""
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
