@@ -357,3 +357,14 @@ def test_poller_status_shows_the_multi_pid_mode(emu, relay, pollers):
     assert poller.status()["multi_pid"] is False
     n = sink.count("x.speed")
     wait_until(lambda: sink.count("x.speed") >= n + 5, what="samples in the fall-back")
+
+
+def test_a_silent_ecu_costs_one_request_per_poll_not_seven(reader, relay):
+    # the engine stops: NO DATA to everything. A group answered before is not asked again PID
+    # by PID (each NO DATA waits out the adapter's timeout on a real car)
+    assert set(reader.read_pids(SIX)) == set(SIX)
+    relay.intercept = Spell(elm("NO DATA"), on=True)
+    mark(relay)
+    assert reader.read_pids(SIX) == {} and reader.outcome == elm_lines.NO_DATA
+    assert len(obd_requests(relay)) == 1
+    assert reader.multi_mode == "multi"  # and no fall-back for it

@@ -194,6 +194,7 @@ class ObdReader:
         self._solo_backoff: dict[str, Backoff] = {}
         self._streak: dict[str, int] = {}  # grouped answers in a row since a fall-back
         self._asked: set[str] = set()  # groupable PIDs asked on this connection
+        self._groups_answered: set[tuple[str, ...]] = set()  # requests answered at least once
         self._fallback_total = 0.0
         self._fallback_since: float | None = None
         self._freeze: obd_diag.FreezeFrameReader | None = None
@@ -261,6 +262,7 @@ class ObdReader:
         self._solo_backoff = {}
         self._streak = {}
         self._asked = set()
+        self._groups_answered = set()
         self._fallback_total, self._fallback_since = 0.0, None
         self._freeze = obd_diag.FreezeFrameReader(self._send)
         self._adapter_setting(b"ATAT1", "adaptive timing")
@@ -480,9 +482,12 @@ class ObdReader:
                 if self.multi_pid is None:
                     log.info("OBD: the vehicle answers multi-PID requests")
                 self.multi_pid = True
-            elif answered or self.outcome in (elm_lines.NO_DATA, elm_lines.REFUSED):
-                # left out of an answer, or the request as a whole refused: ask alone; a
-                # bus error or a lost adapter spoils singles as well, so those wait
+            elif answered or (self.outcome in (elm_lines.NO_DATA, elm_lines.REFUSED)
+                              and tuple(group) not in self._groups_answered):
+                # left out of an answer, or a group never answered refused as a whole (an
+                # ECU without multi-PID): ask alone. A bus error or a lost adapter spoils
+                # singles as well, and NO DATA to a group answered before is a silent ECU
+                # (engine off): those wait for the next poll
                 outcome, error = self.outcome, self.last_error
                 retried = {n: v for n in missing if (v := self._query_single(n)) is not None}
                 results.update(retried)
@@ -649,6 +654,7 @@ class ObdReader:
                 self._frame_counts.pop(key, None)
         if messages is None:
             return {}, False
+        self._groups_answered.add(key)
         if hint:
             if self.count_hint is None:
                 self.count_hint = True
