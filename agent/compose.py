@@ -169,7 +169,8 @@ class Agent:
                 "buffer": self.store.counts(), "broker_connected": self.link.connected}
         if self.obd:
             st = self.obd.status()
-            snap["obd"] = {k: st.get(k) for k in ("connected", "protocol", "errors", "last_error")}
+            snap["obd"] = {k: st.get(k) for k in ("connected", "protocol", "errors", "last_error",
+                                                  "fault")}
         try:
             snap["health"] = self.health.snapshot()
         except Exception as e:
@@ -245,7 +246,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         obd = ObdPoller(s.obd.port, cloudconfig.obd_pids(config.current()), ingest.put_samples,
                         on_vehicle=lambda info: identity.on_vehicle(info),
                         baudrate=s.obd.baudrate or None, timeout_s=s.obd.timeout_s, clock=clock.now_ms,
-                        on_dtc=emit_event, dtc_store=store,
+                        on_dtc=emit_event, on_event=emit_event, dtc_store=store,
                         dtc_period_s=float(config.current().get("obd", {}).get("dtc_period_s", 60)))
 
     # -- power management and the MCU -------------------------------------------------------------
