@@ -313,7 +313,11 @@ class Technician:
 def buffer_report(query, *, ingest_dropped: dict | None = None, now: int | None = None) -> dict:
     """Buffer depth per kind, oldest item, evictions — from the store (live or read-only)."""
     now = Clock().now_ms() if now is None else now
-    depth = {t: query(f"SELECT count(*) FROM {t}")[0][0] for t in ("samples", "frames", "events", "outbox")}
+    depth = {t: query(f"SELECT count(*) FROM {t}")[0][0] for t in ("samples", "events", "outbox")}
+    # raw frames are stored as blocks of n frames (agent/outbox/frame_blocks.py; schema 3)
+    depth["frames"] = query("SELECT coalesce(sum(n), 0) FROM frames")[0][0] if "n" in {
+        r[1] for r in query("PRAGMA table_info(frames)")} else query("SELECT count(*) FROM frames")[0][0]
+    depth = {t: depth[t] for t in ("samples", "frames", "events", "outbox")}
     oldest = {
         "samples": query("SELECT min(t_ms) FROM samples")[0][0],
         "frames": (lambda v: v // 1000 if v else None)(query("SELECT min(t_us) FROM frames")[0][0]),
