@@ -436,3 +436,80 @@ def test_slcan_adapter_emulated_by_elm327_emulator(tmp_path) -> None:
     reply = next(f for f in got.frames if f.can_id in range(0x7E8, 0x7F0))
     assert reply.data[:3] == b"\x04\x41\x0c"  # single frame, mode 01 answer, PID 0C (RPM)
     assert st["frames"] >= 1 and st["errors"] == 0
+
+
+# -- SLCAN: python-can's slcan driver on a pty fed by hand: what a cheap adapter sends -------------
+
+class _SlcanPty:
+    """A pty whose slave end python-can's slcan driver opens as its serial adapter; the test
+    writes the adapter's lines (``t1230...\\r``) on the master end and drains what the driver
+    writes (``C``, ``S6``, ``O``)."""
+
+    def __init__(self) -> None:
+        self.master, self._slave = pty.openpty()
+        tty.setraw(self._slave)
+        self.port = os.ttyname(self._slave)
+        self._stop = threading.Event()
+        self._drain = threading.Thread(target=self._run, daemon=True)
+        self._drain.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    os.read(self.master, 4096)
+                except OSError:
+                    return
+
+    def send(self, *lines: str | bytes) -> None:
+        os.write(self.master, b"".join((line if isinstance(line, bytes) else line.encode()) + b"\r"
+                                       for line in lines))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._drain.join(2)
+        os.close(self.master)
+        os.close(self._slave)
+
+
+def slcan_line(can_id: int, data: bytes, *, ext: bool = False) -> str:
+    return (f"T{can_id:08X}" if ext else f"t{can_id:03X}") + f"{len(data)}{data.hex().upper()}"
+
+
+def test_unparsable_slcan_lines_are_skipped_and_counted_without_a_reopen() -> None:
+    """Issue 20 item 5: python-can's slcan driver raises inside recv() on a garbled line; that
+    is one bad line, not a failed port: it is counted and the very next frame is read, the port
+    is never reopened (which lost frames for up to 30 s)."""
+    link = _SlcanPty()
+    got = Collector()
+    setting = {"name": "slcan0", "interface": "slcan", "channel": link.port, "sleep_after_open": 0}
+    reopened: list[str] = []
+
+    def reopen(name: str) -> can.BusABC:
+        reopened.append(name)
+        return open_bus(setting)
+
+    garbage = ["tZZZ80000000000000000",     # id not hex: ValueError
+               "t12",                        # cut short: IndexError
+               "T1234567X",                  # DLC not a digit: ValueError
+               "t1238GG00000000000000",     # payload not hex: ValueError
+               b"\xff\xfe\x80"]              # not even text: UnicodeDecodeError inside _read
+    try:
+        with CanReader({"slcan0": open_bus(setting)}, got, reopen=reopen, backoff_s=(0.05, 0.2)) as reader:
+            sent = []
+            for n in range(40):
+                data = n.to_bytes(2, "big")
+                lines = [slcan_line(0x100 + n % 3, data)]
+                if n % 8 == 3:
+                    lines.insert(0, garbage[(n // 8) % len(garbage)])
+                link.send(*lines)
+                sent.append((0x100 + n % 3, data))
+            assert wait_until(lambda: len(got.frames) >= len(sent) and
+                              reader.status()["slcan0"]["unparsable"] >= 5, timeout=20)
+            st = reader.status()["slcan0"]
+    finally:
+        link.close()
+    assert [(f.can_id, f.data) for f in got.frames] == sent     # nothing after the garbage lost
+    assert st["unparsable"] == 5 and st["reopens"] == 0 and reopened == []
+    assert st["bus_errors"] == 0 and st["errors"] == 0 and st["state"] == "running"
+    assert st["last_unparsable"]
