@@ -237,3 +237,62 @@ def test_replay_routes_recorded_channels_to_buses_and_loops_until_stopped() -> N
         t.join(30)
     assert not t.is_alive()
     assert done[0].passes >= 1 and done[0].sent > CAN0_FRAMES
+
+
+# Sent through a bus with their recorded times moved onto the epoch by this fixed amount (so a
+# sample's time is the recorded one, and the answers below are exact).
+EPOCH_SHIFT_S = 1_760_000_000.0 - 46_400.0
+ON_CHANGE = {
+    "signals": [{"name": "engine_running", "message": "ENGINE_RPM", "signal": "ENGINE_RUNNING", "period_s": 0,
+                 "heartbeat_s": 10},
+                {"name": "odometer", "message": "UI_SETTING", "signal": "ODOMETER", "period_s": 0, "heartbeat_s": 10},
+                {"name": "gear", "message": "GEAR_PACKET", "signal": "GEAR", "period_s": 0}],
+    "raw": {"enabled": False, "ids": []},
+}
+
+
+def test_on_change_with_a_heartbeat_on_the_replayed_drive(db) -> None:
+    """``period_s: 0`` is send on change, with a heartbeat (issue 20 item 16): on the real minute,
+    ENGINE_RUNNING stays 1 over 2,547 frames and is sent once every 10 s (its first frame at or
+    after each heartbeat); the odometer reads 15589 km until a frame 54.853 s in reads 15590 (sent
+    at once, between heartbeats); the gear stays 0 and, with the default heartbeat of 60 s, is
+    sent once in the minute. Offsets in ms from each signal's first frame."""
+    from agent.vehicle.can_pipeline import CanPipeline
+    channel = f"onchange-{uuid.uuid4().hex[:8]}"
+    got: list[Sample] = []
+    lock = threading.Lock()
+
+    def put(samples):
+        with lock:
+            got.extend(samples)
+
+    pipe = CanPipeline([{"name": "can0", "interface": "virtual", "channel": channel, "dbc": str(PKG_DBC)}],
+                       ON_CHANGE, put_samples=put, put_frames=lambda f: None)
+    assert pipe.problems == []
+    sent = wanted = 0
+    ids = {db.get_message_by_name(m).frame_id for m in ("ENGINE_RPM", "UI_SETTING", "GEAR_PACKET")}
+    pipe.start()
+    try:
+        with can.Bus(interface="virtual", channel=channel, preserve_timestamps=True) as tx, \
+                can.LogReader(str(LOG)) as reader:
+            for msg in reader:
+                if msg.channel == "can0":
+                    msg.timestamp += EPOCH_SHIFT_S
+                    tx.send(msg)
+                    sent += 1
+                    wanted += msg.arbitration_id in ids
+            # The acceptance filters pass the three configured messages only.
+            assert wait_until(lambda: pipe.reader.delivered >= wanted, 60)
+            assert pipe.status()["buses"]["can0"]["drops"] == 0
+    finally:
+        pipe.stop()
+    assert sent == CAN0_FRAMES
+    by = {}
+    for s in got:
+        by.setdefault(s.name, []).append((s.t_ms, s.value))
+    first = {name: rows[0][0] for name, rows in by.items()}
+    answers = {n: [(t - first[n], v) for t, v in rows] for n, rows in by.items()}
+    assert answers["engine_running"] == [(0, 1), (10015, 1), (20020, 1), (30028, 1), (40037, 1), (50048, 1)]
+    assert answers["odometer"] == [(0, 15589), (10000, 15589), (20001, 15589), (30997, 15589), (40999, 15589),
+                                   (51999, 15589), (54853, 15590)]
+    assert answers["gear"] == [(0, 0)]
