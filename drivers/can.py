@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +57,15 @@ _CAN_ERR_CRTL_PASSIVE = 0x10 | 0x20  # RX_PASSIVE | TX_PASSIVE in data[1]
 
 Filters = list[dict[str, Any]] | None
 
+#: Receive buffer asked for on a bus's kernel socket (SocketCAN, udp_multicast): at 10,000
+#: frames/s the default 208 KiB holds ~30 ms of frames, less than one pause of the reader (a
+#: garbage collection, a busy core), and the kernel drops what does not fit. The kernel caps
+#: the request at ``net.core.rmem_max`` (docs/performance.md).
+RCVBUF_BYTES = 1 << 20
+_SO_MEMINFO = 55        # linux/sock_diag.h: getsockopt(SOL_SOCKET) -> u32[SK_MEMINFO_VARS]
+_SK_MEMINFO_RCVBUF = 1
+_SK_MEMINFO_DROPS = 8
+
 
 def load_dbc(path: str | Path) -> Database:
     """A DBC loaded the way real-world files need it (``strict=False``: overlapping signals).
@@ -77,7 +89,52 @@ def bus_kwargs(setting: Mapping[str, Any], can_filters: Filters = None) -> dict[
 
 
 def open_bus(setting: Mapping[str, Any], can_filters: Filters = None) -> can.BusABC:
-    return can.Bus(**bus_kwargs(setting, can_filters))
+    bus = can.Bus(**bus_kwargs(setting, can_filters))
+    with _kernel_socket(bus) as sock:
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
+            except OSError as e:
+                log.debug("CAN bus %s: SO_RCVBUF: %s", setting.get("name"), e)
+    return bus
+
+
+class _kernel_socket:
+    """``with _kernel_socket(bus) as sock``: the bus's kernel socket (a duplicate of its
+    descriptor, closed after), or None for a bus without one (slcan's serial port, virtual)."""
+
+    def __init__(self, bus: can.BusABC | None):
+        self._sock: socket.socket | None = None
+        try:
+            fd = bus.fileno() if bus is not None else -1
+        except Exception:   # NotImplementedError (virtual), a closed bus
+            fd = -1
+        if isinstance(fd, int) and fd >= 0:
+            dup = os.dup(fd)
+            try:
+                self._sock = socket.socket(fileno=dup)
+            except OSError:   # not a socket
+                os.close(dup)
+
+    def __enter__(self) -> socket.socket | None:
+        return self._sock
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+
+def socket_meminfo(bus: can.BusABC | None) -> tuple[int, int] | None:
+    """(receive buffer bytes, datagrams dropped by the kernel) of the bus's socket, from
+    SO_MEMINFO (Linux 4.6+); None without a kernel socket."""
+    with _kernel_socket(bus) as sock:
+        if sock is None:
+            return None
+        try:
+            info = struct.unpack("9I", sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 36)[:36])
+        except (OSError, struct.error):
+            return None
+    return info[_SK_MEMINFO_RCVBUF], info[_SK_MEMINFO_DROPS]
 
 
 def _filters_for(name: str, can_filters: Filters | Mapping[str, Filters]) -> Filters:
@@ -146,7 +203,7 @@ def _forget_undecodable_line(bus: can.BusABC, e: BaseException) -> None:
 
 
 class _BusState:
-    __slots__ = ("name", "bus", "queue", "frames", "drops", "invalid", "last_invalid", "unparsable",
+    __slots__ = ("name", "bus", "queue", "frames", "drops", "socket_drops_before", "invalid", "last_invalid", "unparsable",
                  "last_unparsable", "error_frames", "remote_frames", "bus_errors", "bus_off", "reopens",
                  "state", "last_error", "opened_at", "thread")
 
@@ -156,6 +213,7 @@ class _BusState:
         self.queue: collections.deque[can.Message] = collections.deque()
         self.frames = 0
         self.drops = 0
+        self.socket_drops_before = 0   # kernel drops on sockets of this bus closed since
         self.invalid = 0
         self.last_invalid = ""
         self.unparsable = 0
@@ -286,13 +344,26 @@ class CanReader:
         self.stop()
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per bus: frames (queued), errors (error frames + port failures), drops (deque full),
-        invalid (frames the protocol cannot carry), unparsable (messages skipped), state, details."""
+        """Per bus: frames (queued), errors (error frames + port failures), drops (frames lost
+        before the agent had them: the deque full, plus what the kernel dropped on the bus's
+        socket, ``socket_drops``, since it was opened), invalid (frames the protocol cannot
+        carry), unparsable (messages skipped), state, details."""
+        out = {}
+        for st in self._states.values():
+            mem = socket_meminfo(st.bus)
+            out[st.name] = self._status_of(st, mem)
+        return out
+
+    @staticmethod
+    def _status_of(st: _BusState, mem: tuple[int, int] | None) -> dict[str, Any]:
+        kernel = mem[1] if mem else 0
         return {
-            st.name: {
                 "frames": st.frames,
                 "errors": st.error_frames + st.bus_errors,
-                "drops": st.drops,
+                "drops": st.drops + st.socket_drops_before + kernel,
+                "queue_drops": st.drops,
+                "socket_drops": None if mem is None and not st.socket_drops_before else st.socket_drops_before + kernel,
+                "rcvbuf": mem[0] if mem else None,
                 "invalid": st.invalid,
                 "unparsable": st.unparsable,
                 "state": st.state,
@@ -305,8 +376,6 @@ class CanReader:
                 "last_error": st.last_error,
                 "last_invalid": st.last_invalid,
                 "last_unparsable": st.last_unparsable,
-            }
-            for st in self._states.values()
         }
 
     # -- receive threads ------------------------------------------------------------------------
@@ -349,6 +418,8 @@ class CanReader:
                 wait = backoff.next()
                 log.error("CAN bus %s failed: %s; reopening in %.1f s", name, st.last_error, wait)
                 if self._reopen is not None:
+                    mem = socket_meminfo(bus)
+                    st.socket_drops_before += mem[1] if mem else 0
                     _shutdown_quietly(bus)
                     st.bus = None
                 st.state = "reopening"

@@ -269,8 +269,7 @@ def test_on_change_with_a_heartbeat_on_the_replayed_drive(db) -> None:
     pipe = CanPipeline([{"name": "can0", "interface": "virtual", "channel": channel, "dbc": str(PKG_DBC)}],
                        ON_CHANGE, put_samples=put, put_frames=lambda f: None)
     assert pipe.problems == []
-    sent = wanted = 0
-    ids = {db.get_message_by_name(m).frame_id for m in ("ENGINE_RPM", "UI_SETTING", "GEAR_PACKET")}
+    sent = 0
     pipe.start()
     try:
         with can.Bus(interface="virtual", channel=channel, preserve_timestamps=True) as tx, \
@@ -280,9 +279,8 @@ def test_on_change_with_a_heartbeat_on_the_replayed_drive(db) -> None:
                     msg.timestamp += EPOCH_SHIFT_S
                     tx.send(msg)
                     sent += 1
-                    wanted += msg.arbitration_id in ids
-            # The acceptance filters pass the three configured messages only.
-            assert wait_until(lambda: pipe.reader.delivered >= wanted, 60)
+            # A virtual bus filters in software: no acceptance filters, every frame delivered.
+            assert wait_until(lambda: pipe.reader.delivered >= sent, 60)
             assert pipe.status()["buses"]["can0"]["drops"] == 0
     finally:
         pipe.stop()

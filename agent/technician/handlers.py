@@ -147,7 +147,8 @@ class Technician:
             "vehicle": {"vin": vehicle.get("vin") or obd.get("vin"), "protocol": vehicle.get("protocol") or obd.get("protocol")},
             "adapter": None if self._obd_poller is None else {"port": obd.get("port"), "connected": obd.get("connected"),
                                                    "protocol": obd.get("protocol")},
-            "buses": {n: {k: b.get(k) for k in ("state", "frames", "errors", "drops", "invalid", "unparsable")}
+            "buses": {n: {k: b.get(k) for k in ("state", "frames", "errors", "drops", "queue_drops", "socket_drops",
+                                                "rcvbuf", "invalid", "unparsable")}
                       for n, b in ((st.get("can") or {}).get("buses") or {}).items()},
             "broker": {"connected": st["broker"]["connected"], "endpoint": self._broker_endpoint()},
             "config_version": st.get("config_version"),
