@@ -160,6 +160,67 @@ finally:
 """
 
 
+BARE = """
+import os, sys, threading, time
+import can
+group, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+bus = can.Bus(interface="udp_multicast", channel=group, port=port)
+import socket
+sock = socket.socket(fileno=os.dup(bus.fileno()))   # the receive buffer the agent asks for
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+n = 0
+def report():
+    while True:
+        time.sleep(0.5)
+        with open(out + ".tmp", "w") as f:
+            f.write(str(n))
+        os.replace(out + ".tmp", out)
+threading.Thread(target=report, daemon=True).start()
+while True:
+    if bus.recv(0.5) is not None:
+        n += 1
+"""
+
+
+class BareReceiver:
+    """The baseline beside the agent: a bare python-can receiver of the same bus in its own
+    process (``recv()`` in a loop, counting), with the same receive buffer as the agent's."""
+
+    def __init__(self, group: str, port: int, workdir: Path, py: Path):
+        self.count = workdir / "bare"
+        self.proc = subprocess.Popen([str(py), "-c", BARE, group, str(port), str(self.count)],
+                                     cwd=tempfile.gettempdir(), stderr=open(workdir / "bare.log", "w"),
+                                     env={**os.environ, "PYTHONPATH": ""})
+
+    def received(self) -> int:
+        try:
+            return int(self.count.read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def rx_queue_bytes(pid: int) -> int | None:
+    """Bytes waiting in the receive queue of the process's UDP sockets (/proc/net/udp rx_queue)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    total = None
+    for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[9] in inodes:
+            total = (total or 0) + int(f[4].split(":")[1], 16)
+    return total
+
+
 class Feeder:
     """Sends the RAV4 drive's frames round and round onto the bus at ``rate`` frames/s, from its
     own process (the bench's own threads would otherwise slow it down)."""
@@ -261,15 +322,27 @@ def run_load(py: Path, duration: float, rate: float, env_extra: dict[str, str], 
         agent = subprocess.Popen([str(exe), "--config", str(toml)], stdout=log, stderr=subprocess.STDOUT, env=env)
         sent, died = 0, None
         samples: list[tuple[float, dict[str, float]]] = []
+        queue: list[int] = []   # the agent's socket receive queue, sampled every 20 ms
+        bare = BareReceiver(group, port, run, py) if config == "raw" else None
+        if bare is not None:
+            stack.callback(bare.stop)
         try:
             time.sleep(10)
             idle = proc_mem(agent.pid)
+            bare0 = bare.received() if bare else 0
             feeder = Feeder(group, port, rate, run)
-            t0 = time.monotonic()
+            t0 = next_mem = time.monotonic()
             while time.monotonic() - t0 < duration and agent.poll() is None:
-                samples.append((time.monotonic() - t0, proc_mem(agent.pid)))
-                time.sleep(5)
+                if time.monotonic() >= next_mem:
+                    samples.append((time.monotonic() - t0, proc_mem(agent.pid)))
+                    next_mem += 5
+                q = rx_queue_bytes(agent.pid)
+                if q is not None:
+                    queue.append(q)
+                time.sleep(0.02)
             sent = feeder.stop()
+            time.sleep(1)
+            bare_got = bare.received() - bare0 if bare else 0
             died = agent.poll()
             cpu = _cpu_s(agent.pid) if died is None else 0.0
             time.sleep(2)   # what is still queued reaches the agent
@@ -299,7 +372,8 @@ def run_load(py: Path, duration: float, rate: float, env_extra: dict[str, str], 
             "peak": max(m for _, m in rss), "slope": slope_mb_per_min(rss[len(rss) // 2:]),
             "sent": sent, "delivered": frames, "cpu_s": cpu, "exit": died, "log_tail": tail,
             "bus": (status.get("buses") or {}).get("can0") or {}, "signals": len(signals), "positions": positions,
-            "ev": any(n.startswith("ev.") or n.startswith("battery") for n in signals)}
+            "ev": any(n.startswith("ev.") or n.startswith("battery") for n in signals),
+            "bare": bare_got, "queue": queue}
 
 
 def _cpu_s(pid: int) -> float:
@@ -351,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
               f"unparsable {b.get('unparsable', 0)}; unaccounted {r['sent'] - got - b.get('drops', 0):,}")
         if r["config"] == "raw":
             print(f"  delivered to the cloud as raw frames: {r['delivered']:,} ({r['delivered'] / max(1, r['sent']):.1%} of sent)")
+            print(f"  baseline, a bare python-can receiver of the same bus in the same run: {r['bare']:,} "
+                  f"({r['bare'] / max(1, r['sent']):.1%} of sent)")
+            q, cap = r["queue"], b.get("rcvbuf") or 0
+            if q and cap:
+                full = sum(1 for x in q if x >= 0.9 * cap) / len(q)
+                print(f"  the agent's socket queue (sampled every 20 ms): median {statistics.median(q) / 1024:.0f} KiB, "
+                      f"max {max(q) / 1024:.0f} KiB of {cap / 1024:.0f}, at least 90 % full {full:.1%} of the time")
         else:
             print(f"  signals at the cloud: {r['signals']}{' incl. EV battery' if r['ev'] else ''}; "
                   f"positions {r['positions']}")
