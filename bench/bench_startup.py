@@ -34,15 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_car import config as car_config  # noqa: E402
-from bench.bench_can import DBC  # noqa: E402
+from bench.bench_car import DEV, car_fleet  # noqa: E402
 from bench.bench_memory import DEFAULT_VENV, IMPORT_STEPS, ensure_runtime_venv  # noqa: E402
-from scripts.refcloud.console import CloudConsole  # noqa: E402
-from scripts.testbed import devenv  # noqa: E402
 from scripts.testbed.wait import wait_until  # noqa: E402
 from scripts.vehicle_sim.elm_emulator import ElmEmulator  # noqa: E402
 
-DEV = "boot-0001"
 PI_FACTOR = 5
 
 
@@ -51,15 +47,7 @@ def first_puback(py: Path, runs: int) -> list[float]:
     out = []
     with tempfile.TemporaryDirectory(prefix="boot-", dir="/tmp") as d, ElmEmulator("car", workdir=Path(d) / "elm") as emu:
         run = Path(d)
-        ca = devenv.make_cloud(run)
-        broker = devenv.start_broker(run, ca)
-        bus = (f'[[can.buses]]\nname = "can0"\ninterface = "udp_multicast"\nchannel = "239.80.1.1"\n'
-               f'port = 47001\ndbc = "{DBC}"\n')
-        toml = devenv.make_device(run, ca, DEV, broker_port=broker.port, obd_port=emu.port, extra_toml=bus)
-        console = CloudConsole(run)
-        console.start()
-        console.connected.wait(15)
-        console.publish(DEV, "config", car_config(30, False))
+        broker, toml, console = car_fleet(run, emu.port, "239.80.1.1", 47001)
         env = dict(os.environ, PYTHONPATH="")
         try:
             for i in range(runs + 1):   # the first start stores the config: not counted

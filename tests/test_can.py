@@ -27,6 +27,7 @@ from agent.vehicle.can_decode import CanDecoder, decoder_from_dbc_text
 from drivers.core.model import Frame, Sample
 from drivers.can import CanReader, open_bus, open_buses
 from scripts.testbed.wait import wait_until
+from scripts.vehicle_sim.slcan_pty import SlcanPty, slcan_line
 
 IFACE = os.environ.get("CAN_TEST_INTERFACE", "virtual")
 CHANNEL = os.environ.get("CAN_TEST_CHANNEL")
@@ -440,47 +441,11 @@ def test_slcan_adapter_emulated_by_elm327_emulator(tmp_path) -> None:
 
 # -- SLCAN: python-can's slcan driver on a pty fed by hand: what a cheap adapter sends -------------
 
-class _SlcanPty:
-    """A pty whose slave end python-can's slcan driver opens as its serial adapter; the test
-    writes the adapter's lines (``t1230...\\r``) on the master end and drains what the driver
-    writes (``C``, ``S6``, ``O``)."""
-
-    def __init__(self) -> None:
-        self.master, self._slave = pty.openpty()
-        tty.setraw(self._slave)
-        self.port = os.ttyname(self._slave)
-        self._stop = threading.Event()
-        self._drain = threading.Thread(target=self._run, daemon=True)
-        self._drain.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if select.select([self.master], [], [], 0.1)[0]:
-                try:
-                    os.read(self.master, 4096)
-                except OSError:
-                    return
-
-    def send(self, *lines: str | bytes) -> None:
-        os.write(self.master, b"".join((line if isinstance(line, bytes) else line.encode()) + b"\r"
-                                       for line in lines))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._drain.join(2)
-        os.close(self.master)
-        os.close(self._slave)
-
-
-def slcan_line(can_id: int, data: bytes, *, ext: bool = False) -> str:
-    return (f"T{can_id:08X}" if ext else f"t{can_id:03X}") + f"{len(data)}{data.hex().upper()}"
-
-
 def test_unparsable_slcan_lines_are_skipped_and_counted_without_a_reopen() -> None:
     """Issue 20 item 5: python-can's slcan driver raises inside recv() on a garbled line; that
     is one bad line, not a failed port: it is counted and the very next frame is read, the port
     is never reopened (which lost frames for up to 30 s)."""
-    link = _SlcanPty()
+    link = SlcanPty()
     got = Collector()
     setting = {"name": "slcan0", "interface": "slcan", "channel": link.port, "sleep_after_open": 0}
     reopened: list[str] = []

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import pty
-import select
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-import tty
 import uuid
 from pathlib import Path
 
@@ -40,6 +35,7 @@ from agent.vehicle.can_pipeline import CanPipeline
 from drivers.core.model import Sample
 from scripts.refcloud.console import frames as console_frames
 from scripts.testbed.wait import wait_until
+from scripts.vehicle_sim.slcan_pty import SlcanPty
 
 GOOD_ID = 0x123
 CONFIG = {"version": 1, "upload": {"interval_s": 1}, "obd": {"pids": [], "dtc_period_s": 600},
@@ -53,43 +49,12 @@ def _dongle(toml: Path, *argv: str) -> dict:
     return json.loads(r.stdout)
 
 
-class SlcanAdapter:
-    """What a serial CAN adapter does on its end of the line: a pty whose slave python-can's slcan
-    driver (inside the agent) opens; lines written here arrive as that adapter's frames."""
-
-    def __init__(self) -> None:
-        self.master, self._slave = pty.openpty()
-        tty.setraw(self._slave)
-        self.port = os.ttyname(self._slave)
-        self.heard = bytearray()       # what the driver wrote (C, O, ...)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            if select.select([self.master], [], [], 0.1)[0]:
-                try:
-                    self.heard += os.read(self.master, 4096)
-                except OSError:
-                    return
-
-    def send(self, *lines: str) -> None:
-        os.write(self.master, b"".join(line.encode() + b"\r" for line in lines))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        os.close(self.master)
-        os.close(self._slave)
-
-
 def test_out_of_spec_slcan_frames_are_dropped_counted_and_the_rest_reaches_the_cloud(fleet, tmp_path):
     """A cheap adapter delivers an 11-bit id above 0x7FF, a 29-bit id above 0x1FFFFFFF and nine data
     bytes on a classic frame (which raw capture stored and sealing then refused, halting every
     uplink for good): each is dropped where it enters and counted on its bus; every good frame,
     before and after them, reaches the cloud; ``dongle status`` shows the counts."""
-    adapter = SlcanAdapter()
+    adapter = SlcanPty()
     sock = Path(f"/tmp/dgl-{uuid.uuid4().hex[:8]}.sock")
     dev = "poison-0001"
     toml = fleet.device(dev, control={"socket": str(sock)},

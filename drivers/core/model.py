@@ -82,9 +82,7 @@ class FrameBatch:
         """:class:`Frame` objects (any buses, any order) as one batch per bus, in arrival order."""
         out: dict[str, FrameBatch] = {}
         for f in frames:
-            b = out.get(f.bus)
-            if b is None:
-                b = out[f.bus] = FrameBatch(f.bus, [], [], [])
+            b = _batch_of(out, f.bus)
             b.t_us.append(f.t_us)
             b.keys.append(f.can_id | EXT_FLAG if f.extended else f.can_id)
             b.data.append(f.data)
@@ -95,14 +93,18 @@ class FrameBatch:
         """Batches (any buses) merged into one per bus, each bus's frames in the given order."""
         out: dict[str, FrameBatch] = {}
         for b in batches:
-            m = out.get(b.bus)
-            if m is None:
-                out[b.bus] = FrameBatch(b.bus, list(b.t_us), list(b.keys), list(b.data))
-            else:
-                m.t_us += b.t_us
-                m.keys += b.keys
-                m.data += b.data
+            into = _batch_of(out, b.bus)
+            into.t_us += b.t_us
+            into.keys += b.keys
+            into.data += b.data
         return list(out.values())
+
+
+def _batch_of(batches: dict[str, FrameBatch], bus: str) -> FrameBatch:
+    b = batches.get(bus)
+    if b is None:
+        b = batches[bus] = FrameBatch(bus, [], [], [])
+    return b
 
 
 def frame_problem(can_id: int, extended: bool, length: int, fd: bool = False) -> str | None:
