@@ -441,18 +441,19 @@ class CanReader:
         st = self._states[bus]
         self._accept(st, msg, st.queue, self._queue_size, self._clock_us)
 
-    def _accept(self, st: _BusState, msg: can.Message, queue, limit: int, clock_us) -> None:
-        if msg.is_error_frame:
-            self._on_error_frame(st, msg)
-            return
-        if msg.is_remote_frame:
-            st.remote_frames += 1
+    def _accept(self, st: _BusState, msg: can.Message, queue, limit: int, clock_us,
+                epoch_min: float = _EPOCH_MIN_S, epoch_max: float = _EPOCH_MAX_S) -> None:
+        if msg.is_error_frame or msg.is_remote_frame:
+            if msg.is_error_frame:
+                self._on_error_frame(st, msg)
+            else:
+                st.remote_frames += 1
             return
         if msg.arbitration_id > (0x1FFF_FFFF if msg.is_extended_id else 0x7FF) \
                 or len(msg.data) > (64 if msg.is_fd else 8):
             self._on_invalid(st, msg)
             return
-        if not _EPOCH_MIN_S <= msg.timestamp <= _EPOCH_MAX_S:
+        if not epoch_min <= msg.timestamp <= epoch_max:
             msg.timestamp = clock_us() / 1_000_000
         if len(queue) >= limit:
             st.drops += 1

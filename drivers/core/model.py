@@ -5,15 +5,16 @@ Drivers (OBD, CAN, UDS, GNSS) produce these; nothing here does I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
     """One value of one configured signal.
 
     ``name`` is the name the active cloud config gives the signal (PROTOCOL §4), ``unit`` a
     short unit text (``"rpm"``, ``"km/h"``, ``"degC"``, ``"%"``, ``"V"``; ``""`` for none),
-    ``t_ms`` the sampling time in ms since the Unix epoch.
+    ``t_ms`` the sampling time in ms since the Unix epoch. A named tuple rather than a frozen
+    dataclass: a busy car makes hundreds a second, and a tuple is made in a fifth of the time.
     """
 
     name: str
