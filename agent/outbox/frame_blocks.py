@@ -91,3 +91,10 @@ def decode(bus: str, blob: bytes) -> FrameBatch:
     ends = list(itertools.accumulate(lengths, initial=o_data))
     data = [blob[a:b] for a, b in zip(ends, ends[1:])]
     return FrameBatch(bus, t_us, keys, data)
+
+
+def decode_frames(bus: str, blob: bytes) -> dict:
+    """A stored block as plain columns (``dongle export``): times, ids, ext flags, payloads."""
+    b = decode(bus, blob)
+    return {"t_us": b.t_us, "id": [k & EXT_MAX for k in b.keys], "ext": [k >= EXT_FLAG for k in b.keys],
+            "data": b.data}
