@@ -333,11 +333,13 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         keepalive_s=s.mqtt.keepalive_s, session_expiry_s=s.mqtt.session_expiry_s,
         backoff=Backoff(s.mqtt.backoff_min_s, s.mqtt.backoff_max_s), agent_version=version,
         config_version=lambda: config.version, max_inflight=s.uplink.max_inflight + 2,  # + status publishes
+        frame_t=s.uplink.frame_t,
         # The network thread only queues downlink; the worker acks it to the broker once committed.
         on_message=lambda suffix, payload, ack: downlink.submit(suffix, payload, ack),
         receive_maximum=downlink_mod.QUEUE_MAX, on_connection=lambda up: uplink.on_connection(up))
     uplink = Uplink(store, link, sealer, config=config.current, vehicle_state=vehicle_state,
                     batch_max_samples=s.uplink.batch_max_samples, max_inflight=s.uplink.max_inflight,
+                    frame_t=s.uplink.frame_t,
                     heartbeat=lambda: watchdog.beat("uplink"),
                     # positions into telemetry bodies first; the privacy gate always last
                     body_filters=[location.contribute, privacy.body_filter],

@@ -96,6 +96,8 @@ class CanSettings:
 class UplinkSettings:
     batch_max_samples: int = 20_000
     max_inflight: int = 8
+    #: Raw frame times as PROTOCOL §4 ``t`` (offsets) or rev 1.1 ``dt`` (steps); said in ``status``.
+    frame_t: str = "t"
 
 
 @dataclass(frozen=True)

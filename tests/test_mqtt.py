@@ -141,6 +141,8 @@ def test_plain_tcp_without_tls_is_refused(broker: LocalBroker) -> None:
 def test_status_payload_is_compact_json_in_protocol_order() -> None:
     assert status_payload("online", "1.0", 4, ts_ms=1700000000123) == (
         b'{"state":"online","ts":1700000000123,"agent":"1.0","config_version":4}')
+    assert status_payload("offline", "1.0", 4, ts_ms=1700000000123, frame_t="dt") == (
+        b'{"state":"offline","ts":1700000000123,"agent":"1.0","config_version":4,"frame_t":"dt"}')
 
 
 _CHILD = r"""

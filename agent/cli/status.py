@@ -31,7 +31,9 @@ def format_status(st: dict) -> str:
          f"{adapter['port']}: {'connected' if adapter['connected'] else 'NOT CONNECTED'}"),
     ]
     for name, b in (st.get("buses") or {}).items():
-        rows.append((f"CAN {name}", f"{b['state']}, {b['frames']} frames, {b['errors']} errors"))
+        lost = ", ".join(f"{b[k]} {k}" for k in ("drops", "invalid", "unparsable") if b.get(k))
+        rows.append((f"CAN {name}", f"{b['state']}, {b['frames']} frames, {b['errors']} errors"
+                     + (f" ({lost})" if lost else "")))
     rows += [
         ("broker", f"{st['broker']['endpoint']}: {'connected' if st['broker']['connected'] else 'NOT CONNECTED'}"),
         ("config version", st["config_version"]),

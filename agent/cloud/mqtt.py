@@ -57,10 +57,13 @@ class _Pending:
 
 
 def status_payload(state: Literal["online", "offline"], agent_version: str, config_version: int,
-                   ts_ms: int | None = None) -> bytes:
-    """The retained ``status`` document of PROTOCOL §2, compact JSON, keys in protocol order."""
+                   ts_ms: int | None = None, frame_t: str | None = None) -> bytes:
+    """The retained ``status`` document of PROTOCOL §2, compact JSON, keys in protocol order;
+    ``frame_t`` (rev 1.1): the form of raw frame times the device sends, ``"t"`` or ``"dt"``."""
     doc = {"state": state, "ts": time.time_ns() // 1_000_000 if ts_ms is None else ts_ms, "agent": agent_version,
            "config_version": config_version}
+    if frame_t is not None:
+        doc["frame_t"] = frame_t
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -74,7 +77,8 @@ class MqttLink:
                  config_version: Callable[[], int],
                  on_message: Callable[[str, bytes, Callable[[], None]], None] | None = None,
                  on_connection: Callable[[bool], None] | None = None,
-                 max_inflight: int = 20, receive_maximum: int | None = None):
+                 max_inflight: int = 20, receive_maximum: int | None = None,
+                 frame_t: str | None = None):
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f"protocol must be '5' or '3.1.1', not {protocol!r}")
         if max_inflight < 1:
@@ -89,6 +93,7 @@ class MqttLink:
         self._backoff = backoff or Backoff(1.0, 300.0)
         self._stable_after_s = float(stable_after_s)
         self._agent_version = agent_version
+        self._frame_t = frame_t
         self._config_version = config_version
         self._on_message = on_message
         self._on_connection = on_connection
@@ -397,7 +402,7 @@ class MqttLink:
         except Exception:
             log.exception("%s: config_version() failed; reporting 0", self._tag)
             version = 0
-        return status_payload(state, self._agent_version, version)
+        return status_payload(state, self._agent_version, version, frame_t=self._frame_t)
 
     def _send(self, suffix: str, payload: bytes, *, retain: bool,
               on_ack: Callable[[], None] | None) -> paho.MQTTMessageInfo | None:

@@ -112,7 +112,7 @@ def _check_telemetry(body: Mapping[str, Any]) -> None:
         _equal_lengths("telemetry", f"signals[{i}]", sig, ("t", "v"))
     for i, grp in enumerate(body.get("frames", ())):
         where = f"frames[{i}]"
-        _equal_lengths("telemetry", where, grp, ("t", "id", "ext", "data"))
+        _equal_lengths("telemetry", where, grp, ("t", "dt", "id", "ext", "data"))
         for j, data in enumerate(grp["data"]):
             if not isinstance(data, bytes):
                 raise SchemaError("telemetry", f"{where}.data[{j}]: not a byte string")

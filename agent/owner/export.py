@@ -73,6 +73,11 @@ def _decode(table: str, row: dict, key: DataKey) -> dict:
             row["doc"] = json.loads(row["doc"])
         elif table == "service_log" and "record" in row:
             row["record"] = cbor2.loads(row["record"])
+        elif table == "frames" and "block" in row:   # raw frames, a block of columns (docs/store.md)
+            from agent.outbox.frame_blocks import decode_frames
+            row.update(decode_frames(row["bus"], row.pop("block")))
+        elif table == "quarantine" and "row" in row:
+            row["row"] = cbor2.loads(row["row"])
     except (DataKeyError, ValueError, cbor2.CBORDecodeError) as e:
         row = {k: v for k, v in row.items() if k not in ("blob",)}
         row["unreadable"] = str(e)

@@ -170,7 +170,8 @@ class Technician:
             "vehicle": {"vin": vehicle.get("vin") or obd.get("vin"), "protocol": vehicle.get("protocol") or obd.get("protocol")},
             "adapter": None if self._obd_poller is None else {"port": obd.get("port"), "connected": obd.get("connected"),
                                                    "protocol": obd.get("protocol")},
-            "buses": {n: {"state": b.get("state"), "frames": b.get("frames"), "errors": b.get("errors")}
+            "buses": {n: {k: b.get(k) for k in ("state", "frames", "errors", "drops", "queue_drops", "socket_drops",
+                                                "rcvbuf", "invalid", "unparsable")}
                       for n, b in ((st.get("can") or {}).get("buses") or {}).items()},
             "broker": {"connected": st["broker"]["connected"], "endpoint": self._broker_endpoint()},
             "config_version": st.get("config_version"),
@@ -371,7 +372,11 @@ def _freeze_shown(freeze: dict | None) -> dict | None:
 def buffer_report(query, *, ingest_dropped: dict | None = None, now: int | None = None) -> dict:
     """Buffer depth per kind, oldest item, evictions — from the store (live or read-only)."""
     now = Clock().now_ms() if now is None else now
-    depth = {t: query(f"SELECT count(*) FROM {t}")[0][0] for t in ("samples", "frames", "events", "outbox")}
+    depth = {t: query(f"SELECT count(*) FROM {t}")[0][0] for t in ("samples", "events", "outbox")}
+    # raw frames are stored as blocks of n frames (agent/outbox/frame_blocks.py; schema 3)
+    depth["frames"] = query("SELECT coalesce(sum(n), 0) FROM frames")[0][0] if "n" in {
+        r[1] for r in query("PRAGMA table_info(frames)")} else query("SELECT count(*) FROM frames")[0][0]
+    depth = {t: depth[t] for t in ("samples", "frames", "events", "outbox")}
     oldest = {
         "samples": query("SELECT min(t_ms) FROM samples")[0][0],
         "frames": (lambda v: v // 1000 if v else None)(query("SELECT min(t_us) FROM frames")[0][0]),

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.cloud import keys, protocol, topics
+from agent.outbox.telemetry import frame_times
 from drivers.core.clock import Clock
 from drivers.core.text import safe_text as _safe
 
@@ -248,11 +249,23 @@ class CloudConsole:
         return None
 
 
+def frames(body: dict) -> list[tuple[str, int, int, bool, bytes]]:
+    """The raw frames of a telemetry body as ``(bus, t_us since the epoch, id, ext, data)``, in
+    the body's order, whichever form of frame times each list carries (``t``, or PROTOCOL rev 1.1
+    ``dt``: the first the offset from ``t0``, each later one the step from the previous)."""
+    t0_us = int(body.get("t0", 0)) * 1000
+    out = []
+    for g in body.get("frames", ()):
+        out += [(g["bus"], t0_us + t, i, e, d) for t, i, e, d in zip(frame_times(g), g["id"], g["ext"], g["data"])]
+    return out
+
+
 def format_record(rec: dict) -> str:
     dev = _safe(rec["dev"], 64)
     if rec.get("topic") == "status":
         st = rec["status"]
-        return f"[{dev}] status   {_safe(st.get('state'))} agent={_safe(st.get('agent'))} config_version={st.get('config_version')}"
+        return (f"[{dev}] status   {_safe(st.get('state'))} agent={_safe(st.get('agent'))} "
+                f"config_version={st.get('config_version')} frame_t={_safe(st.get('frame_t', 't'))}")
     if "rejected" in rec:
         return f"[{dev}] REJECTED {rec['topic']}: {rec['rejected']} {_safe(rec.get('detail', ''))}"
     dup = " (duplicate, ignored)" if rec["duplicate"] else ""
@@ -260,9 +273,10 @@ def format_record(rec: dict) -> str:
     if kind == "telemetry":
         parts = [f"{_safe(s['name'], 40)}={s['v'][-1]:g}{_safe(s['unit'], 10)} (n={len(s['v'])})"
                  for s in body.get("signals", []) if s["v"]]
-        nframes = sum(len(f["id"]) for f in body.get("frames", []))
-        if nframes:
-            parts.append(f"frames={nframes}")
+        rows = frames(body)
+        if rows:
+            span = (max(r[1] for r in rows) - min(r[1] for r in rows)) / 1e6
+            parts.append(f"frames={len(rows)} over {span:.1f} s")
         return f"[{dev}] seq={seq:<6} telemetry  " + "  ".join(parts) + dup
     if kind == "event":
         fields = {k: v for k, v in body.items() if k not in ("type", "ts")}
