@@ -28,7 +28,9 @@ when it exits 75 and rolled back when a new version crash-loops. In another term
 from __future__ import annotations
 
 import argparse
+import grp
 import json
+import os
 import random
 import signal
 import subprocess
@@ -206,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 ev_toml = f'[ev]\ntransport = "elm327"\nport = "{ev_pty}"\n'
             print(f"demo: simulated EV battery ({EV_PROFILE}) read over {args.ev}")
 
-        toml = devenv.make_device(run_dir, ca, DEVICE, broker_port=broker.port, obd_port=port,
+        # The demo has no button: whoever runs it holds the technician credential (their own
+        # group), so `dongle dtc clear` works as at a workshop (docs/technician.md §4).
+        control = {"socket": "agent.sock", "technician_group": grp.getgrgid(os.getgid()).gr_name}
+        toml = devenv.make_device(run_dir, ca, DEVICE, broker_port=broker.port, obd_port=port, control=control,
                                   extra_toml=can_toml + ev_toml,
                                   tuf_root=demo_update.repository(run_dir).root_path,
                                   update=demo_update.update_settings(layout.root))
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         console.start()
         started.append(("console", console.stop))
 
-        log_path = run_dir / "agent.log"
+        # Beside agent.toml, where `dongle logs --config …/agent.toml` looks for it (no journal here).
+        log_path = toml.parent / "agent.log"
         agent = demo_update.AgentService(layout.root, toml, log_path, restart_s=1.0).start()
         started.append(("agent", agent.stop))
         print(f"demo: dongle-agent for {DEVICE} started from {layout.current} (log: {log_path})")

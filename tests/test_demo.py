@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.vehicle.resolution import decimals, load_dbcs, resolutions, show
+from agent.technician.resolution import decimals, signal_resolutions, text as show
 from scripts.demo import DBC, DEMO_CONFIG
 from scripts.refcloud.console import EXPLAIN_DUPLICATE, EXPLAIN_DUPLICATE_ACK
 from scripts.testbed.shared_data import RAV4_LOG
@@ -74,7 +74,7 @@ def test_the_demo_car_is_one_car_and_the_console_reads_plainly(tmp_path):
     assert "{}" not in text
 
     # numbers at their signal's resolution (the DBC's scale, python-OBD's step)
-    steps = resolutions(DEMO_CONFIG, load_dbcs([DBC]))
+    steps = signal_resolutions(DEMO_CONFIG, [DBC])
     batches = telemetry(first)
     shown = [(name, value) for b in batches for name, (value, _) in b.items()]
     assert {name for name, _ in shown} >= set(steps) - {"fuel.level"}

@@ -1,55 +1,74 @@
-"""A signal's resolution from its source (python-OBD's decoders, the DBC's scale) and values
-shown at it."""
+"""Signal resolutions: python-OBD's decoders as they are (fails loudly when the library
+changes one), the DBC scale, and the rounding of numbers shown to people."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import obd
 import pytest
 
-from agent.vehicle.resolution import (dbc_resolution, decimals, load_dbcs, pid_resolution, resolutions,
-                                      show)
-from config import __file__ as config_init
+from agent.technician import resolution
+from drivers.can import load_dbc
+from drivers.obd.units import _DECODER_STEPS, resolution as obd_resolution, value_and_unit
 from pathlib import Path
 
-DBC = Path(config_init).parent / "dbc" / "toyota_new_mc_pt_generated.dbc"
+DBC = Path(__file__).resolve().parent.parent / "config" / "dbc" / "toyota_new_mc_pt_generated.dbc"
+#: Where a decoder reads the least significant bit of its value (else the last data byte).
+LSB = {"max_maf": 0, "percent": 0, "percent_centered": 0, "sensor_voltage": 0, "timing_advance": 0,
+       "pressure": 0, "fuel_pressure": 0, "current_centered": 3, "sensor_voltage_big": 3}
 
 
-@pytest.mark.parametrize("pid, step", [
-    ("RPM", 0.25), ("SPEED", 1.0), ("COOLANT_TEMP", 1.0), ("ENGINE_LOAD", 100 / 255),
-    ("FUEL_LEVEL", 100 / 255), ("MAF", 0.01), ("CONTROL_MODULE_VOLTAGE", 0.001),
-    ("TIMING_ADVANCE", 0.5), ("SHORT_FUEL_TRIM_1", 100 / 128), ("FUEL_RATE", 0.05),
-    ("ELM_VOLTAGE", 0.1)])
-def test_a_pids_resolution_is_python_obds_step_of_one_bit(pid, step):
-    assert pid_resolution(pid) == pytest.approx(step)
+def _decode(cmd, data: bytes) -> float:
+    header = bytes([0x41, cmd.pid])
+    got = value_and_unit(cmd.decode([SimpleNamespace(data=bytearray(header + data))]))
+    assert got is not None, cmd.name
+    return got[0]
 
 
-@pytest.mark.parametrize("pid", ["FUEL_STATUS", "STATUS", "GET_DTC", "VIN", "NO_SUCH_PID"])
-def test_no_resolution_for_what_is_not_a_number(pid):
-    assert pid_resolution(pid) is None
+def _mode1_commands():
+    for cmd in obd.commands.modes[1]:
+        if cmd is not None and obd_resolution(cmd) is not None:
+            yield cmd
 
 
-def test_a_can_signals_resolution_is_its_dbc_scale_and_a_config_gives_both():
-    dbs = load_dbcs([DBC, DBC.with_name("missing.dbc")])   # the missing one is logged, left out
-    assert len(dbs) == 1
-    assert dbc_resolution(dbs, "WHEEL_SPEEDS", "WHEEL_SPEED_FL") == pytest.approx(0.01)
-    assert dbc_resolution(dbs, "STEER_ANGLE_SENSOR", "STEER_ANGLE") == pytest.approx(1.5)
-    assert dbc_resolution(dbs, "NO_SUCH_MESSAGE", "X") is None
-    config = {"obd": {"pids": [{"name": "engine.rpm", "pid": "RPM", "period_s": 1},
-                               {"name": "fuel.status", "pid": "FUEL_STATUS", "period_s": 1}]},
-              "can": {"signals": [{"name": "can.wheel", "message": "WHEEL_SPEEDS",
-                                   "signal": "WHEEL_SPEED_RR", "period_s": 1}], "raw": {"enabled": False, "ids": []}}}
-    assert resolutions(config, dbs) == pytest.approx({"engine.rpm": 0.25, "can.wheel": 0.01})
-    assert resolutions(config) == pytest.approx({"engine.rpm": 0.25})   # no DBC: CAN unknown
-    assert resolutions(None) == {}
+@pytest.mark.parametrize("cmd", list(_mode1_commands()), ids=lambda c: c.name)
+def test_the_step_is_what_one_raw_count_changes_in_python_obds_decoder(cmd):
+    n = cmd.bytes - 2
+    name = getattr(cmd.decode, "__name__", "uas")
+    i = LSB.get(name, n - 1)
+    low = bytearray(n)
+    low[i] = 0x10
+    high = bytearray(low)
+    high[i] = 0x11
+    assert _decode(cmd, bytes(high)) - _decode(cmd, bytes(low)) == pytest.approx(obd_resolution(cmd), rel=1e-9)
 
 
-@pytest.mark.parametrize("res, places", [(0.25, 2), (0.005, 3), (1.5, 1), (1.0, 0), (100 / 255, 1),
-                                         (0.01, 2), (0.001, 3), (100 / 128, 1), (5.0, 0), (1e-9, 6)])
-def test_decimals_of_a_resolution(res, places):
-    assert decimals(res) == places
+def test_every_decoder_in_the_table_exists_in_python_obd():
+    from obd import decoders
+    assert all(callable(getattr(decoders, name, None)) for name in _DECODER_STEPS), \
+        sorted(n for n in _DECODER_STEPS if not hasattr(decoders, n))
+    covered = {getattr(c.decode, "__name__", None) for c in _mode1_commands()}
+    assert covered >= set(_DECODER_STEPS) - {"elm_voltage", "count"}
 
 
-@pytest.mark.parametrize("value, res, text", [
-    (33.72549019607843, 100 / 255, "33.7"), (50.599999999999994, 0.01, "50.6"), (1303.75, 0.25, "1303.75"),
-    (750.0, 0.25, "750"), (-0.2, 1.5, "0"), (-1.5, 1.5, "-1.5"), (1 / 3, None, "0.333333"),
-    (float("nan"), 0.1, "nan"), (12, 1.0, "12")])
-def test_show(value, res, text):
-    assert show(value, res) == text
+def test_known_steps_and_how_values_are_shown():
+    assert obd_resolution(obd.commands.ENGINE_LOAD) == pytest.approx(100 / 255)
+    assert obd_resolution(obd.commands.RPM) == 0.25 and obd_resolution(obd.commands.SPEED) == 1
+    assert obd_resolution(obd.commands.STATUS) is None
+    assert resolution.shown(33.725490196078436, 100 / 255) == 33.7
+    assert resolution.text(33.725490196078436, 100 / 255) == "33.7"
+    assert resolution.shown(50.599999999999994, 0.01) == 50.6 and resolution.text(50.6, 0.01) == "50.60"
+    assert resolution.shown(50.599999999999994, None) == 50.6   # unknown: float noise only
+    assert resolution.text(812.0, 0.25) == "812.00" and resolution.text(90.0, 1.0) == "90"
+    assert [resolution.decimals(s) for s in (100 / 255, 1.5, 0.25, 0.01, 1 / 200, 1 / 128, 1, 10, 3)] == \
+        [1, 1, 2, 2, 3, 3, 0, 0, 0]
+    assert resolution.text(4.5, 1.5) == "4.5"
+    assert resolution.shown(-0.001, 0.01) == 0.0 and str(resolution.shown(-0.001, 0.01)) == "0.0"
+
+
+def test_can_steps_come_from_the_dbc_scale():
+    db = load_dbc(DBC)
+    steps = resolution.can_steps([{"name": "w", "message": "WHEEL_SPEEDS", "signal": "WHEEL_SPEED_FL"},
+                                  {"name": "s", "message": "STEER_ANGLE_SENSOR", "signal": "STEER_ANGLE"},
+                                  {"name": "x", "message": "NOPE", "signal": "NOPE"}], [db])
+    assert steps == {"w": 0.01, "s": 1.5}

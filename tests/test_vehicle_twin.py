@@ -513,7 +513,9 @@ def test_obd_speed_and_can_wheel_speed_agree(drive, can_twin):
 
         # parked: no frames, no answers; the next loop's key-on wakes both
         park, wake = loop_time(drive, 1, "parked"), loop_time(drive, 2, "key_on")
-        log, clock = can_twin(50.0, loop_time(drive, 1, "stop"))
+        # 40 drive seconds (1.6 s here) of sending before the park, so a thread that starts late
+        # on a loaded machine still leaves the bus's last seconds before the park in the log
+        log, clock = can_twin(25.0, park - 40.0)
         emu.set_clock(clock)
         assert wait_until(lambda: not reader.read_pids(["SPEED"]), timeout=WAIT_S)
         assert clock.now() >= park

@@ -39,19 +39,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.cloud import keys, protocol, topics
+from agent.outbox.telemetry import frame_times
 from drivers.core.clock import Clock
+from drivers.core.text import safe_text as _safe
 
 now_ms = Clock().now_ms
 
 log = logging.getLogger("cloud_console")
 
 PREFIX_ROOT = topics.ROOT
-
-
-def _safe(text: str, limit: int = 200) -> str:
-    """Shows untrusted text on a terminal: control characters escaped, length capped."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return out if len(out) <= limit else out[:limit] + "…"
 
 
 class Registry:
@@ -209,7 +205,6 @@ class CloudConsole:
         self.on_record = on_record or (lambda r: None)
         self.on_line = on_line
         self._dbc_paths = list(dbc_paths)
-        self._dbcs: list | None = None
         self._resolutions: dict[str, dict[str, float]] = {}
         self.screen = Screen()
         self.records: list[dict] = []
@@ -257,10 +252,8 @@ class CloudConsole:
     def resolutions(self, dev: str) -> dict[str, float]:
         """``{signal: resolution}`` of ``dev``'s telemetry, from the config this cloud sent it."""
         if dev not in self._resolutions:
-            from agent.vehicle.resolution import load_dbcs, resolutions
-            if self._dbcs is None:
-                self._dbcs = load_dbcs(self._dbc_paths)
-            self._resolutions[dev] = resolutions(self.ledger.config(dev), self._dbcs)
+            from agent.technician.resolution import signal_resolutions
+            self._resolutions[dev] = signal_resolutions(self.ledger.config(dev) or {}, self._dbc_paths)
         return self._resolutions[dev]
 
     def _on_message(self, client, userdata, msg) -> None:
@@ -340,6 +333,17 @@ class CloudConsole:
         return None
 
 
+def frames(body: dict) -> list[tuple[str, int, int, bool, bytes]]:
+    """The raw frames of a telemetry body as ``(bus, t_us since the epoch, id, ext, data)``, in
+    the body's order, whichever form of frame times each list carries (``t``, or PROTOCOL rev 1.1
+    ``dt``: the first the offset from ``t0``, each later one the step from the previous)."""
+    t0_us = int(body.get("t0", 0)) * 1000
+    out = []
+    for g in body.get("frames", ()):
+        out += [(g["bus"], t0_us + t, i, e, d) for t, i, e, d in zip(frame_times(g), g["id"], g["ext"], g["data"])]
+    return out
+
+
 def _clock_time(ts_ms) -> str:
     """``HH:MM:SS`` (local time) of a device timestamp, or ``?``."""
     if isinstance(ts_ms, bool) or not isinstance(ts_ms, (int, float)):
@@ -354,7 +358,7 @@ def _dtc_text(body: dict) -> str:
     """``MIL on; P0301 stored, permanent (Cylinder 1 Misfire Detected); freeze frame (P0301):
     RPM=1174.5rpm SPEED=0km/h ...``: a ``dtc`` event for people (values at python-OBD's
     resolution of each PID)."""
-    from agent.vehicle.resolution import pid_resolution, show
+    from agent.technician.resolution import pid_step, text as show
     states: dict[str, list[str]] = {}
     desc: dict[str, str] = {}
     for c in body["codes"]:
@@ -369,7 +373,7 @@ def _dtc_text(body: dict) -> str:
         values = []
         for name, v in freeze["values"].items():
             if isinstance(v, dict) and isinstance(v.get("value"), (int, float)):
-                res = pid_resolution(name) if isinstance(name, str) else None
+                res = pid_step(name)
                 values.append(f"{name}={show(v['value'], res)}{v.get('unit') or ''}")
         text += f"; freeze frame ({freeze.get('code')}): " + " ".join(values)
     return _safe(text, 600)
@@ -407,15 +411,15 @@ def _snapshot_text(detail: dict) -> str:
 
 def format_record(rec: dict, resolutions: dict[str, float] | None = None) -> str:
     """One line for a record. Telemetry values are shown at their signal's resolution
-    (``resolutions``: ``{name: step}``, agent/vehicle/resolution.py), else at 6 digits."""
-    from agent.vehicle.resolution import show
+    (``resolutions``: ``{name: step}``, agent/technician/resolution.py), else at 6 digits."""
+    from agent.technician.resolution import text as show
     dev = _safe(rec["dev"], 64)
     if rec.get("topic") == "status":
         st = rec["status"]
         # a retained status is the last one the broker holds, from before this console connected
         last = " (the last status, held by the broker)" if rec.get("retained") else ""
         return (f"[{dev}] status   {_safe(st.get('state'))} agent={_safe(st.get('agent'))} "
-                f"config_version={st.get('config_version')}{last}")
+                f"config_version={st.get('config_version')} frame_t={_safe(st.get('frame_t', 't'))}{last}")
     if "rejected" in rec:
         return f"[{dev}] REJECTED {rec['topic']}: {rec['rejected']} {_safe(rec.get('detail', ''))}"
     dup = " (duplicate, ignored)" if rec["duplicate"] else ""
@@ -425,9 +429,10 @@ def format_record(rec: dict, resolutions: dict[str, float] | None = None) -> str
         parts = [f"{_safe(s['name'], 40)}={show(s['v'][-1], resolutions.get(s['name']))}"
                  f"{_safe(s['unit'], 10)} (n={len(s['v'])})"
                  for s in body.get("signals", []) if s["v"]]
-        nframes = sum(len(f["id"]) for f in body.get("frames", []))
-        if nframes:
-            parts.append(f"frames={nframes}")
+        rows = frames(body)
+        if rows:
+            span = (max(r[1] for r in rows) - min(r[1] for r in rows)) / 1e6
+            parts.append(f"frames={len(rows)} over {span:.1f} s")
         return f"[{dev}] seq={seq:<6} telemetry  " + "  ".join(parts) + dup
     if kind == "event":
         etype = body.get("type")
