@@ -13,10 +13,11 @@ export CANVM_DIR
 # python-can's virtual bus.
 SOCKETCAN_TESTS := tests/socketcan tests/test_can.py tests/test_can_replay.py
 
-.PHONY: help lock wheelhouse test-socketcan test-install soak bench-store bench-memory
+.PHONY: help lock wheelhouse test-socketcan test-install soak bench-store bench-memory \
+        devicevm-image devicevm-image-arm64 test-device test-device-arm64
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
 
 test-socketcan: ## run the SocketCAN tests in the CAN VM (root; one-time setup)
 	CAN_TEST_INTERFACE=socketcan CAN_TEST_CHANNEL=vcan0 \
@@ -40,6 +41,27 @@ test-install: ## run scripts/install.sh for real in the CAN VM (throwaway root f
 	$(VENV)/bin/python -m scripts.refcloud.wheelhouse $$(uname -m) $(CANVM_DIR)/wheelhouse
 	DONGLE_WHEELHOUSE=$(CANVM_DIR)/wheelhouse \
 	  $(CANVM) $(VENV)/bin/pytest -q -p no:cacheprovider tests/socketcan/test_install_in_vm.py
+
+# The device VM (scripts/devicevm/README.md): Debian 12 with systemd as PID 1 under QEMU (TCG),
+# built from Debian packages by debootstrap into /var/tmp/dongle-devicevm (~1.5 GB per arch).
+# Needs root; the first build apt-get installs debootstrap, qemu-system-*, qemu-utils, socat
+# (arm64 also qemu-user-static, binfmt-support).
+DEVICEVM_BUILD := scripts/devicevm/build.sh
+DEVICE_TESTS := tests/device
+
+devicevm-image: ## build (or find) the amd64 device VM image (root; ~2 min the first time)
+	@$(DEVICEVM_BUILD) --arch amd64 >/dev/null
+
+devicevm-image-arm64: ## build (or find) the arm64 device VM image (root; ~8 min the first time)
+	@$(DEVICEVM_BUILD) --arch arm64 >/dev/null
+
+test-device: devicevm-image ## the device VM tests (tests/device) in the amd64 VM (~3 min)
+	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider -m device $(DEVICE_TESTS)
+
+test-device-arm64: devicevm-image-arm64 ## the device VM tests in the arm64 VM (qemu-system-aarch64, virt)
+	DEVICEVM_ARCH=arm64 DEVICEVM_REQUIRE=1 \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider -m device $(DEVICE_TESTS)
 
 # Store and forward (docs/store.md): the 50-cut power-cut run and other long tests (pytest marker
 # `soak`, excluded from the default suite by pytest.ini).

@@ -303,7 +303,7 @@ def links(pki: Pki) -> Iterator[Callable[..., Harness]]:
             kwargs["host"] = target.host  # type: ignore[attr-defined]
             kwargs["port"] = port or target.port  # type: ignore[attr-defined]
         harness: Harness
-        on_message = kwargs.pop("on_message", None) or (lambda s, p: harness.received.put((s, p)))
+        on_message = kwargs.pop("on_message", None) or (lambda s, p, ack: (harness.received.put((s, p)), ack()))
 
         def connection(up: bool) -> None:
             harness.connection_events.append(up)
