@@ -53,7 +53,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  #
 
 from agent.cloud import keys, protocol  # noqa: E402
 from agent.cloud.mqtt import status_payload  # noqa: E402
-from agent.outbox.telemetry import telemetry_body, validate_telemetry  # noqa: E402
+from agent.outbox.telemetry import telemetry_body  # noqa: E402
+from scripts.refcloud.telemetry_check import validate_telemetry  # noqa: E402
 from agent.outbox.uplink import Sealer  # noqa: E402
 from scripts.refcloud import fleet, ingest  # noqa: E402
 from scripts.refcloud.console import Registry  # noqa: E402

@@ -15,7 +15,7 @@ implementers"):
 2. :func:`agent.cloud.protocol.open_envelope`, the agent's own receiver checks, with the
    device's registered signing key as the only trusted signer and the cloud's X25519 key; the
    body's schema is then checked column by column for telemetry
-   (``agent.outbox.telemetry.validate_telemetry``: the same rules as JSON Schema, ~60× faster on
+   (``scripts.refcloud.telemetry_check.validate_telemetry``: the same rules as JSON Schema, ~60× faster on
    a 1,200-sample body) and with JSON Schema for the other kinds;
 3. a batch of such rows goes to the :class:`Sink` in one transaction, ``(dev, seq)`` unique: a
    duplicate delivery is counted, never written twice; rejected envelopes are kept, raw, with
@@ -61,7 +61,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.cloud import keys, protocol, schemas, topics
-from agent.outbox.telemetry import validate_telemetry
+from scripts.refcloud.telemetry_check import validate_telemetry
 from drivers.core.clock import Clock
 from scripts.refcloud.console import Registry
 
