@@ -240,9 +240,7 @@ def test_cluster_node_loss_under_a_running_agent_moves_it_to_another_node_and_lo
                 time.sleep(0.02)
 
         def seen() -> set[int]:
-            with console.ledger.lock:
-                return {r[0] for r in console.ledger.db.execute(
-                    "SELECT seq FROM seen WHERE dev=?", (dev,))}
+            return console.ledger.seen(dev)
 
         driver = threading.Thread(target=drive, daemon=True)
         driver.start()

@@ -113,6 +113,12 @@ class Ledger:
         with self.lock:
             self.db.execute("INSERT INTO evicted VALUES (?,?,?)", (dev, from_seq, to_seq))
 
+    def seen(self, dev: str) -> set[int]:
+        """The uplink seqs of ``dev`` this console has received."""
+        with self.lock:
+            return {r[0] for r in self.db.execute(
+                "SELECT seq FROM seen_by WHERE console=? AND dev=?", (self.console, dev))}
+
     def missing(self, dev: str) -> list[int]:
         """Seqs below the highest seen that never arrived and that no ``buffer_evicted`` event
         explains: data loss (or envelopes still on their way — events overtake telemetry)."""
