@@ -55,7 +55,7 @@ from agent.technician.handlers import Technician
 from agent.version import agent_version
 from agent.vehicle.identity import VehicleIdentity
 from drivers.core.backoff import Backoff
-from drivers.core.clock import Clock
+from drivers.core.clock import Clock, kernel_ntp_synced
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class Agent:
             "buffer": self.store.counts(), "store": self.store.status(),
             "ingest": self.ingest.status(), "uplink": self.uplink.status(),
             "last_uplink_seq": self.store.last_uplink_seq,
+            "clock": self.clock.status(),
             "downlink": {"unauthenticated": dict(self.downlink.unauthenticated),
                          "acks": dict(self.downlink.acks)},
         }
@@ -182,7 +183,8 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
           version: str | None = None) -> Agent:
     """The agent of ``settings``, built but not started. Raises ``KeyFileError`` when a key
     named in the settings cannot be used."""
-    clock = clock or Clock()
+    # The clock trusts the system time once an NTP client synchronised it ([clock] synced_by).
+    clock = clock or Clock(kernel_synced=kernel_ntp_synced if settings.clock.synced_by == "kernel" else None)
     version = version or agent_version()
     s = settings
 
@@ -204,6 +206,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     keys = DeviceKeys.load(s.keys.sign_key, s.keys.enc_key, s.keys.cloud_enc_pub, s.keys.cloud_sign_pubs)
     s.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(s.db_path, clock=clock, budget_bytes=s.store.budget_bytes)
+    clock.raise_floor(store.true_time_floor())   # no earlier than the newest time seen before
     config = ActiveConfig(store)
     watchdog = systemd.Watchdog()
     sealer = Sealer(s.device_id, keys.sign, keys.cloud_enc, clock=clock.now_ms)
@@ -331,11 +334,11 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
 
     # -- LEDs and button --------------------------------------------------------------------------
     io = None
+    gpio_report = {"backend": None, "fallbacks": [], "error": "disabled in the local settings ([gpio] enabled)"}
     if s.gpio.enabled:
         from drivers.gpio import open_io
-        io = open_io(s.gpio.pins, pin_factory=pin_factory, long_press_s=s.gpio.long_press_s)
-        if io is not None:
-            log.info("GPIO: pin backend %s", io.backend)
+        opened = open_io(s.gpio.pins, pin_factory=pin_factory, long_press_s=s.gpio.long_press_s)
+        io, gpio_report = opened.io, opened.report()   # open_io logs which backend, or why none
     else:
         log.info("GPIO: disabled in the local settings; LEDs and button off")
     gesture = privacy_mod.ButtonGesture(lambda: privacy.toggle("owner_button"))
@@ -361,7 +364,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
             out.append("trouble_code")
         return out
 
-    indicators = Indicators(io, vehicle=vehicle_link, attention=attention,
+    indicators = Indicators(io, gpio_report=gpio_report, vehicle=vehicle_link, attention=attention,
                             cloud_connected=lambda: link.connected, location_active=location.location_active,
                             technician_mode_s=s.gpio.technician_mode_s)
 

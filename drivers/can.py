@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 
 #: Settings keys that are ours, not python-can's.
 _OWN_KEYS = frozenset({"name", "dbc"})
-#: A message timestamp is trusted as epoch time inside this window (2017 .. 2100); outside it
-#: (seconds since boot, as in recordings, or zero) the frame is stamped with the live clock.
-_EPOCH_MIN_S = 1_500_000_000.0
-_EPOCH_MAX_S = 4_102_444_800.0
+#: A message timestamp (kernel or adapter time) is kept when it is within this of the agent's
+#: clock; otherwise (seconds since boot, as in recordings, zero, or a wall clock the agent does
+#: not trust yet: a Pi boots at a stale saved time) the frame is stamped with the clock itself.
+_TRUST_WINDOW_US = 60_000_000
 
 # SocketCAN error-frame classes (linux/can/error.h), carried in the error frame's id.
 _CAN_ERR_CRTL = 0x004
@@ -103,11 +103,15 @@ def open_buses(bus_settings: Sequence[Mapping[str, Any]],
 def frame_from_message(bus: str, msg: can.Message, clock_us: Callable[[], int]) -> Frame:
     """A received python-can message as our Frame, stamped in µs since the epoch.
 
-    The message's own timestamp (kernel or adapter time) is kept when it is plausible epoch time;
-    otherwise (seconds since boot, zero) the frame is stamped with ``clock_us()`` on arrival.
+    The message's own timestamp (kernel or adapter time) is kept when it agrees with
+    ``clock_us()`` (within a minute); otherwise (seconds since boot, zero, or a system time the
+    clock does not trust, which makes ``clock_us()`` provisional) the frame is stamped with
+    ``clock_us()`` on arrival.
     """
-    ts = msg.timestamp
-    t_us = int(ts * 1_000_000) if _EPOCH_MIN_S <= ts <= _EPOCH_MAX_S else clock_us()
+    now = clock_us()
+    t_us = int(msg.timestamp * 1_000_000)
+    if abs(t_us - now) > _TRUST_WINDOW_US:
+        t_us = now
     return Frame(bus, t_us, msg.arbitration_id, msg.is_extended_id, bytes(msg.data))
 
 

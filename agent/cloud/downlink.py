@@ -63,7 +63,9 @@ class Downlink:
         self._trusted_signers = trusted_signers
         self.handlers = dict(handlers)
         self._on_ack = on_ack
-        self._now_ms = now_ms or store.clock.synced_now_ms
+        # While the clock is not synchronised, ``exp`` is still checked against the newest time
+        # known to have passed (drivers/core/clock.py: a stale clock opens no replay window).
+        self._now_ms = now_ms or store.clock.not_before_ms
         self._config_version = config_version
         self.unauthenticated: Counter[str] = Counter()   # reason -> count (no ack sent)
         self.acks: Counter[str] = Counter()              # ack status -> count
@@ -78,6 +80,12 @@ class Downlink:
                  f" ({kw['reason']})" if kw.get("reason") else "")
         self._on_ack()
         return seq
+
+    def _trusted_time(self, header: Mapping) -> None:
+        """The cloud signed ``ts``: the true time is at least that (the clock's floor)."""
+        ts = header.get("ts")
+        if isinstance(ts, int) and self.store.clock.raise_floor(ts):
+            self.store.note_true_time(ts)
 
     def handle(self, suffix: str, payload: bytes) -> None:
         """Processes one message from a downlink topic. Never raises."""
@@ -105,12 +113,14 @@ class Downlink:
                 self.unauthenticated[e.reason] += 1
                 log.warning("downlink: %s envelope dropped, no ack: %s", kind, e)
                 return
+            self._trusted_time(e.header)
             status = "duplicate" if e.reason == protocol.DUPLICATE else "rejected"
             log.warning("downlink: %s seq=%s %s: %s", kind, e.header["seq"], status, e.detail)
             self.send_ack(kind, e.header["seq"], status,
                           reason=None if status == "duplicate" else f"{e.reason}: {e.detail}")
             return
 
+        self._trusted_time(opened.header)
         handler = self.handlers.get(kind)
         seq = opened.seq
         try:
