@@ -65,7 +65,8 @@ def free_port(host: str = HOST) -> int:
 
 class LocalBroker:
     def __init__(self, workdir: Path, ca: DevCA, *, port: int = 0,
-                 cloud_users: tuple[str, ...] = ("cloud-console",), prefix: str = topics.ROOT):
+                 cloud_users: tuple[str, ...] = ("cloud-console",), prefix: str = topics.ROOT,
+                 server_ips: tuple[str, ...] = ("127.0.0.1", "::1")):
         self.workdir = Path(workdir)
         self.ca = ca
         self.cloud_users = tuple(cloud_users)
@@ -78,7 +79,9 @@ class LocalBroker:
         self._conf_path = self.workdir / "mosquitto.conf"
         self._acl_path = self.workdir / "acl"
         self._log_path = self.workdir / "mosquitto.log"
-        self._cert_path, self._key_path = ca.issue_server("localhost", out_dir=self.workdir)
+        # ``server_ips``: the addresses clients dial, in the certificate (a device VM reaches the
+        # host's loopback through QEMU's guestfwd address, scripts/testbed/devicevm.py)
+        self._cert_path, self._key_path = ca.issue_server("localhost", tuple(server_ips), out_dir=self.workdir)
 
     # -- properties ----------------------------------------------------------------------------
 
