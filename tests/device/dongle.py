@@ -281,13 +281,34 @@ class DongleVM:
         out = self.sh("journalctl -u dongle-agent -o json --no-pager " + " ".join(args), 120)
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+    def diagnose(self, lines: int = 60) -> str:
+        """The end of the agent's journal and its status, for a failing test's message."""
+        if not self.vm.running:
+            return "(the VM is not running)"
+        out = self.vm.run(f"journalctl -u dongle-agent -n {lines} --no-pager; systemctl status dongle-agent "
+                          "--no-pager -n 0; dongle status --json", 120)
+        return out[1][-8000:] + out[2][-2000:]
+
+    def wait(self, pred, timeout: float, what: str):
+        """``wait_until``, with the agent's journal and status in the message when it times out."""
+        try:
+            return wait_until(pred, timeout, what=what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- in the guest:\n{self.diagnose()}") from None
+
     def wait_active(self, timeout: float = 240.0, *, after_pid: int | None = None) -> int:
         """Waits until the unit is active (running) with a main PID other than ``after_pid``."""
         def up():
             p = self.unit("ActiveState", "SubState", "MainPID")
             return p["ActiveState"] == "active" and p["SubState"] == "running" and \
                 int(p["MainPID"]) not in (0, after_pid) and int(p["MainPID"])
-        return wait_until(up, timeout, what="dongle-agent.service active")
+        return self.wait(up, timeout, "dongle-agent.service active")
+
+
+def obd_toml(d: DongleVM, line: str = "elm") -> dict:
+    """[obd] on the guest's serial line to the host's ELM327-emulator. The baud rate is given:
+    python-OBD's probing waits 0.1 s per rate for an answer, too short under emulation."""
+    return {"obd.enabled": True, "obd.port": d.vm.serial_device(line), "obd.baudrate": 38400}
 
 
 def online(cloud: Cloud, dev: str):
@@ -301,11 +322,23 @@ def online(cloud: Cloud, dev: str):
 
 @pytest.fixture(scope="session")
 def installed(devicevm_image, tmp_path_factory) -> Path:
-    """The image with the dongle installed by scripts/install.sh (once per session)."""
+    """The image with the dongle installed by scripts/install.sh (once per session).
+
+    ``DEVICEVM_INSTALLED=FILE``, for working on the tests only: the overlay is kept in FILE and
+    reused by later sessions while FILE exists (the code under test is then the one installed
+    when it was made; delete FILE to install again)."""
     from tests.device.conftest import ARCH
+    keep = os.environ.get("DEVICEVM_INSTALLED")
+    if keep and Path(keep).is_file():
+        print(f"\ndevice VM: reusing the install in {keep} (DEVICEVM_INSTALLED)", file=sys.stderr)
+        return Path(keep)
     overlay, info = installed_overlay(ARCH, devicevm_image, tmp_path_factory.mktemp(f"installed-{ARCH}"))
+    if keep:
+        Path(keep).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(overlay, keep)
+        overlay = Path(keep)
     print(f"\ndevice VM: install.sh took {info['install_s']:.0f} s (boot {info['boot_s']:.0f} s, "
-          f"disk {info['disk_s']:.0f} s)", file=sys.stderr)
+          f"disk {info['disk_s']:.0f} s); installed image {overlay}", file=sys.stderr)
     return overlay
 
 
@@ -323,3 +356,98 @@ def make_dongle(devicevm_image, installed, tmp_path_factory, device_id: str,
     finally:
         d.close()
         cloud.close()
+
+
+# --------------------------------------------------------------------------------------------
+# CAN in the guest
+# --------------------------------------------------------------------------------------------
+
+VCAN_NETDEV = "[NetDev]\nName=vcan0\nKind=vcan\n"
+VCAN_NETWORK = "[Match]\nName=vcan0\n\n[Link]\nRequiredForOnline=no\n"
+#: The DBC the agent ships (installed with its package data, agent.config).
+GUEST_DBC = "/opt/dongle/venv/lib/python3.11/site-packages/agent/config/dbc/toyota_new_mc_pt_generated.dbc"
+
+# Numbered CAN frames on vcan0 at RATE per second (a raw AF_CAN socket, no python-can): id 0x6AB,
+# data = run number (2 bytes) + frame number (6 bytes). On SIGTERM it writes how many it sent.
+COUNTER = r"""
+import signal, socket, struct, sys, time
+iface, run, rate, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+s = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
+s.setsockopt(socket.SOL_CAN_RAW, socket.CAN_RAW_FILTER, b"")   # send only: receive nothing
+s.bind((iface,))
+n, period, stop = 0, 1.0 / rate, []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+t = time.monotonic()
+while not stop:
+    try:
+        s.send(struct.pack("=IB3x8s", 0x6AB, 8, run.to_bytes(2, "big") + n.to_bytes(6, "big")))
+    except OSError:      # ENOBUFS: the interface queue is full; try this frame again
+        time.sleep(0.001)
+        continue
+    n += 1
+    t += period
+    d = t - time.monotonic()
+    if d > 0:
+        time.sleep(d)
+open(out, "w").write(str(n))
+"""
+COUNTER_ID = 0x6AB
+
+
+def add_vcan(d: DongleVM) -> None:
+    """vcan0 at every boot, by systemd-networkd (as can0 is on a Pi, docs/install.md step 2)."""
+    d.vm.put("/etc/systemd/network/80-vcan0.netdev", VCAN_NETDEV.encode())
+    d.vm.put("/etc/systemd/network/80-vcan0.network", VCAN_NETWORK.encode())
+    d.sh("chmod 0644 /etc/systemd/network/80-vcan0.* && systemctl restart systemd-networkd")
+    wait_until(lambda: "UP" in d.run("ip link show vcan0")[1], 60, what="vcan0 up")
+
+
+def start_counter(d: DongleVM, run: int, rate: float, unit: str = "can-counter") -> None:
+    d.vm.put("/run/can_counter.py", COUNTER.encode())
+    d.sh(f"systemd-run --unit={unit} python3 /run/can_counter.py vcan0 {run} {rate} /run/{unit}.sent")
+
+
+def stop_counter(d: DongleVM, unit: str = "can-counter") -> int:
+    """Stops the numbered frames; how many were sent."""
+    d.sh(f"systemctl stop {unit}")
+    return int(d.vm.get(f"/run/{unit}.sent").decode())
+
+
+def kernel_matches(d: DongleVM, can_id: int) -> dict[str, int]:
+    """Frames the kernel's CAN core handed to each raw socket's receive filter for ``can_id`` on
+    vcan0 (/proc/net/can/rcvlist_*, one line per filter: device, can_id, mask, function,
+    userdata = the socket, matches, ident; net/can/proc.c): what each socket was given before its
+    receive queue could drop anything."""
+    out: dict[str, int] = {}
+    text = d.sh("cat /proc/net/can/rcvlist_sff /proc/net/can/rcvlist_fil /proc/net/can/rcvlist_all")
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) == 7 and f[0] == "vcan0" and f[6] == "raw":
+            try:
+                cid, mask, matches = int(f[1], 16), int(f[2], 16), int(f[5])
+            except ValueError:
+                continue
+            if (can_id & mask & 0x1FFFFFFF) == (cid & mask & 0x1FFFFFFF):
+                out[f[4]] = out.get(f[4], 0) + matches
+    return out
+
+
+def counted(cloud: Cloud, dev: str) -> dict[tuple[int, int], list[int]]:
+    """(run, frame number) -> the frame's time (µs) as the cloud received it, once per (dev, seq)."""
+    got: dict[tuple[int, int], list[int]] = {}
+    for r in cloud.records(dev, "telemetry"):
+        if r["duplicate"]:
+            continue
+        body = r["body"]
+        for g in body.get("frames", ()):
+            times = g.get("t")
+            if times is None:   # rev 1.1 "dt": running sum
+                times, acc = [], 0
+                for step in g["dt"]:
+                    acc += step
+                    times.append(acc)
+            for can_id, data, t in zip(g["id"], g["data"], times):
+                if can_id == COUNTER_ID:
+                    key = (int.from_bytes(data[:2], "big"), int.from_bytes(data[2:], "big"))
+                    got.setdefault(key, []).append(body["t0"] * 1000 + t)
+    return got
