@@ -13,7 +13,7 @@ import pytest
 from scripts.testbed.wait import wait_until
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from tests.device.conftest import ARCH
-from tests.device.dongle import DongleVM, make_dongle, online
+from tests.device.dongle import DongleVM, make_dongle, obd_toml, online
 
 pytestmark = [pytest.mark.device, pytest.mark.timeout(3600)]
 
@@ -36,7 +36,7 @@ def elm():
 @pytest.fixture(scope="module")
 def dongle(devicevm_image, installed, tmp_path_factory, elm):
     with make_dongle(devicevm_image, installed, tmp_path_factory, DEV, serials={"elm": elm.port}) as (d, cloud):
-        d.provision(toml={"obd.enabled": True, "obd.port": d.vm.serial_device("elm")})
+        d.provision(toml=obd_toml(d))
         cloud.console.publish(DEV, "config", CONFIG)   # retained: the agent gets it when it connects
         t0 = time.monotonic()
         d.start()
@@ -64,17 +64,32 @@ def test_systemd_counts_the_agent_started_only_once_it_said_ready(dongle: Dongle
 
 def test_first_telemetry_reaches_the_cloud_and_dongle_status_reports(dongle: DongleVM):
     cloud = dongle.cloud
-    assert wait_until(online(cloud, DEV), 180, what="the device online at the broker")
-    assert wait_until(lambda: _telemetry_with(cloud, "engine.rpm"), 240, what="OBD telemetry at the cloud")
+    assert dongle.wait(online(cloud, DEV), 180, "the device online at the broker")
+    assert dongle.wait(lambda: _telemetry_with(cloud, "engine.rpm"), 240, "OBD telemetry at the cloud")
     assert not [r for r in cloud.console.records if r.get("rejected")]
     st = dongle.status()
     assert st["device_id"] == DEV and st["broker"]["connected"] is True
     assert st["obd"]["connected"] is True
     assert st["clock"]["synced"] is True and st["clock"]["source"] == "kernel NTP status"
-    gpio = st["gpio"]
-    if ARCH == "amd64":   # no pin library, not a Pi: said, not silent
-        assert gpio["available"] is False and gpio["backend"] is None
-        assert "Falling back from lgpio" in " ".join(gpio["backend_fallbacks"])
+
+
+def test_the_gpio_backend_is_named_in_status_and_journal(dongle: DongleVM):
+    """Not a Pi: no /dev/gpiochip, so no backend works; which ones were tried is said. On arm64
+    the lock installs lgpio (gpiozero's backend on Pi OS) and it imports: it fails on the chip."""
+    gpio = dongle.status()["gpio"]
+    assert gpio["available"] is False and gpio["backend"] is None
+    assert gpio["backend_error"].startswith("BadPinFactory")
+    lgpio = gpio["backend_fallbacks"][0]
+    assert lgpio.startswith("Falling back from lgpio")
+    rc, out, err = dongle.run("/opt/dongle/venv/bin/python -c 'import lgpio; print(lgpio.__file__)'")
+    if ARCH == "arm64":
+        assert rc == 0 and "/opt/dongle/venv/" in out, err
+        assert "No module named" not in lgpio, lgpio
+    else:   # the lock pins lgpio on aarch64 only
+        assert rc != 0 and "No module named 'lgpio'" in lgpio
+    line = next(e for e in dongle.journal() if str(e.get("MESSAGE", "")).startswith("drivers.gpio: GPIO: "))
+    assert line["PRIORITY"] == "4" and lgpio in line["MESSAGE"]
+    print(f"\n{ARCH} GPIO: {line['MESSAGE']}")
 
 
 def test_the_journal_has_the_agents_priorities_and_no_second_timestamp(dongle: DongleVM):
@@ -86,8 +101,6 @@ def test_the_journal_has_the_agents_priorities_and_no_second_timestamp(dongle: D
     prio = {e["MESSAGE"]: e["PRIORITY"] for e in own if isinstance(e.get("MESSAGE"), str)}
     starting = next(m for m in prio if "starting as " + DEV in m)
     assert prio[starting] == "6"
-    gpio = next(m for m in prio if m.startswith("drivers.gpio: GPIO: "))
-    assert prio[gpio] == ("4" if ARCH == "amd64" else prio[gpio])
     # journalctl's own priority filter finds the warnings
     warn = dongle.journal("-p", "warning", f"_PID={pid}")
     assert warn and {e["PRIORITY"] for e in warn} <= {"0", "1", "2", "3", "4"}
@@ -136,6 +149,7 @@ def test_a_configuration_error_exits_2_and_is_not_restarted(dongle: DongleVM):
         dongle.start()
 
 
+@pytest.mark.device_long
 def test_the_watchdog_kills_and_restarts_a_stopped_agent(dongle: DongleVM):
     cloud = dongle.cloud
     before = dongle.main_pid()
@@ -154,6 +168,7 @@ def test_the_watchdog_kills_and_restarts_a_stopped_agent(dongle: DongleVM):
     print(f"\nwatchdog: SIGSTOP of pid {before} -> pid {new} active after {took:.0f} s (WatchdogSec=30, RestartSec=10)")
 
 
+@pytest.mark.device_long
 def test_a_crash_loop_stops_at_the_start_limit(dongle: DongleVM):
     """StartLimitBurst=10 in StartLimitIntervalSec=600 of the unit, as installed; only the pause
     between restarts is shortened (a drop-in: RestartSec=1) so the loop takes minutes, not more."""
