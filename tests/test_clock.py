@@ -16,7 +16,7 @@ from agent.cloud.downlink import Downlink, Outcome
 from agent.cloud.keys import key_id
 from agent.outbox.store import Store
 from agent.outbox.uplink import Sealer
-from drivers.can import frame_from_message
+from drivers.can import trusted_timestamp
 from drivers.core.clock import (FLOOR_SLACK_MS, PLAUSIBLE_AFTER_MS, Clock, kernel_ntp_synced,
                                 kernel_timex)
 
@@ -122,11 +122,11 @@ def test_a_can_frame_keeps_the_kernel_timestamp_only_when_the_clock_agrees():
     clock = m.clock()
     msg = can.Message(timestamp=STALE_NS / 1e9, arbitration_id=0x123, data=b"\x01")
     # the kernel stamped it with the stale wall clock; the agent's clock is provisional
-    assert frame_from_message("can0", msg, clock.now_us).t_us == m.mono // 1000
+    assert round(trusted_timestamp(msg.timestamp, clock.now_us()) * 1e6) == m.mono // 1000
     m.timesync(TRUE_NS)
     m.tick(1)   # the kernel's word is re-read once a second
     msg = can.Message(timestamp=m.wall / 1e9 - 0.002, arbitration_id=0x123, data=b"\x01")
-    assert abs(frame_from_message("can0", msg, clock.now_us).t_us - (m.wall // 1000 - 2000)) <= 1
+    assert abs(round(trusted_timestamp(msg.timestamp, clock.now_us()) * 1e6) - (m.wall // 1000 - 2000)) <= 1
 
 
 @pytest.fixture
