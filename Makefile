@@ -14,7 +14,7 @@ export CANVM_DIR
 SOCKETCAN_TESTS := tests/socketcan tests/test_can.py tests/test_can_replay.py
 
 .PHONY: help lock wheelhouse test-socketcan test-install soak bench-store bench-memory \
-        devicevm-image devicevm-image-arm64 test-device test-device-arm64
+        devicevm-image devicevm-image-arm64 test-device test-device-short test-device-arm64 soak-device
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -55,13 +55,23 @@ devicevm-image: ## build (or find) the amd64 device VM image (root; ~2 min the f
 devicevm-image-arm64: ## build (or find) the arm64 device VM image (root; ~8 min the first time)
 	@$(DEVICEVM_BUILD) --arch arm64 >/dev/null
 
-test-device: devicevm-image ## the device VM tests (tests/device) in the amd64 VM (~3 min)
-	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 \
-	  $(VENV)/bin/pytest -q -p no:cacheprovider -m device $(DEVICE_TESTS)
+# The installed dongle (tests/device/dongle.py): each run builds a wheelhouse of requirements.lock
+# for the guest (pip download into /var/tmp/dongle-devicevm/wheelhouse-ARCH, reused between runs) and
+# runs scripts/install.sh in the VM once; the broker and the ELM327-emulator run on the host.
+PYTEST_DEVICE = $(VENV)/bin/pytest -q -p no:cacheprovider -s
+test-device: devicevm-image ## everything in the amd64 device VM: systemd, watchdog, start limit, power cuts, clock, CAN (~25 min)
+	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 $(PYTEST_DEVICE) -m "device and not soak" $(DEVICE_TESTS)
 
-test-device-arm64: devicevm-image-arm64 ## the device VM tests in the arm64 VM (qemu-system-aarch64, virt)
-	DEVICEVM_ARCH=arm64 DEVICEVM_REQUIRE=1 \
-	  $(VENV)/bin/pytest -q -p no:cacheprovider -m device $(DEVICE_TESTS)
+test-device-short: devicevm-image ## the short form ./scripts/test.sh runs: no watchdog/start-limit/CAN-rate runs
+	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 $(PYTEST_DEVICE) -m "device and not soak and not device_long" $(DEVICE_TESTS)
+
+test-device-arm64: devicevm-image-arm64 ## arm64 VM (qemu-system-aarch64, virt): install, agent under systemd, telemetry, status, lgpio
+	DEVICEVM_ARCH=arm64 DEVICEVM_REQUIRE=1 $(PYTEST_DEVICE) -m "device and not soak and not device_long" \
+	  tests/device/test_devicevm.py tests/device/test_dongle_systemd.py
+
+soak-device: devicevm-image ## 30 real power cuts (QEMU killed) of the installed agent under load (~40 min)
+	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 $(PYTEST_DEVICE) -m "device and soak" --timeout=7200 \
+	  tests/device/test_dongle_powercut.py
 
 # Store and forward (docs/store.md): the 50-cut power-cut run and other long tests (pytest marker
 # `soak`, excluded from the default suite by pytest.ini).

@@ -57,7 +57,7 @@ from agent.technician.handlers import Technician
 from agent.version import agent_version
 from agent.vehicle.identity import VehicleIdentity
 from drivers.core.backoff import Backoff
-from drivers.core.clock import Clock
+from drivers.core.clock import Clock, kernel_ntp_synced
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class Agent:
             "buffer": self.store.counts(), "store": self.store.status(),
             "ingest": self.ingest.status(), "uplink": self.uplink.status(),
             "last_uplink_seq": self.store.last_uplink_seq,
+            "clock": self.clock.status(),
             "downlink": self.downlink.status(),
         }
         for name, c in named.items():
@@ -184,7 +185,8 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     """The agent of ``settings``, built but not started. Raises ``LocalFileError`` (a
     ``KeyFileError``, ``DbcError`` or ``ProfileFileError``) when a file the settings name (or
     make it read) cannot be used; agent/daemon.py names the key."""
-    clock = clock or Clock()
+    # The clock trusts the system time once an NTP client synchronised it ([clock] synced_by).
+    clock = clock or Clock(kernel_synced=kernel_ntp_synced if settings.clock.synced_by == "kernel" else None)
     version = version or agent_version()
     s = settings
 
@@ -218,6 +220,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     datakey = DataKey.in_dir(s.data_dir)
     # Events carrying identity data (the VIN) wait for sealing encrypted under the data key.
     store = Store(s.db_path, clock=clock, budget_bytes=s.store.budget_bytes, event_codec=EventsAtRest(datakey))
+    clock.raise_floor(store.true_time_floor())   # no earlier than the newest time seen before
     config = ActiveConfig(store)
     watchdog = systemd.Watchdog()
     sealer = Sealer(s.device_id, keys.sign, keys.cloud_enc, clock=clock.now_ms)
@@ -348,11 +351,11 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
 
     # -- LEDs and button --------------------------------------------------------------------------
     io = None
+    gpio_report = {"backend": None, "fallbacks": [], "error": "disabled in the local settings ([gpio] enabled)"}
     if s.gpio.enabled:
         from drivers.gpio import open_io
-        io = open_io(s.gpio.pins, pin_factory=pin_factory, long_press_s=s.gpio.long_press_s)
-        if io is not None:
-            log.info("GPIO: pin backend %s", io.backend)
+        opened = open_io(s.gpio.pins, pin_factory=pin_factory, long_press_s=s.gpio.long_press_s)
+        io, gpio_report = opened.io, opened.report()   # open_io logs which backend, or why none
     else:
         log.info("GPIO: disabled in the local settings; LEDs and button off")
     gesture = privacy_mod.ButtonGesture(lambda: privacy.toggle("owner_button"))
@@ -378,7 +381,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
             out.append("trouble_code")
         return out
 
-    indicators = Indicators(io, vehicle=vehicle_link, attention=attention,
+    indicators = Indicators(io, gpio_report=gpio_report, vehicle=vehicle_link, attention=attention,
                             cloud_connected=lambda: link.connected, location_active=location.location_active,
                             technician_mode_s=s.gpio.technician_mode_s)
 

@@ -7,12 +7,50 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 
 from agent import settings as settings_mod
 from agent.version import add_version_option
+
+
+#: syslog priorities (sd-daemon(3) prefixes) of Python's levels
+_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+class JournalFormatter(logging.Formatter):
+    """For stderr connected to the journal: no timestamp (journald stamps every line itself) and
+    each line prefixed ``<N>``, the syslog priority journald reads from a stream (sd-daemon(3)),
+    so ``journalctl -p warning`` finds warnings and a traceback keeps its record's priority."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = next((p for level, p in _PRIORITY if record.levelno >= level), 7)
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).split("\n"))
+
+
+def stderr_is_journal() -> bool:
+    """True when systemd connected stderr to the journal: ``$JOURNAL_STREAM`` names its device
+    and inode (systemd.exec(5)), so a redirected stderr is not mistaken for it."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def configure_logging(level: int) -> None:
+    """The daemon's log on stderr: journal lines under systemd, timestamped lines elsewhere."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter() if stderr_is_journal()
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def local_file_message(settings: settings_mod.Settings, e) -> str:
@@ -36,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dongle-agent: {e}", file=sys.stderr)
         return 2
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level or settings.log.level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(getattr(logging, args.log_level or settings.log.level))
 
     from agent.compose import build
     from agent.device import malloc

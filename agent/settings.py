@@ -128,6 +128,12 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ClockSettings:
+    """``[clock]``: what makes the system clock count as synchronised (drivers/core/clock.py)."""
+    synced_by: str = "kernel"   # kernel: an NTP client says so (adjtimex); wall: any time after the floor
+
+
+@dataclass(frozen=True)
 class EvSettings:
     transport: str = "off"      # off | can | elm327
     bus: str | None = None      # transport = "can": a can.buses name
@@ -280,6 +286,7 @@ class Settings:
     control: ControlSettings = field(default_factory=ControlSettings)
     gpio: GpioSettings = field(default_factory=GpioSettings)
     gnss: GnssSettings = field(default_factory=GnssSettings)
+    clock: ClockSettings = field(default_factory=ClockSettings)
     power: PowerSettings | None = None    # None: power management off
     update: UpdateSettings | None = None  # None: updates off ("updates not configured")
     #: What the file said, section by section, defaults not filled in (for error messages and
@@ -325,7 +332,7 @@ SECTIONS: dict[str, type] = {
     "device": DeviceSettings, "keys": KeySettings, "mqtt": MqttSettings, "obd": ObdSettings,
     "can": CanSettings, "uplink": UplinkSettings, "store": StoreSettings, "log": LogSettings,
     "power": PowerSettings, "ev": EvSettings, "update": UpdateSettings,
-    "control": ControlSettings, "gpio": GpioSettings, "gnss": GnssSettings,
+    "control": ControlSettings, "gpio": GpioSettings, "gnss": GnssSettings, "clock": ClockSettings,
 }
 #: Keys of a section that switch it on and are not fields of its dataclass.
 SWITCHES = {"power": "enabled", "update": "enabled"}

@@ -45,10 +45,10 @@ log = logging.getLogger(__name__)
 
 #: Settings keys that are ours, not python-can's.
 _OWN_KEYS = frozenset({"name", "dbc"})
-#: A message timestamp is trusted as epoch time inside this window (2017 .. 2100); outside it
-#: (seconds since boot, as in recordings, or zero) the frame is stamped with the live clock.
-_EPOCH_MIN_S = 1_500_000_000.0
-_EPOCH_MAX_S = 4_102_444_800.0
+#: A message timestamp (kernel or adapter time) is kept when it is within this of the agent's
+#: clock; otherwise (seconds since boot, as in recordings, zero, or a wall clock the agent does
+#: not trust yet: a Pi boots at a stale saved time) the frame is stamped with the clock itself.
+_TRUST_WINDOW_US = 60_000_000
 
 # SocketCAN error-frame classes (linux/can/error.h), carried in the error frame's id.
 _CAN_ERR_CRTL = 0x004
@@ -180,6 +180,14 @@ def open_buses(bus_settings: Sequence[Mapping[str, Any]],
     return buses
 
 
+def trusted_timestamp(ts_s: float, now_us: int) -> float:
+    """A received message's own timestamp ``ts_s`` (kernel or adapter time, seconds) when it
+    agrees with the agent's clock ``now_us`` to within a minute; otherwise (seconds since boot,
+    as in recordings, zero, or a system time the clock does not trust yet, which makes
+    ``now_us`` provisional) ``now_us`` itself."""
+    return ts_s if abs(ts_s * 1_000_000 - now_us) <= _TRUST_WINDOW_US else now_us / 1_000_000
+
+
 def _shutdown_quietly(bus: can.BusABC | None) -> None:
     if bus is None:
         return
@@ -261,9 +269,9 @@ class CanReader:
     ``on_frames`` runs on the reader's consumer thread, never on a receive thread; an exception
     from it is logged and counted.
 
-    Time: a message's own timestamp (kernel or adapter time) is kept when it is plausible epoch
-    time; otherwise (seconds since boot, as in recordings, or zero) the receive thread stamps it
-    with ``clock_us()`` on arrival. ``queue_size`` bounds each bus's deque.
+    Time: a message's own timestamp (kernel or adapter time) is kept when it agrees with
+    ``clock_us()`` (:func:`trusted_timestamp`); otherwise the receive thread stamps it with
+    ``clock_us()`` on arrival. ``queue_size`` bounds each bus's deque.
     """
 
     def __init__(self, buses: Mapping[str, can.BusABC | None],
@@ -457,8 +465,7 @@ class CanReader:
         st = self._states[bus]
         self._accept(st, msg, st.queue, self._queue_size, self._clock_us)
 
-    def _accept(self, st: _BusState, msg: can.Message, queue, limit: int, clock_us,
-                epoch_min: float = _EPOCH_MIN_S, epoch_max: float = _EPOCH_MAX_S) -> None:
+    def _accept(self, st: _BusState, msg: can.Message, queue, limit: int, clock_us) -> None:
         if msg.is_error_frame or msg.is_remote_frame:
             if msg.is_error_frame:
                 self._on_error_frame(st, msg)
@@ -469,8 +476,7 @@ class CanReader:
                 or len(msg.data) > (64 if msg.is_fd else 8):
             self._on_invalid(st, msg)
             return
-        if not epoch_min <= msg.timestamp <= epoch_max:
-            msg.timestamp = clock_us() / 1_000_000
+        msg.timestamp = trusted_timestamp(msg.timestamp, clock_us())
         if len(queue) >= limit:
             st.drops += 1
         else:

@@ -9,7 +9,9 @@ agent's business (agent/device/indicators.py).
 Pins are BCM numbers or gpiozero pin names by role (``led_power``, ..., ``button``; a role left
 out is "not fitted"). The pin backend is gpiozero's: ``pin_factory`` (tests pass gpiozero's
 ``MockFactory``), else ``GPIOZERO_PIN_FACTORY`` or gpiozero's default order (lgpio on current
-Raspberry Pi OS). :func:`open_io` returns None, said once in the log, where no backend works.
+Raspberry Pi OS, then rpigpio, pigpio, native). gpiozero falls back silently (a
+``PinFactoryFallback`` warning each): :func:`open_io` says which backend it got and why each one
+before it was skipped, or, where none works, why not (:class:`GpioOpened`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -132,12 +135,37 @@ class DongleIO:
             self.button.close()
 
 
-def open_io(pins: dict[str, Any], *, pin_factory=None, long_press_s: float = 3.0) -> DongleIO | None:
-    """DongleIO on ``pins``; None (said once, in the log) where there is no GPIO."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # gpiozero warns for every pin library it cannot load
-            return DongleIO(pins, pin_factory=pin_factory, long_press_s=long_press_s)
-    except Exception as e:  # gpiozero.exc.BadPinFactory on a machine without GPIO, busy pins, ...
-        log.warning("GPIO: not available on this machine (%s); the agent runs with LEDs and button disabled", e)
-        return None
+@dataclass
+class GpioOpened:
+    """What :func:`open_io` found: the pins (None where no backend works), the backend in use,
+    the backends gpiozero skipped on the way with the reason, and the error if none worked."""
+    io: DongleIO | None
+    backend: str | None = None
+    fallbacks: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def report(self) -> dict:
+        return {"backend": self.backend, "fallbacks": list(self.fallbacks), "error": self.error}
+
+
+def open_io(pins: dict[str, Any], *, pin_factory=None, long_press_s: float = 3.0) -> GpioOpened:
+    """DongleIO on ``pins``, with the backend it runs on; said in the log once: the backend at
+    INFO (WARNING when gpiozero had to fall back from a better one), or why there is none."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            io = DongleIO(pins, pin_factory=pin_factory, long_press_s=long_press_s)
+            error = None
+        except Exception as e:  # gpiozero.exc.BadPinFactory on a machine without GPIO, busy pins, ...
+            io, error = None, f"{type(e).__name__}: {e}"
+    fallbacks = [str(w.message) for w in caught if type(w.message).__name__ == "PinFactoryFallback"]
+    opened = GpioOpened(io, io.backend if io else None, fallbacks, error)
+    tried = f" (gpiozero: {'; '.join(fallbacks)})" if fallbacks else ""
+    if io is None:
+        log.warning("GPIO: no pin backend works on this machine: %s%s; the agent runs with LEDs and "
+                    "button disabled", error, tried)
+    elif fallbacks:
+        log.warning("GPIO: pin backend %s, after falling back%s", opened.backend, tried)
+    else:
+        log.info("GPIO: pin backend %s", opened.backend)
+    return opened

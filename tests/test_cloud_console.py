@@ -51,7 +51,7 @@ def _telemetry(name, unit, v, seq=3):
 
 @pytest.mark.parametrize("name, unit, value, res, shown", [
     ("engine.load", "%", 33.72549019607843, 100 / 255, "engine.load=33.7%"),
-    ("can.wheel_speed_fl", "km/h", 50.599999999999994, 0.01, "can.wheel_speed_fl=50.6km/h"),
+    ("can.wheel_speed_fl", "km/h", 50.599999999999994, 0.01, "can.wheel_speed_fl=50.60km/h"),
     ("engine.rpm", "rpm", 1303.75, 0.25, "engine.rpm=1303.75rpm"),
     ("engine.rpm", "rpm", 750.0, 0.25, "engine.rpm=750.00rpm"),
     ("can.steer_angle", "deg", -1.5, 1.5, "can.steer_angle=-1.5deg"),
@@ -81,7 +81,7 @@ def test_a_dtc_event_reads_as_codes_mil_and_freeze_frame():
                                                "ENGINE_LOAD": {"value": 22.352941176470587, "unit": "%"}}}}}
     assert format_record(rec).endswith(
         "event dtc: MIL on; P0301 stored, permanent (Cylinder 1 Misfire Detected); "
-        "freeze frame (P0301): RPM=1174.5rpm ENGINE_LOAD=22.4%")
+        "freeze frame (P0301): RPM=1174.50rpm ENGINE_LOAD=22.4%")
 
 
 def test_duplicates_and_duplicate_acks_are_explained_once_per_console():

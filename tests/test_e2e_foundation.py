@@ -54,7 +54,9 @@ def test_obd_values_reach_the_cloud_verified_and_track_the_car(fleet, emulator, 
     online = c.wait_for(lambda r: r.get("topic") == "status" and r["dev"] == DEV
                         and r["status"].get("state") == "online", 60)
     assert online, agent.log_text()
-    assert set(online["status"]) == {"state", "ts", "agent", "config_version"}
+    # PROTOCOL rev 1.1: the status also says which form of frame times the device sends
+    assert set(online["status"]) == {"state", "ts", "agent", "config_version", "frame_t"}
+    assert online["status"]["frame_t"] in ("t", "dt")
     assert online["status"]["config_version"] == 0
     _live(c)
 

@@ -96,14 +96,31 @@ def test_no_gpio_on_this_machine_disables_with_one_message(caplog, monkeypatch):
     monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
     monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "no-such-factory")
     with caplog.at_level(logging.INFO, logger="drivers.gpio"):
-        assert open_io(GpioSettings().pins) is None
+        opened = open_io(GpioSettings().pins)
+    assert opened.io is None and opened.backend is None and "no-such-factory" in opened.error
     msgs = [r.getMessage() for r in caplog.records if r.name == "drivers.gpio"]
-    assert len(msgs) == 1 and "not available" in msgs[0]
+    assert len(msgs) == 1 and "no pin backend works" in msgs[0] and "no-such-factory" in msgs[0]
 
 
-def test_backend_is_named(factory):
-    io = DongleIO(PINS, pin_factory=factory)
+def test_every_fallback_of_gpiozero_is_named_not_silent(caplog, monkeypatch):
+    """gpiozero's default order on this PC (no lgpio, RPi.GPIO or pigpio, not a Pi): each factory
+    it skipped is in the log line and the report, with gpiozero's own reason."""
+    monkeypatch.setattr(Device, "pin_factory", None)
+    monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
+    with caplog.at_level(logging.INFO, logger="drivers.gpio"):
+        opened = open_io(GpioSettings().pins)
+    assert opened.io is None
+    assert [f.split(":")[0] for f in opened.fallbacks] == ["Falling back from lgpio", "Falling back from rpigpio",
+                                                           "Falling back from pigpio", "Falling back from native"]
+    (msg,) = [r.getMessage() for r in caplog.records if r.name == "drivers.gpio"]
+    assert "No module named 'lgpio'" in msg and opened.report()["error"].startswith("BadPinFactory")
+
+
+def test_backend_is_named(factory, caplog):
+    with caplog.at_level(logging.INFO, logger="drivers.gpio"):
+        opened = open_io(PINS, pin_factory=factory)
     try:
-        assert io.backend == "MockFactory"
+        assert opened.io.backend == opened.backend == "MockFactory" and opened.fallbacks == []
+        assert [r.getMessage() for r in caplog.records if r.name == "drivers.gpio"] == ["GPIO: pin backend MockFactory"]
     finally:
-        io.close()
+        opened.io.close()

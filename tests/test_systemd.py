@@ -8,6 +8,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -365,3 +366,47 @@ def test_install_rejects_unknown_arguments():
     r = subprocess.run(["bash", str(INSTALL), "--dry-run", "--bogus"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode != 0 and "unknown argument: --bogus" in r.stderr
+
+
+# --- the daemon's log under systemd (JOURNAL_STREAM) ---------------------------------------------
+
+LOG_PROBE = """
+import logging, sys
+from agent.daemon import configure_logging
+configure_logging(logging.INFO)
+log = logging.getLogger("probe")
+log.info("hello")
+log.warning("careful")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("failed")
+"""
+
+
+def _log_lines(tmp_path, journal: str | None) -> list[str]:
+    out = tmp_path / "stderr"
+    with open(out, "w") as f:
+        st = os.fstat(f.fileno())
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        if journal == "this":
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        elif journal == "other":
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino + 1}"   # inherited, stderr redirected since
+        subprocess.run([sys.executable, "-c", LOG_PROBE], stderr=f, env=env, cwd=ROOT, check=True)
+    return out.read_text().splitlines()
+
+
+def test_under_the_journal_lines_carry_priorities_and_no_timestamp(tmp_path):
+    lines = _log_lines(tmp_path, "this")
+    assert lines[:3] == ["<6>probe: hello", "<4>probe: careful", "<3>probe: failed"]
+    # a traceback stays one record's priority, line by line (journald splits on newlines)
+    assert lines[3] == "<3>Traceback (most recent call last):" and lines[-1] == "<3>ZeroDivisionError: division by zero"
+    assert all(line.startswith("<3>") for line in lines[2:])
+
+
+@pytest.mark.parametrize("journal", [None, "other"])
+def test_elsewhere_lines_are_timestamped(tmp_path, journal):
+    lines = _log_lines(tmp_path, journal)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO probe: hello", lines[0])
+    assert not any(line.startswith("<") for line in lines)

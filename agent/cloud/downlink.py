@@ -111,7 +111,9 @@ class Downlink:
         self._trusted_signers = trusted_signers
         self.handlers = dict(handlers)
         self._on_ack = on_ack
-        self._now_ms = now_ms or store.clock.synced_now_ms
+        # While the clock is not synchronised, ``exp`` is still checked against the newest time
+        # known to have passed (drivers/core/clock.py: a stale clock opens no replay window).
+        self._now_ms = now_ms or store.clock.not_before_ms
         self._config_version = config_version
         self.unauthenticated: Counter[str] = Counter()   # reason -> count (no ack sent)
         self.acks: Counter[str] = Counter()              # ack status -> count
@@ -196,6 +198,12 @@ class Downlink:
         self._on_ack()
         return seq
 
+    def _trusted_time(self, header: Mapping) -> None:
+        """The cloud signed ``ts``: the true time is at least that (the clock's floor)."""
+        ts = header.get("ts")
+        if isinstance(ts, int) and self.store.clock.raise_floor(ts):
+            self.store.note_true_time(ts)
+
     def handle(self, suffix: str, payload: bytes) -> bool:
         """Processes one message from a downlink topic, synchronously (the worker calls it).
         Returns True once the message is settled (committed, or dropped for good: not
@@ -232,8 +240,11 @@ class Downlink:
                         trusted_signers=self._trusted_signers(), recipient_key=self._recipient_key,
                         now_ms=self._now_ms(), last_seq=self.store.last_downlink_seq(kind))
                 except protocol.Rejected as e:
+                    if e.authenticated:
+                        self._trusted_time(e.header)
                     self._refuse(kind, e)
                     return
+                self._trusted_time(opened.header)
                 handler = self.handlers.get(kind)
                 if handler is None:
                     outcome = Outcome("rejected", reason=f"{kind} is not supported by this agent")

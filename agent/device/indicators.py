@@ -44,11 +44,14 @@ class Indicators:
     ``vehicle()`` → ``"connected"``/``"searching"``/``"none"``; ``attention()`` → the reasons a
     person is wanted; ``cloud_connected()`` and ``location_active()`` as named."""
 
-    def __init__(self, io: DongleIO | None, *, vehicle: Callable[[], str],
+    def __init__(self, io: DongleIO | None, *, vehicle: Callable[[], str], gpio_report: dict | None = None,
                  attention: Callable[[], list[str]], cloud_connected: Callable[[], bool],
                  location_active: Callable[[], bool], technician_mode_s: float = 900.0,
                  interval_s: float = 0.5):
         self.io = io
+        # drivers.gpio.GpioOpened.report(): the pin backend, what gpiozero fell back from, why none
+        self._gpio_report = dict(gpio_report or {"backend": io.backend if io else None,
+                                                 "fallbacks": [], "error": None})
         self._vehicle = vehicle
         self._attention = attention
         self._cloud_connected = cloud_connected
@@ -142,6 +145,8 @@ class Indicators:
     def status(self) -> dict:
         return {"available": self.io is not None, "button": self.has_button,
                 "backend": self.io.backend if self.io else None,
+                "backend_fallbacks": self._gpio_report.get("fallbacks", []),
+                "backend_error": self._gpio_report.get("error"),
                 "technician_mode": self.technician_mode, "leds": dict(self.last_modes),
                 "presses": self.io.presses if self.io else 0}
 

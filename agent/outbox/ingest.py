@@ -186,7 +186,7 @@ class Ingest:
             elif time.monotonic() - self._last_true_saved > LAST_TRUE_EVERY_S and clock.is_synced():
                 # The last true time seen: the floor for re-timing rows a later boot leaves
                 # provisional if it loses power before its clock is set.
-                st.set_meta("clock_last_true_ms", clock.now_ms())
+                st.note_true_time(clock.now_ms())
                 self._last_true_saved = time.monotonic()
 
     def _after_commit(self, clock) -> None:

@@ -806,6 +806,18 @@ class Store:
     def last_uplink_seq(self) -> int:
         return int(self.get_meta("uplink_seq", 0))
 
+    def true_time_floor(self) -> int:
+        """The newest true time this device has recorded (ms; 0 if none): the clock's floor."""
+        return int(self.get_meta("clock_last_true_ms", 0) or 0)
+
+    def note_true_time(self, t_ms: int) -> None:
+        """Records that the true time was at least ``t_ms`` (kept if newer than the one stored)."""
+        with self._txn() as c:
+            row = c.execute("SELECT value FROM meta WHERE key='clock_last_true_ms'").fetchone()
+            if row is None or int(json.loads(row[0])) < t_ms:
+                c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('clock_last_true_ms', ?)",
+                          (json.dumps(int(t_ms)),))
+
     def get_meta(self, key: str, default=None):
         with self._lock:
             row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

@@ -186,7 +186,9 @@ class ControlServer:
             if self._gid is None:
                 log.warning("control: group %r does not exist; the socket %s is open to root and the "
                             "agent's user only (create the group: groupadd %s)", self.group, self.path, self.group)
-            else:
+            elif os.stat(self.path).st_gid != self._gid:
+                # Under systemd the agent's own group is already the socket's, and chown is
+                # outside the unit's SystemCallFilter (@privileged): it would fail with EPERM.
                 os.chown(self.path, -1, self._gid)
             sock.listen(self.max_connections)
             sock.settimeout(0.5)

@@ -44,8 +44,9 @@ def make_cloud(run_dir: Path) -> DevCA:
     return ca
 
 
-def start_broker(run_dir: Path, ca: DevCA, port: int = 0) -> LocalBroker:
-    broker = LocalBroker(run_dir / "broker", ca, port=port, cloud_users=(CONSOLE_CN,))
+def start_broker(run_dir: Path, ca: DevCA, port: int = 0,
+                 server_ips: tuple[str, ...] = ("127.0.0.1", "::1")) -> LocalBroker:
+    broker = LocalBroker(run_dir / "broker", ca, port=port, cloud_users=(CONSOLE_CN,), server_ips=server_ips)
     broker.start()
     (run_dir / "broker.json").write_text(json.dumps(
         {"host": broker.host, "port": broker.port, "ca_file": str(broker.ca_file)}))
@@ -111,6 +112,11 @@ backoff_max_s = {backoff_max_s}
 
 {obd}
 {control_toml}
+[clock]
+# A development machine's kernel is often not NTP-disciplined (adjtimex says unsynchronised):
+# trust its wall clock. A device uses the default, "kernel".
+synced_by = "wall"
+
 {extra_toml}
 """
     if update:

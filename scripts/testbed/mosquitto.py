@@ -67,9 +67,11 @@ def free_port(host: str = HOST) -> int:
 class LocalBroker:
     def __init__(self, workdir: Path, ca: DevCA, *, port: int = 0,
                  cloud_users: tuple[str, ...] = ("cloud-console",), prefix: str = topics.ROOT,
-                 options: Mapping[str, object] | None = None):
+                 options: Mapping[str, object] | None = None,
+                 server_ips: tuple[str, ...] = ("127.0.0.1", "::1")):
         """``options``: more mosquitto.conf settings (e.g. ``{"max_queued_messages": 0}`` for a
-        load test whose consumers take a backlog)."""
+        load test whose consumers take a backlog); ``server_ips``: the addresses the broker's
+        certificate names."""
         self.workdir = Path(workdir)
         self.options = dict(options or {})
         self.ca = ca
@@ -83,7 +85,9 @@ class LocalBroker:
         self._conf_path = self.workdir / "mosquitto.conf"
         self._acl_path = self.workdir / "acl"
         self._log_path = self.workdir / "mosquitto.log"
-        self._cert_path, self._key_path = ca.issue_server("localhost", out_dir=self.workdir)
+        # ``server_ips``: the addresses clients dial, in the certificate (a device VM reaches the
+        # host's loopback through QEMU's guestfwd address, scripts/testbed/devicevm.py)
+        self._cert_path, self._key_path = ca.issue_server("localhost", tuple(server_ips), out_dir=self.workdir)
 
     # -- properties ----------------------------------------------------------------------------
 

@@ -44,3 +44,7 @@ def devicevm_image() -> Path:
             pytest.fail(f"DEVICEVM_REQUIRE=1 but {reason}")
         pytest.skip(reason)
     return build_image(ARCH)
+
+
+# The installed dongle (scripts/install.sh in the VM, once per session): tests/device/dongle.py.
+from tests.device.dongle import installed  # noqa: E402,F401
