@@ -26,15 +26,17 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def env(tmp_path: Path):
-    repo = build_repo(tmp_path, [("1.0.0", 1), ("1.1.0", 2)])
+def env(tmp_path: Path, request):
+    """Parametrize with ``indirect=True`` and a bool: the repository's ``consistent_snapshot``."""
+    repo = build_repo(tmp_path, [("1.0.0", 1), ("1.1.0", 2)],
+                      consistent_snapshot=getattr(request, "param", True))
     ca = DevCA(tmp_path / "pki")
     with TufServer(repo.repo, ca) as srv:
         yield Env(tmp_path, repo, srv, ca, layout_for(tmp_path))
 
 
 class Harness:
-    def __init__(self, env: Env, **settings):
+    def __init__(self, env: Env, tuf=None, **settings):
         self.env = env
         self.events: list[dict] = []
         self.restarts = 0
@@ -47,7 +49,7 @@ class Harness:
         self.updater = Updater(s, emit_event=self._emit, parked=lambda: self.parked,
                                supply_v=lambda: self.volts, restart=self._restart,
                                health=lambda: {"store": True, "broker": True},
-                               clock_synced=lambda: True)
+                               clock_synced=lambda: True, tuf=tuf)
 
     def _emit(self, body: dict) -> None:
         schemas.validate("event", body)   # every event body is a valid PROTOCOL §4 event
@@ -77,6 +79,11 @@ def install(h: Harness, version: str, counter: int, **kw) -> list[str]:
     return h.updater.step()
 
 
+BOTH_LAYOUTS = pytest.mark.parametrize("env", [True, False], ids=["consistent", "plain"],
+                                      indirect=True)
+
+
+@BOTH_LAYOUTS
 def test_full_install_then_delta_update(env: Env) -> None:
     h = Harness(env)
     assert install(h, "1.0.0", 1) == ["agent:trial"]
@@ -118,6 +125,7 @@ def test_delta_falls_back_to_the_full_bundle(env: Env) -> None:
     assert [e["via"] for e in h.events if e["state"] == "installed"] == ["full", "full"]
 
 
+@BOTH_LAYOUTS
 def test_download_resumes_with_range(env: Env) -> None:
     tuf = env.tuf(chunk=4096)
     info, url = tuf.target_info(env.url, "agent/1.0.0/bundle.tar.zst")
@@ -137,6 +145,50 @@ def test_download_resumes_with_range(env: Env) -> None:
     assert len(data) == info.length
     [(path, status, sent, ranged)] = [r for r in env.server.requests if r[0].startswith("/targets/")]
     assert status == 206 and ranged and sent == info.length - seen[-1]
+
+
+def _target_requests(env: Env) -> list[tuple[str, int, int, bool]]:
+    return [r for r in env.server.requests if r[0].startswith("/targets/")]
+
+
+@BOTH_LAYOUTS
+def test_a_target_republished_between_attempts_is_not_resumed_onto_old_bytes(env: Env) -> None:
+    """Issue 20 item 10/11: the link drops mid-download, the repository re-publishes the
+    target (same path, other bytes), and the next attempt must fetch the new bytes from the
+    start instead of appending them to the old ones."""
+    h = Harness(env, retry_s=0)
+    env.server.cut_targets_after(17_000)       # of ~20.7 kB: the client has a chunk or two
+    assert install(h, "1.0.0", 1) == ["agent:retry"]
+    [(_, status, sent, _)] = _target_requests(env)
+    assert (status, sent) == (200, 17_000)
+    rebuilt = make_tree(env.tmp / "trees", "1.0.0", seed=2)   # same version, other bytes
+    env.repo.add_agent_release("1.0.0", 1, rebuilt, hardware_ids=[HW])
+    env.repo.publish()
+    env.server.reset_counters()
+    assert h.updater.step() == ["agent:trial"]
+    [(_, status, sent, ranged)] = _target_requests(env)
+    assert status == 200 and not ranged and sent == env.repo.target_file(
+        "agent/1.0.0/bundle.tar.zst").stat().st_size
+    assert "rejected" not in h.states()
+
+
+def test_a_slow_drip_server_is_cut_at_the_deadline_and_the_bytes_kept(env: Env) -> None:
+    """Issue 20 item 12: a server that sends a few bytes at a time (each read well inside the
+    per-read timeout) must not hold a download forever. At 400 bytes/s the ~20 kB bundle would
+    take about a minute; the deadline (1 s floor here, plus twice the time at the rate cap) cuts
+    the attempt, which keeps what it got and is resumed."""
+    h = Harness(env, tuf=env.tuf(deadline_floor_s=1.0), retry_s=0)
+    env.server.slow_drip(400)
+    assert install(h, "1.0.0", 1) == ["agent:retry"]
+    act = h.updater.status()["activity"]
+    assert act["state"] == "retrying" and "deadline" in act["error"], act
+    [(_, _, dripped, _)] = wait_until(lambda: _target_requests(env), 20, what="the cut request")
+    assert 0 < dripped < env.repo.target_file("agent/1.0.0/bundle.tar.zst").stat().st_size
+    env.server.slow_drip(None)
+    env.server.reset_counters()
+    assert h.updater.step() == ["agent:trial"]
+    [(_, status, _, ranged)] = _target_requests(env)
+    assert status == 206 and ranged     # resumed: the dripped bytes were kept
 
 
 def test_conditions_wait_for_parked_and_supply(env: Env) -> None:
@@ -264,3 +316,4 @@ def test_rejected_release_can_come_again_and_status_shows_it(env: Env) -> None:
     assert h.updater.status()["activity"]["reason"] == "expired_metadata"
     env.repo.refresh_timestamp()   # the repository host re-signs
     assert install(h, "1.0.0", 1) == ["agent:trial"]
+

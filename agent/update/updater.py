@@ -74,8 +74,11 @@ def check_target(info: Any, release: Mapping[str, Any], hardware_id: str, kind: 
     return custom
 
 
-def _part(layout: Layout, target: str) -> Path:
-    return layout.downloads / (target.replace("/", "_") + ".part")
+def _part(layout: Layout, info: Any) -> Path:
+    """The resumable download of a target, named by its signed hash (never by its path: a
+    target re-published under the same path must not resume onto the old bytes)."""
+    from agent.update.tuf_client import part_name
+    return layout.downloads / part_name(info)
 
 
 def fetch_agent(tuf: TufClient, layout: Layout, release: Mapping[str, Any], hardware_id: str,
@@ -96,11 +99,11 @@ def fetch_agent(tuf: TufClient, layout: Layout, release: Mapping[str, Any], hard
             base = slots.installed_tar(layout, current)
             if base is None:
                 raise Rejected(INSTALL_FAILED, f"no copy of the {current} bundle to patch")
-            patch = tuf.download(info, url, _part(layout, info.path), progress)
+            patch = tuf.download(info, url, _part(layout, info), progress)
             tar = delta.apply_delta(base, patch, min(max_bytes, int(custom["tar_size"])))
             if hashlib.sha256(tar).hexdigest() != custom.get("tar_sha256"):
                 raise Rejected(INSTALL_FAILED, "patched bundle does not match its signed hash")
-            _part(layout, info.path).unlink(missing_ok=True)
+            _part(layout, info).unlink(missing_ok=True)
             return tar, None, "delta"
         except (TufError, Rejected, delta.DeltaError, KeyError) as e:
             if isinstance(e, TufError) and e.retryable:
@@ -108,14 +111,14 @@ def fetch_agent(tuf: TufClient, layout: Layout, release: Mapping[str, Any], hard
             log.warning("update: delta unusable (%s); falling back to the full bundle", e)
     info, url = tuf.target_info(repo, release["target"])
     custom = check_target(info, release, hardware_id, "bundle")
-    data = tuf.download(info, url, _part(layout, info.path), progress)
+    data = tuf.download(info, url, _part(layout, info), progress)
     try:
         tar = bundle.decompress(data, max_bytes)
     except bundle.BundleError as e:
         raise Rejected(INSTALL_FAILED, str(e)) from e
     if hashlib.sha256(tar).hexdigest() != custom.get("tar_sha256"):
         raise Rejected(INSTALL_FAILED, "bundle content does not match its signed tar hash")
-    _part(layout, info.path).unlink(missing_ok=True)
+    _part(layout, info).unlink(missing_ok=True)
     return tar, data, "full"
 
 
@@ -394,7 +397,7 @@ class Updater:
         self.emit_event(update_event("mcu", frm, version, "downloading"))
         info, url = self.tuf.target_info(release["repository"], release["target"])
         custom = check_target(info, release, self.settings.mcu_hardware_id, "image")
-        image = self.tuf.download(info, url, _part(self.layout, info.path),
+        image = self.tuf.download(info, url, _part(self.layout, info),
                                   self._progress("mcu", release, frm))
         try:
             signature = bytes.fromhex(custom["mcu_signature"])
@@ -421,7 +424,7 @@ class Updater:
         with state.locked(self.layout) as st:
             state.raise_counter(st, "mcu", int(release["release_counter"]), running)
             st["pending"].pop("mcu", None)
-        _part(self.layout, info.path).unlink(missing_ok=True)
+        _part(self.layout, info).unlink(missing_ok=True)
         self.emit_event(update_event("mcu", frm, version, "good"))
         self.activity = {"component": "mcu", "to": version, "state": "good"}
         return "good"

@@ -80,9 +80,12 @@ def opened(body: dict, seq: int = 1) -> Opened:
 
 
 def build_repo(tmp: Path, versions: list[tuple[str, int]], *, filler: int = 20_000,
-               modules: int = 0, keys: Path | None = None) -> ReleaseRepo:
-    """A repository with each (version, counter) as a bundle, and a delta from the one before."""
-    repo = ReleaseRepo.init(tmp / "repo", keys or tmp / "keys")
+               modules: int = 0, keys: Path | None = None,
+               consistent_snapshot: bool = True) -> ReleaseRepo:
+    """A repository with each (version, counter) as a bundle, and a delta from the one before.
+    ``consistent_snapshot``: the root's flag (both are standard repositories)."""
+    repo = ReleaseRepo.init(tmp / "repo", keys or tmp / "keys",
+                            consistent_snapshot=consistent_snapshot)
     prev = None
     for version, counter in versions:
         tree = make_tree(tmp / "trees", version, filler=filler, modules=modules)
