@@ -317,3 +317,24 @@ def test_rejected_release_can_come_again_and_status_shows_it(env: Env) -> None:
     env.repo.refresh_timestamp()   # the repository host re-signs
     assert install(h, "1.0.0", 1) == ["agent:trial"]
 
+
+@pytest.mark.parametrize("version,plain", [
+    ("1.2.0", True), ("1.2.0-rc1", True), ("0.1.0+3", True), ("20261203_1", True),
+    ("9" * 64, True), ("9" * 65, False), ("../../etc", False), ("/", False), ("1..2", False),
+    ("1.2.", False), (".1", False), ("1.0/x", False), ("", False), ("1.0.partial", False),
+    ("1 2", False), ("1.2\n", False)])
+def test_the_schema_and_the_updater_agree_on_what_a_version_is(env: Env, version, plain) -> None:
+    """The downlink holds a release against config/schemas/release.json; the updater checks
+    the version again (it names a slot directory): one rule, two places, the same answers."""
+    body = env.release("1.0.0", 1)
+    body["version"] = version
+    try:
+        schemas.validate("release", body)
+        schema_ok = True
+    except schemas.SchemaError:
+        schema_ok = False
+    out = Harness(env).send(body)
+    assert schema_ok is plain
+    assert (out.status == "accepted") is plain, out
+    if not plain:
+        assert out.reason.startswith("invalid_version: version:"), out

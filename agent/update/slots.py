@@ -40,7 +40,10 @@ from agent.update import bundle
 
 log = logging.getLogger(__name__)
 
-VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+#: A plain version (config/schemas/release.json ``$defs.version`` says the same): alphanumeric
+#: segments joined by one of ``.+_-``, at most 64 characters, not ending in ``.partial``.
+VERSION_RE = re.compile(r"^[0-9A-Za-z]+([.+_-][0-9A-Za-z]+)*$")
+VERSION_MAX = 64
 BUNDLE_COPY = ".bundle.tar.zst"   # the installed bundle, kept as the base of the next delta
 
 
@@ -48,9 +51,12 @@ class SlotError(Exception):
     """A slot that cannot be installed or activated."""
 
 
-def check_version(version: str) -> str:
-    if not VERSION_RE.match(version) or version.endswith(".partial") or ".." in version:
-        raise SlotError(f"invalid version {version!r}")
+def check_version(version: object) -> str:
+    """``version`` if it is a plain version (it names a directory), else SlotError."""
+    if not isinstance(version, str) or len(version) > VERSION_MAX \
+            or not VERSION_RE.fullmatch(version) or version.endswith(".partial"):
+        raise SlotError(f"invalid version {str(version)[:80]!r}: not a plain version "
+                        f"(alphanumeric segments joined by . + _ -, at most {VERSION_MAX} characters)")
     return version
 
 

@@ -46,6 +46,7 @@ STALE_COUNTER = "stale_counter"
 BLOCKED = "blocked_counter"
 INSTALL_FAILED = "install_failed"
 MCU_REJECTED = "mcu_rejected"
+INVALID_VERSION = "invalid_version"
 
 
 class Rejected(Exception):
@@ -195,6 +196,14 @@ class Updater:
     def handle_release(self, opened: Any) -> Outcome:
         body = opened.body
         comp, version, counter = body["component"], body["version"], int(body["release_counter"])
+        # The downlink has held the body against config/schemas/release.json, which says what a
+        # version is; checked again here because a version names a directory.
+        for key in ("version", "delta_from"):
+            if key in body:
+                try:
+                    slots.check_version(body[key])
+                except slots.SlotError as e:
+                    return Outcome("rejected", reason=f"{INVALID_VERSION}: {key}: {e}")
         with state.locked(self.layout) as st:
             installed = st[comp]
             if counter <= int(installed.get("release_counter", 0)):
@@ -298,6 +307,10 @@ class Updater:
         return None
 
     def _process(self, comp: str, release: Mapping[str, Any]) -> str:
+        try:
+            slots.check_version(release["version"])
+        except slots.SlotError as e:     # pending from before versions were checked
+            return self._reject(comp, release, None, INVALID_VERSION, str(e))
         if release.get("not_before") and self._clock.now_ms() < int(release["not_before"]):
             return self._waiting(comp, release, "not_before")
         if not self._synced():
