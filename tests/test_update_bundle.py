@@ -51,6 +51,34 @@ def test_bundle_with_a_link_is_refused(tmp_path: Path) -> None:
     assert not (dest / "lib" / "escape").exists()
 
 
+@pytest.mark.parametrize("name", ["../escape", "/etc/escape", "lib/../../escape", "lib//x/../../.."])
+def test_a_member_outside_the_slot_is_refused_before_anything_is_written(tmp_path: Path, name) -> None:
+    """Extraction does its own checks (Debian 12's Python 3.11.2 has no tarfile filters)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for member in ("lib/ok.py", name):
+            info = tarfile.TarInfo(member)
+            info.size = 3
+            t.addfile(info, io.BytesIO(b"x=1"))
+    dest = tmp_path / "slot" / "out"
+    dest.mkdir(parents=True)
+    with pytest.raises(bundle.BundleError, match="relative path"):
+        bundle.extract(buf.getvalue(), dest)
+    assert not list(tmp_path.rglob("escape")) and not (dest / "lib").exists()
+
+
+def test_extracted_modes_are_0644_and_0755_whatever_the_tar_says(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for member, mode in (("bin/run", 0o4777), ("lib/x.py", 0o666)):
+            info = tarfile.TarInfo(member)
+            info.size, info.mode = 1, mode
+            t.addfile(info, io.BytesIO(b"x"))
+    bundle.extract(buf.getvalue(), tmp_path)
+    assert (tmp_path / "bin/run").stat().st_mode & 0o7777 == 0o755
+    assert (tmp_path / "lib/x.py").stat().st_mode & 0o7777 == 0o644
+
+
 def test_decompress_refuses_a_bomb() -> None:
     data = bundle.compress(b"\0" * 5_000_000, level=3)
     with pytest.raises(bundle.BundleError):

@@ -6,8 +6,8 @@ A bundle holds one slot's tree relative to the slot directory (``lib/python3.X/s
 always gives the same bytes (sorted names, mtime 0, uid/gid 0, no user names, modes normalised to
 0644/0755), so a delta between two bundles only carries what changed.
 
-The tar carries no links and no absolute paths; :func:`extract` uses tarfile's ``data`` filter
-anyway (defence in depth behind TUF) and refuses anything else.
+The tar carries no links and no absolute paths; :func:`extract` checks that anyway (defence in
+depth behind TUF) and refuses anything else.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import io
 import json
 import logging
 import os
+import shutil
 import stat
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import zstandard
 
@@ -139,14 +140,44 @@ def read_manifest(tar: bytes) -> dict:
         raise BundleError(f"bundle has no readable {MANIFEST}: {e}") from e
 
 
+def read_manifest_file(slot: Path) -> dict:
+    """The MANIFEST.json of an installed slot."""
+    try:
+        doc = json.loads((Path(slot) / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{slot}: no readable {MANIFEST}: {e}") from e
+    if not isinstance(doc, dict):
+        raise BundleError(f"{slot}: {MANIFEST} is not an object")
+    return doc
+
+
 def extract(tar: bytes, dest: Path) -> None:
-    """Extracts into ``dest`` (which must exist); only regular files and directories."""
+    """Extracts into ``dest`` (which must exist): regular files and directories only, names
+    relative and without ``..``, modes 0644/0755, owned by whoever extracts. Done member by
+    member rather than with tarfile's ``data`` filter, which Debian 12's Python (3.11.2, the
+    Pi's) does not have: ``extractall(filter=...)`` came with 3.11.4."""
+    dest = Path(dest)
     try:
         with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as t:
             members = t.getmembers()
             for m in members:
                 if not (m.isfile() or m.isdir()):
                     raise BundleError(f"bundle member {m.name!r} is not a file or directory")
-            t.extractall(dest, members=members, filter="data")
+                rel = PurePosixPath(m.name)
+                if rel.is_absolute() or not rel.parts or ".." in rel.parts or "" in rel.parts:
+                    raise BundleError(f"bundle member {m.name!r} is not a relative path inside it")
+            for m in members:
+                target = dest.joinpath(*PurePosixPath(m.name).parts)
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    target.chmod(0o755)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = t.extractfile(m)
+                if src is None:
+                    raise BundleError(f"bundle member {m.name!r} has no data")
+                with src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                target.chmod(0o755 if m.mode & 0o111 else 0o644)
     except (tarfile.TarError, OSError) as e:
         raise BundleError(f"extracting the bundle: {e}") from e
