@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import stat
 import tarfile
 from collections.abc import Iterator
@@ -151,12 +150,47 @@ def read_manifest_file(slot: Path) -> dict:
     return doc
 
 
-def extract(tar: bytes, dest: Path) -> None:
+def _same_file(old: Path, data: bytes, mode: int) -> bool:
+    try:
+        st = os.lstat(old)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != len(data) or stat.S_IMODE(st.st_mode) != mode:
+            return False
+        with open(old, "rb") as f:
+            return f.read() == data
+    except OSError:
+        return False
+
+
+def _link_bytecode(old_src: Path, new_src: Path) -> None:
+    """The installed slot's ``__pycache__`` entries of an unchanged module, linked beside the
+    new slot's link to the same source (same inode, same mtime: the bytecode is valid for it)."""
+    cache = old_src.parent / "__pycache__"
+    try:
+        pycs = [p for p in cache.iterdir() if p.name.startswith(old_src.stem + ".")
+                and p.name.endswith(".pyc") and p.name.count(".") == 2]
+    except OSError:
+        return
+    if pycs:
+        (new_src.parent / "__pycache__").mkdir(exist_ok=True)
+        for pyc in pycs:
+            try:
+                os.link(pyc, new_src.parent / "__pycache__" / pyc.name)
+            except OSError:
+                pass   # compiled again instead
+
+
+def extract(tar: bytes, dest: Path, reuse: Path | None = None) -> int:
     """Extracts into ``dest`` (which must exist): regular files and directories only, names
     relative and without ``..``, modes 0644/0755, owned by whoever extracts. Done member by
     member rather than with tarfile's ``data`` filter, which Debian 12's Python (3.11.2, the
-    Pi's) does not have: ``extractall(filter=...)`` came with 3.11.4."""
+    Pi's) does not have: ``extractall(filter=...)`` came with 3.11.4.
+
+    ``reuse``: an installed slot; a file it has with the same bytes and mode is hard-linked
+    instead of written (with the bytecode compiled for it), so a release that changes a few
+    modules writes a few files. Slots are never modified in place, so sharing inodes is safe.
+    Returns how many files were linked."""
     dest = Path(dest)
+    linked = 0
     try:
         with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as t:
             members = t.getmembers()
@@ -167,7 +201,8 @@ def extract(tar: bytes, dest: Path) -> None:
                 if rel.is_absolute() or not rel.parts or ".." in rel.parts or "" in rel.parts:
                     raise BundleError(f"bundle member {m.name!r} is not a relative path inside it")
             for m in members:
-                target = dest.joinpath(*PurePosixPath(m.name).parts)
+                parts = PurePosixPath(m.name).parts
+                target = dest.joinpath(*parts)
                 if m.isdir():
                     target.mkdir(parents=True, exist_ok=True)
                     target.chmod(0o755)
@@ -176,8 +211,19 @@ def extract(tar: bytes, dest: Path) -> None:
                 src = t.extractfile(m)
                 if src is None:
                     raise BundleError(f"bundle member {m.name!r} has no data")
-                with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                target.chmod(0o755 if m.mode & 0o111 else 0o644)
+                with src:
+                    data = src.read()
+                mode = 0o755 if m.mode & 0o111 else 0o644
+                old = Path(reuse).joinpath(*parts) if reuse is not None else None
+                if old is not None and _same_file(old, data, mode):
+                    os.link(old, target)
+                    linked += 1
+                    if target.suffix == ".py":
+                        _link_bytecode(old, target)
+                    continue
+                with open(target, "wb") as out:
+                    out.write(data)
+                target.chmod(mode)
     except (tarfile.TarError, OSError) as e:
         raise BundleError(f"extracting the bundle: {e}") from e
+    return linked

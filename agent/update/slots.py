@@ -190,9 +190,11 @@ def finalize(slot: Path, python: str, *, compile_bytecode: bool = True) -> None:
     (slot / "pyvenv.cfg").write_text(
         f"home = {home}\ninclude-system-site-packages = false\nversion = {ver}\n")
     if compile_bytecode:
+        # Timestamp-checked bytecode (the default): what install.sh's pip writes too, and a
+        # module linked unchanged from the previous slot keeps its valid .pyc (same inode, same
+        # mtime), which compile_dir then skips.
         for site in slot.glob("lib/python*/site-packages"):
-            compileall.compile_dir(str(site), quiet=1, workers=1,
-                                   invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            compileall.compile_dir(str(site), quiet=1, workers=1)
 
 
 def install(layout: Layout, version: str, tar: bytes, *, compressed: bytes | None = None,
@@ -201,7 +203,8 @@ def install(layout: Layout, version: str, tar: bytes, *, compressed: bytes | Non
 
     Idempotent: an existing complete slot is kept; a leftover ``.partial`` is discarded and
     redone. ``compressed`` (the bundle as downloaded) is kept in the slot as the base of the
-    next delta; if not given, the tar is compressed quickly here.
+    next delta; if not given, the tar is compressed quickly here. Files the current slot has
+    with the same bytes are hard-linked from it (bundle.extract), with their bytecode.
     """
     prepare(layout)
     final = layout.slot(version)
@@ -213,14 +216,15 @@ def install(layout: Layout, version: str, tar: bytes, *, compressed: bytes | Non
         log.info("update: discarding an interrupted install of %s", version)
         shutil.rmtree(partial)
     partial.mkdir()
-    bundle.extract(tar, partial)
+    current = layout.current_version()
+    linked = bundle.extract(tar, partial, reuse=layout.slot(current) if current else None)
     finalize(partial, layout.python, compile_bytecode=compile_bytecode)
     (partial / BUNDLE_COPY).write_bytes(compressed if compressed is not None
                                         else bundle.compress(tar, level=3))
     fsync_tree(partial)
     os.rename(partial, final)
     fsync_dir(layout.slots)
-    log.info("update: installed slot %s", version)
+    log.info("update: installed slot %s (%d files shared with %s)", version, linked, current)
     return final
 
 
