@@ -157,7 +157,7 @@ def test_a_release_whose_version_is_not_a_plain_version_is_rejected_before_any_d
         assert ack["status"] == "rejected", (version, ack, svc.log_text()[-3000:])
         assert "version" in ack["reason"], ack
     assert not [r for r in srv.requests if r[0].startswith("/targets/")]
-    assert state.load(layout)["pending"] == {}
+    assert state.load_work(layout)["pending"] == {}
     seq = _publish_unchecked(console, built.body(srv.url))      # counter 2: lower than all above
     assert _ack(console, seq)["status"] == "accepted", svc.log_text()[-3000:]
 

@@ -19,7 +19,8 @@ from scripts.refcloud.keys import generate_cloud_keys
 from scripts.testbed.devca import DevCA
 from scripts.refcloud.release import PYVER, signer_for
 from scripts.testbed.tuf_server import TufServer
-from tests.support.updates import HW, Env, build_repo, layout_for, make_tree, opened
+from tests.support.updates import (HW, INSTALLED, Env, Harness, build_repo, install, layout_for,
+                                   make_tree)
 from scripts.testbed.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,50 +36,6 @@ def env(tmp_path: Path, request):
         yield Env(tmp_path, repo, srv, ca, layout_for(tmp_path))
 
 
-class Harness:
-    def __init__(self, env: Env, tuf=None, **settings):
-        self.env = env
-        self.events: list[dict] = []
-        self.restarts = 0
-        self.parked: bool | None = True
-        self.volts: float | None = 12.6
-        s = UpdateSettings(root=env.layout.root, tuf_root=env.repo.root_path,
-                           metadata_dir=env.tmp / "device-meta", ca_file=env.ca.ca_cert_path,
-                           python=env.layout.python, max_rate_kib_s=0, compile_bytecode=False,
-                           **settings)
-        self.updater = Updater(s, emit_event=self._emit, parked=lambda: self.parked,
-                               supply_v=lambda: self.volts, restart=self._restart,
-                               health=lambda: {"store": True, "broker": True},
-                               clock_synced=lambda: True, tuf=tuf)
-
-    def _emit(self, body: dict) -> None:
-        schemas.validate("event", body)   # every event body is a valid PROTOCOL §4 event
-        self.events.append(body)
-
-    def _restart(self) -> None:
-        self.restarts += 1
-
-    def send(self, body: dict, seq: int = 1):
-        out = self.updater.handle_release(opened(body, seq))
-        if out.after_commit:
-            out.after_commit()
-        return out
-
-    def states(self) -> list[str]:
-        """States without the progress events (``downloading`` with ``bytes_done``)."""
-        return [e["state"] for e in self.events if "bytes_done" not in e]
-
-    def rejection(self) -> str:
-        rejected = [e for e in self.events if e["state"] == "rejected"]
-        assert len(rejected) == 1, self.events
-        return rejected[0]["reason"]
-
-
-def install(h: Harness, version: str, counter: int, **kw) -> list[str]:
-    assert h.send(h.env.release(version, counter, **kw)).status == "accepted"
-    return h.updater.step()
-
-
 BOTH_LAYOUTS = pytest.mark.parametrize("env", [True, False], ids=["consistent", "plain"],
                                       indirect=True)
 
@@ -86,7 +43,7 @@ BOTH_LAYOUTS = pytest.mark.parametrize("env", [True, False], ids=["consistent", 
 @BOTH_LAYOUTS
 def test_full_install_then_delta_update(env: Env) -> None:
     h = Harness(env)
-    assert install(h, "1.0.0", 1) == ["agent:trial"]
+    assert install(h, "1.0.0", 1) == INSTALLED
     assert env.layout.current_version() == "1.0.0"
     assert h.states() == ["downloading", "installed", "trial"]
     progress = [e for e in h.events if "bytes_done" in e]
@@ -97,7 +54,7 @@ def test_full_install_then_delta_update(env: Env) -> None:
     assert install(h, "1.1.0", 2, delta_from="1.0.0") == ["agent:waiting (trial of 1.0.0)"]
     assert env.layout.current_version() == "1.0.0" and h.restarts == 1
     trial.mark_good(env.layout)
-    assert h.updater.step() == ["agent:trial"]
+    assert h.cycle() == INSTALLED
     fetched = [p for p, status, n, _ in env.server.requests if p.startswith("/targets/")]
     assert len(fetched) == 1 and "delta-from-1.0.0" in fetched[0]
     assert env.layout.current_version() == "1.1.0"
@@ -119,7 +76,7 @@ def test_delta_falls_back_to_the_full_bundle(env: Env) -> None:
     trial.mark_good(env.layout)
     (env.layout.slot("1.0.0") / ".bundle.tar.zst").unlink()   # no base to patch
     env.server.reset_counters()
-    assert install(h, "1.1.0", 2, delta_from="1.0.0") == ["agent:trial"]
+    assert install(h, "1.1.0", 2, delta_from="1.0.0") == INSTALLED
     fetched = [p for p, *_ in env.server.requests if p.startswith("/targets/")]
     assert len(fetched) == 1 and fetched[0].endswith("bundle.tar.zst")
     assert [e["via"] for e in h.events if e["state"] == "installed"] == ["full", "full"]
@@ -165,7 +122,7 @@ def test_a_target_republished_between_attempts_is_not_resumed_onto_old_bytes(env
     env.repo.add_agent_release("1.0.0", 1, rebuilt, hardware_ids=[HW])
     env.repo.publish()
     env.server.reset_counters()
-    assert h.updater.step() == ["agent:trial"]
+    assert h.cycle() == INSTALLED
     [(_, status, sent, ranged)] = _target_requests(env)
     assert status == 200 and not ranged and sent == env.repo.target_file(
         "agent/1.0.0/bundle.tar.zst").stat().st_size
@@ -186,7 +143,7 @@ def test_a_slow_drip_server_is_cut_at_the_deadline_and_the_bytes_kept(env: Env) 
     assert 0 < dripped < env.repo.target_file("agent/1.0.0/bundle.tar.zst").stat().st_size
     env.server.slow_drip(None)
     env.server.reset_counters()
-    assert h.updater.step() == ["agent:trial"]
+    assert h.cycle() == INSTALLED
     [(_, status, _, ranged)] = _target_requests(env)
     assert status == 206 and ranged     # resumed: the dripped bytes were kept
 
@@ -195,14 +152,18 @@ def test_conditions_wait_for_parked_and_supply(env: Env) -> None:
     h = Harness(env)
     h.parked, h.volts = False, 11.0
     assert h.send(env.release("1.0.0", 1, parked=True, min_supply_v=12.0)).status == "accepted"
-    assert h.updater.step() == ["agent:waiting (parked)"]
-    assert env.layout.current_version() is None and env.layout.slot("1.0.0").is_dir()
+    assert h.cycle() == ["agent:waiting (parked)"]
+    # downloaded and verified while driving; nothing installed, nothing asked of the installer
+    assert env.layout.current_version() is None and env.layout.installed() == []
+    assert [p.name for p in env.layout.staging.iterdir() if p.is_file()] == [
+        env.layout.staged_name(env.repo.targets.signed.targets["agent/1.0.0/bundle.tar.zst"].hashes)]
+    assert not env.layout.request_file.exists()
     assert h.updater.status()["activity"]["waiting_for"] == "parked"
     h.parked = True
-    assert h.updater.step()[0].startswith("agent:waiting (supply")
+    assert h.cycle()[0].startswith("agent:waiting (supply")
     env.server.reset_counters()
     h.volts = 12.4
-    assert h.updater.step() == ["agent:trial"]
+    assert h.cycle() == INSTALLED
     assert not [r for r in env.server.requests if r[0].startswith("/targets/")]  # not fetched again
     assert env.layout.current_version() == "1.0.0"
 
@@ -212,7 +173,8 @@ def test_conditions_wait_for_parked_and_supply(env: Env) -> None:
 def _assert_untouched(env: Env) -> None:
     assert env.layout.current_version() is None
     assert env.layout.installed() == []
-    assert state.load(env.layout)["pending"] == {}
+    assert state.load_work(env.layout)["pending"] == {}
+    assert not env.layout.request_file.exists()
 
 
 def test_flipped_bits_are_rejected(env: Env) -> None:
@@ -223,7 +185,7 @@ def test_flipped_bits_are_rejected(env: Env) -> None:
     h = Harness(env)
     assert install(h, "1.0.0", 1) == ["agent:rejected (hash_mismatch)"]
     assert h.rejection().startswith("hash_mismatch")
-    assert not list(env.layout.downloads.glob("*.part"))  # bad bytes are never resumed from
+    assert not list(env.layout.staging.glob("*"))  # bad bytes are never resumed from
     _assert_untouched(env)
 
 
@@ -315,7 +277,7 @@ def test_rejected_release_can_come_again_and_status_shows_it(env: Env) -> None:
     install(h, "1.0.0", 1)
     assert h.updater.status()["activity"]["reason"] == "expired_metadata"
     env.repo.refresh_timestamp()   # the repository host re-signs
-    assert install(h, "1.0.0", 1) == ["agent:trial"]
+    assert install(h, "1.0.0", 1) == INSTALLED
 
 
 @pytest.mark.parametrize("version,plain", [

@@ -2,14 +2,21 @@
 
 ::
 
-    /opt/dongle/                   Layout.root (configurable; tests use a tmp dir)
+    /opt/dongle/                   Layout.root (configurable; tests use a tmp dir): root's,
+                                   read-only for the agent
       slots/<version>/             one complete agent environment per version (a venv)
       slots/<version>.partial/     an install in progress: never run, removed on the next try
       current -> slots/<version>   what systemd starts (ExecStart=/opt/dongle/current/bin/...)
       previous -> slots/<version>  the last good version, kept for rollback
       venv -> current              compatibility with ExecStart=/opt/dongle/venv/bin/dongle-agent
-      update/state.json            update state (agent.update.state)
-      update/downloads/            *.part files of resumable downloads
+      update/state.json            the install state (agent.update.state)
+      update/tuf/                  the installer's own trusted TUF metadata
+    /var/lib/dongle/update/        Layout.work: the agent's (it writes nothing else of these)
+      state.json                   its work state: pending releases, MCU counters, the request
+      staging/<algo>-<hash>.part   resumable downloads, named by the signed hash
+      staging/<algo>-<hash>        verified downloads, for the installer to verify again
+      staging/metadata/            the TUF metadata the agent verified them with
+      request.json                 what the agent asks the installer to do (agent.update.request)
 
 Invariants, whatever the moment of a power cut:
 
@@ -33,6 +40,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +72,49 @@ def check_version(version: object) -> str:
 class Layout:
     root: Path
     python: str = "/usr/bin/python3"   # the device's interpreter the venvs are based on
+    #: The agent's own update directory (None: ``<root>/work``, for tools and tests that keep
+    #: both in one tree; on a device it is /var/lib/dongle/update, see UpdateSettings.work_dir).
+    work_dir: Path | None = None
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir is not None else self.root / "work"
+
+    @property
+    def staging(self) -> Path:
+        return self.work / "staging"
+
+    @property
+    def staged_metadata(self) -> Path:
+        return self.staging / "metadata"
+
+    @property
+    def request_file(self) -> Path:
+        return self.work / "request.json"
+
+    @property
+    def work_state_file(self) -> Path:
+        return self.work / "state.json"
+
+    @property
+    def installer_metadata(self) -> Path:
+        return self.update_dir / "tuf"
+
+    def staged_name(self, hashes: Mapping[str, str]) -> str:
+        """A verified target's name in the staging area: its signed hash, never its path (a
+        target re-published under the same path must not resume onto the old bytes)."""
+        algo = "sha256" if "sha256" in hashes else min(hashes)
+        digest = hashes[algo]
+        if not re.fullmatch(r"[0-9a-f]{16,128}", digest) or not re.fullmatch(r"[a-z0-9_-]{1,16}", algo):
+            raise SlotError(f"unusable target hash {algo}:{digest[:80]!r}")
+        return f"{algo}-{digest}"
+
+    def staged_file(self, hashes: Mapping[str, str]) -> Path:
+        return self.staging / self.staged_name(hashes)
+
+    def part_file(self, hashes: Mapping[str, str]) -> Path:
+        """The resumable download of that target (renamed to :meth:`staged_file` once verified)."""
+        return self.staging / (self.staged_name(hashes) + ".part")
 
     @property
     def slots(self) -> Path:
@@ -80,10 +131,6 @@ class Layout:
     @property
     def update_dir(self) -> Path:
         return self.root / "update"
-
-    @property
-    def downloads(self) -> Path:
-        return self.update_dir / "downloads"
 
     @property
     def state_file(self) -> Path:
@@ -173,8 +220,18 @@ def remove_link(link: Path) -> None:
 # --- install --------------------------------------------------------------------------------------
 
 def prepare(layout: Layout) -> None:
-    for d in (layout.root, layout.slots, layout.update_dir, layout.downloads):
+    """The installer's directories (root's on a device)."""
+    for d in (layout.root, layout.slots, layout.update_dir):
         d.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_work(layout: Layout) -> None:
+    """The agent's directories (OSError if it cannot write them)."""
+    for d in (layout.work, layout.staging):
+        d.mkdir(parents=True, exist_ok=True)
+    probe = layout.work / ".writable"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def finalize(slot: Path, python: str, *, compile_bytecode: bool = True) -> None:

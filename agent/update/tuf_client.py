@@ -9,9 +9,9 @@ resumable target downloads and named rejection reasons.
   fetched with ``Range`` into a ``.part`` file that survives restarts, never reading more than
   the signed length (the length is checked before the hash: an endless response is cut at
   ``length + 1`` bytes), then ``TargetFile.verify_length_and_hashes`` checks them. A ``.part``
-  that fails is deleted, so the next try starts clean. The caller names the ``.part`` after
-  the target's signed hash (:func:`part_name`), so a target re-published under the same path
-  between two attempts starts afresh instead of resuming onto the old bytes.
+  that fails is deleted, so the next try starts clean. :class:`NetworkSource` names the
+  ``.part`` after the target's signed hash (``Layout.part_file``), so a target re-published
+  under the same path between two attempts starts afresh instead of resuming onto the old bytes.
 * Time: every read waits at most ``timeout_s``, and a whole attempt at most
   :func:`deadline_s` (a floor plus twice the time the signed length takes at the rate cap):
   a slow-drip server cannot hold an update. An attempt cut at the deadline keeps its bytes and
@@ -21,11 +21,21 @@ Repository layout (scripts/refcloud/release.py): ``<repository>/metadata/`` and
 ``<repository>/targets/``. Target URLs follow the trusted root's ``consistent_snapshot``, as
 ngclient's own ``Updater.download_target`` does: ``<dir>/<sha256>.<name>`` when it is true,
 ``<dir>/<name>`` when false.
+
+Two sources of verified targets, one interface (``target_info(path)``, ``fetch(info)``) for
+:func:`agent.update.updater.fetch_agent`:
+
+* :class:`NetworkSource` (the agent): the repository over HTTPS; verified bytes are kept in the
+  staging area as ``<algo>-<hash>``.
+* :class:`StagedSource` (the installer, as root, without network): ngclient again, bootstrapped
+  from the pinned root and the installer's own trusted metadata, reading the metadata the agent
+  staged (:class:`_StagedFetcher`) and the staged bytes (agent.update.request.read_staged).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +46,8 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
+from agent.update import request
+from agent.update.slots import Layout, fsync_dir
 from agent.update.tuf_errors import (BAD_METADATA, DOWNLOAD_FAILED, EXPIRED, HASH_MISMATCH,
                                      METADATA_MISMATCH, OVERSIZE, TARGET_MISSING, UNTRUSTED, TufError)
 
@@ -72,13 +84,6 @@ def deadline_s(length: int, rate_bps: float | None, *, floor_s: float = DEADLINE
                margin: float = DEADLINE_MARGIN) -> float:
     """How long one attempt at downloading ``length`` signed bytes may take."""
     return floor_s + margin * length / (rate_bps or REFERENCE_BPS)
-
-
-def part_name(info: TargetFile) -> str:
-    """The resumable download's file name: the target's signed hash (never its path)."""
-    algo, digest = ("sha256", info.hashes["sha256"]) if "sha256" in info.hashes \
-        else next(iter(sorted(info.hashes.items())))
-    return f"{algo}-{digest}.part"
 
 
 def _reads(r: urllib3.BaseHTTPResponse, chunk: int, deadline: float, url: str) -> Iterator[bytes]:
@@ -129,6 +134,37 @@ class _Fetcher(FetcherInterface):
 Progress = Callable[[int, int], None]
 
 
+def refreshed_target_info(make_updater: Callable[[], Updater], target: str) -> TargetFile:
+    """A fresh ngclient ``Updater`` refreshed and asked for ``target``; every failure named."""
+    try:
+        up = make_updater()
+        up.refresh()
+        info = up.get_targetinfo(target)
+    except tuf_exc.LengthOrHashMismatchError as e:
+        # a metadata file that is not the one the newer role names: mixed versions
+        raise TufError(METADATA_MISMATCH, str(e)) from e
+    except Exception as e:  # noqa: BLE001 - every failure gets a named reason
+        raise classify(e) from e
+    if info is None:
+        raise TufError(TARGET_MISSING, f"{target!r} is not in the repository's targets")
+    return info
+
+
+def trusted_root(metadata_dir: Path) -> Root:
+    """The root ngclient trusts now (it keeps it as ``root.json`` in its metadata dir)."""
+    try:
+        return Metadata[Root].from_bytes((Path(metadata_dir) / "root.json").read_bytes()).signed
+    except (OSError, ValueError) as e:
+        raise TufError(BAD_METADATA, f"no trusted root in {metadata_dir}: {e}") from e
+
+
+def _bootstrap(pinned_root: Path) -> bytes:
+    try:
+        return Path(pinned_root).read_bytes()
+    except OSError as e:
+        raise TufError(UNTRUSTED, f"no pinned TUF root: {e}") from e
+
+
 def target_url(repository: str, info: TargetFile, root: Root) -> str:
     """Where the target's bytes are: the root's ``consistent_snapshot`` decides whether the
     file name carries the hash (TUF specification §5.7.3, ngclient's ``download_target``)."""
@@ -160,10 +196,7 @@ class TufClient:
             raise TufError(BAD_METADATA, f"repository {repository!r} is not an https URL")
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         repo = repository.rstrip("/")
-        try:
-            bootstrap = self.pinned_root.read_bytes()
-        except OSError as e:
-            raise TufError(UNTRUSTED, f"no pinned TUF root: {e}") from e
+        bootstrap = _bootstrap(self.pinned_root)
         try:
             return Updater(str(self.metadata_dir), f"{repo}/metadata/", None, f"{repo}/targets/",
                            fetcher=_Fetcher(self._pool, self._timeout,
@@ -175,25 +208,8 @@ class TufClient:
 
     def target_info(self, repository: str, target: str) -> tuple[TargetFile, str]:
         """Refreshes the metadata and returns (verified target info, its download URL)."""
-        try:
-            up = self._updater(repository)
-            up.refresh()
-            info = up.get_targetinfo(target)
-        except tuf_exc.LengthOrHashMismatchError as e:
-            # a metadata file that is not the one the newer role names: mixed versions
-            raise TufError(METADATA_MISMATCH, str(e)) from e
-        except Exception as e:  # noqa: BLE001 - every failure gets a named reason
-            raise classify(e) from e
-        if info is None:
-            raise TufError(TARGET_MISSING, f"{target!r} is not in the repository's targets")
-        return info, target_url(repository, info, self.trusted_root())
-
-    def trusted_root(self) -> Root:
-        """The root ngclient trusts now (it keeps it as ``root.json`` in the metadata dir)."""
-        try:
-            return Metadata[Root].from_bytes((self.metadata_dir / "root.json").read_bytes()).signed
-        except (OSError, ValueError) as e:
-            raise TufError(BAD_METADATA, f"no trusted root in {self.metadata_dir}: {e}") from e
+        info = refreshed_target_info(lambda: self._updater(repository), target)
+        return info, target_url(repository, info, trusted_root(self.metadata_dir))
 
     def download(self, info: TargetFile, url: str, part: Path,
                  progress: Progress | None = None) -> bytes:
@@ -268,3 +284,101 @@ class TufClient:
         ahead = got / self.rate_bps - (time.monotonic() - start)
         if ahead > 0:
             time.sleep(ahead)
+
+
+# --- the two sources of verified targets -----------------------------------------------------------
+
+class NetworkSource:
+    """The agent's: targets from the repository over HTTPS, verified, kept in the staging area
+    (``Layout.staged_file``) for the installer. A target already staged (a restart while a
+    release waited for its conditions) is verified again, not fetched again."""
+
+    def __init__(self, tuf: TufClient, repository: str, layout: Layout):
+        self.tuf, self.repository, self.layout = tuf, repository, layout
+        self._urls: dict[str, str] = {}
+
+    def target_info(self, target: str) -> TargetFile:
+        info, url = self.tuf.target_info(self.repository, target)
+        self._urls[info.path] = url
+        return info
+
+    def fetch(self, info: TargetFile, progress: Progress | None = None) -> bytes:
+        staged = self.layout.staged_file(info.hashes)
+        try:
+            data = staged.read_bytes()
+            info.verify_length_and_hashes(data)
+            return data
+        except FileNotFoundError:
+            pass
+        except tuf_exc.LengthOrHashMismatchError:
+            staged.unlink()
+        self.layout.staging.mkdir(parents=True, exist_ok=True)
+        part = self.layout.part_file(info.hashes)
+        data = self.tuf.download(info, self._urls[info.path], part, progress)
+        os.replace(part, staged)
+        fsync_dir(staged.parent)
+        return data
+
+
+class _StagedFetcher(FetcherInterface):
+    """ngclient's fetcher for the installer: the metadata files the agent staged, by the names a
+    repository serves them under (``N.root.json``; ``timestamp.json``; ``snapshot.json`` and
+    ``targets.json``, also when asked for as ``N.snapshot.json``...). A missing file is a 404."""
+
+    _VERSIONED = re.compile(r"^(\d+)\.(.+\.json)$")
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        name = url.rsplit("/", 1)[-1]
+        m = self._VERSIONED.match(name)
+        if m and m.group(2) != "root.json":
+            name = m.group(2)
+        try:
+            data = request.read_staged(self.layout, f"staging/metadata/{name}",
+                                       request.MAX_METADATA)
+        except FileNotFoundError:
+            raise tuf_exc.DownloadHTTPError(f"{name} is not staged", 404) from None
+        except (OSError, request.RequestError) as e:
+            raise tuf_exc.DownloadError(f"staged {name}: {e}") from e
+        return iter([data])
+
+
+class StagedSource:
+    """The installer's: the targets the agent staged, believed only through TUF metadata that
+    verifies from the pinned root against the installer's own trusted copies
+    (``Layout.installer_metadata``: its rollback and freeze memory, root's)."""
+
+    def __init__(self, layout: Layout, pinned_root: Path):
+        self.layout = layout
+        self.pinned_root = Path(pinned_root)
+
+    def _updater(self) -> Updater:
+        meta = self.layout.installer_metadata
+        meta.mkdir(parents=True, exist_ok=True)
+        bootstrap = _bootstrap(self.pinned_root)
+        try:
+            return Updater(str(meta), "https://staged.invalid/metadata/", None, None,
+                           fetcher=_StagedFetcher(self.layout),
+                           config=UpdaterConfig(app_user_agent="dongle-update"),
+                           bootstrap=bootstrap)
+        except (tuf_exc.RepositoryError, ValueError) as e:
+            raise TufError(UNTRUSTED, f"pinned TUF root is not usable: {e}") from e
+
+    def target_info(self, target: str) -> TargetFile:
+        return refreshed_target_info(self._updater, target)
+
+    def fetch(self, info: TargetFile, progress: Progress | None = None) -> bytes:
+        rel = "staging/" + self.layout.staged_name(info.hashes)
+        try:
+            data = request.read_staged(self.layout, rel, info.length)
+        except FileNotFoundError:
+            raise TufError(DOWNLOAD_FAILED, f"{info.path} is not staged ({rel})") from None
+        except request.RequestError as e:
+            raise TufError(HASH_MISMATCH, f"staged {info.path}: {e}") from e
+        try:
+            info.verify_length_and_hashes(data)
+        except tuf_exc.LengthOrHashMismatchError as e:
+            raise TufError(HASH_MISMATCH, f"staged {info.path}: {e}") from e
+        return data
