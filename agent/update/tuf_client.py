@@ -76,6 +76,9 @@ def classify(e: BaseException) -> TufError:
 #: A download attempt may take ``DEADLINE_FLOOR_S + DEADLINE_MARGIN * length / rate`` seconds,
 #: ``rate`` being the rate cap or, without one, ``REFERENCE_BPS``.
 DEADLINE_FLOOR_S = 60.0
+#: A download in progress is fsynced every this many bytes: after a power cut it resumes from
+#: there (the page cache is lost), not from the start.
+SYNC_EVERY = 1 << 20
 DEADLINE_MARGIN = 2.0
 REFERENCE_BPS = 256 * 1024
 
@@ -256,6 +259,7 @@ class TufClient:
                 f.seek(have)
                 f.truncate()
                 try:
+                    synced = have
                     for chunk in _reads(r, self.chunk, deadline, url):
                         if have + len(chunk) > length:
                             raise tuf_exc.DownloadLengthMismatchError(
@@ -263,6 +267,9 @@ class TufClient:
                         f.write(chunk)
                         f.flush()
                         have += len(chunk)
+                        if have - synced >= SYNC_EVERY:   # what a power cut cannot take back
+                            os.fsync(f.fileno())
+                            synced = have
                         got += len(chunk)
                         self.bytes_downloaded += len(chunk)
                         if progress is not None:
