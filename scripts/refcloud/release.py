@@ -234,8 +234,10 @@ class ReleaseRepo:
 
     def add_agent_release(self, version: str, counter: int, tree: Path, *,
                           hardware_ids: Iterable[str] = (AGENT_HW,),
-                          delta_from: Iterable[str] = ()) -> dict[str, str]:
-        """Adds the bundle of ``tree`` and deltas from earlier versions; returns target paths."""
+                          delta_from: Iterable[str] = (), level: int = bundle.LEVEL) -> dict[str, str]:
+        """Adds the bundle of ``tree`` and deltas from earlier versions; returns target paths.
+        ``level``: the bundle's zstd level (19 by default: a full bundle with its dependencies
+        takes over a minute to build; tests use 3)."""
         hw = [hardware_ids] if isinstance(hardware_ids, str) else list(hardware_ids)
         manifest = {"component": "agent", "version": version, "release_counter": counter,
                     "python": PYVER}
@@ -244,7 +246,7 @@ class ReleaseRepo:
                 "hardware_ids": hw, "tar_sha256": hashlib.sha256(tar).hexdigest(),
                 "tar_size": len(tar)}
         out = {"target": f"agent/{version}/bundle.tar.zst"}
-        self.add_target(out["target"], bundle.compress(tar), {**base, "kind": "bundle"})
+        self.add_target(out["target"], bundle.compress(tar, level), {**base, "kind": "bundle"})
         for old in delta_from:
             old_tar = bundle.decompress(self.target_bytes(f"agent/{old}/bundle.tar.zst"))
             path = f"agent/{version}/delta-from-{old}.zst"
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --deps: take the wheels from this wheelhouse (offline)")
     a.add_argument("--delta-from", action="append", default=[])
     a.add_argument("--hardware-id", action="append")
+    a.add_argument("--level", type=int, default=bundle.LEVEL, help="zstd level of the bundle")
     m = sub.choices["mcu"]
     m.add_argument("--version", required=True)
     m.add_argument("--counter", type=int, required=True)
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                     stage_deps(tree, arch=args.arch, wheels=args.wheelhouse)
             out = repo.add_agent_release(args.version, args.counter, tree,
                                          hardware_ids=args.hardware_id or [AGENT_HW],
-                                         delta_from=args.delta_from)
+                                         delta_from=args.delta_from, level=args.level)
             repo.publish()
             print(json.dumps(out, indent=1))
         elif args.cmd == "mcu":
