@@ -598,6 +598,12 @@ def format_status(st: Mapping[str, Any]) -> str:
     if t:
         lines.append(f"trial    {t['version']}: start {t.get('starts', 0)}/{t.get('max_starts')}, "
                      f"healthy for {t.get('healthy_since_s') or 0} s")
+    req, last = st.get("request"), st.get("last_request")
+    if req:
+        lines.append(f"request  {req.get('action')} {req.get('version') or ''} (waiting for the installer)")
+    if last:
+        lines.append(f"installer {last.get('action')}: {last.get('result')}"
+                     + (f" ({last['reason']})" if last.get("reason") else ""))
     act = st.get("activity") or {}
     if act:
         extra = ""
