@@ -18,9 +18,10 @@ defined at the top of :func:`build` that name the later component; none of them 
 before :meth:`Agent.start`.
 
 Threads: the OBD poller, the CAN readers, the ingest writer (group commit), the uplink, the MQTT
-network thread (which also runs downlink handling), power management, the health rules, GNSS,
-the EV reader, the control socket, the updater and the supervisor (config probation, watchdog).
-A failure in one is logged and retried, never fatal to the others.
+network thread (which only queues downlink), the downlink worker (checks, commits, then applies:
+agent/cloud/downlink.py), the DTC reads of cloud commands, power management, the health rules,
+GNSS, the EV reader, the control socket, the updater and the supervisor (config probation,
+watchdog). A failure in one is logged and retried, never fatal to the others.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ from agent.cloud import cloudconfig
 from agent.cloud.bookings import Bookings
 from agent.cloud.commands import Commands
 from agent.cloud.config_apply import ActiveConfig, ConfigApplier, endpoint
+from agent.cloud import downlink as downlink_mod
 from agent.cloud.downlink import Downlink, Outcome
-from agent.cloud.keys import DeviceKeys
+from agent.cloud.keys import DeviceKeys, KeyFileError, check_ca_file, check_tls_files
 from agent.cloud.mqtt import MqttLink
 from agent.component import Component
 from agent.device import systemd
@@ -46,7 +48,7 @@ from agent.outbox.ingest import Ingest
 from agent.outbox.store import Store
 from agent.outbox.uplink import Sealer, Uplink, upload_policy
 from agent.owner import privacy as privacy_mod
-from agent.owner.datakey import DataKey
+from agent.owner.datakey import DataKey, EventsAtRest
 from agent.owner.erase import device_key_files
 from agent.owner.location import Location
 from agent.owner.owner_data import BehaviourRows, OwnerData
@@ -109,7 +111,6 @@ class Agent:
             self.watchdog.register(name)
         for _, c in self.components:
             c.start()
-        self.applier.resume()
         self._stop.clear()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
@@ -155,8 +156,7 @@ class Agent:
             "buffer": self.store.counts(), "store": self.store.status(),
             "ingest": self.ingest.status(), "uplink": self.uplink.status(),
             "last_uplink_seq": self.store.last_uplink_seq,
-            "downlink": {"unauthenticated": dict(self.downlink.unauthenticated),
-                         "acks": dict(self.downlink.acks)},
+            "downlink": self.downlink.status(),
         }
         for name, c in named.items():
             if name not in out and name != "link":
@@ -169,7 +169,8 @@ class Agent:
                 "buffer": self.store.counts(), "broker_connected": self.link.connected}
         if self.obd:
             st = self.obd.status()
-            snap["obd"] = {k: st.get(k) for k in ("connected", "protocol", "errors", "last_error")}
+            snap["obd"] = {k: st.get(k) for k in ("connected", "protocol", "errors", "last_error",
+                                                  "fault")}
         try:
             snap["health"] = self.health.snapshot()
         except Exception as e:
@@ -180,8 +181,9 @@ class Agent:
 
 def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = None,
           version: str | None = None) -> Agent:
-    """The agent of ``settings``, built but not started. Raises ``KeyFileError`` when a key
-    named in the settings cannot be used."""
+    """The agent of ``settings``, built but not started. Raises ``LocalFileError`` (a
+    ``KeyFileError``, ``DbcError`` or ``ProfileFileError``) when a file the settings name (or
+    make it read) cannot be used; agent/daemon.py names the key."""
     clock = clock or Clock()
     version = version or agent_version()
     s = settings
@@ -200,14 +202,25 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         state = power.state if power is not None else None
         return str(state) if state is not None else "driving"
 
-    # -- identity, store, the config in force ---------------------------------------------------
+    # -- the local files first: a bad one stops the agent before anything starts ----------------
     keys = DeviceKeys.load(s.keys.sign_key, s.keys.enc_key, s.keys.cloud_enc_pub, s.keys.cloud_sign_pubs)
+    check_tls_files(s.mqtt.ca_file, s.mqtt.cert_file, s.mqtt.key_file, device_id=s.device_id)
+    if s.update is not None and s.update.ca_file is not None:
+        try:
+            check_ca_file(s.update.ca_file)
+        except KeyFileError as e:
+            e.key = "update.ca_file"   # the same file may be named by an mqtt key too
+            raise
+    ev_profiles = _ev_profiles(s) if s.ev.transport != "off" else None
+
+    # -- identity, store, the config in force ---------------------------------------------------
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(s.db_path, clock=clock, budget_bytes=s.store.budget_bytes)
+    datakey = DataKey.in_dir(s.data_dir)
+    # Events carrying identity data (the VIN) wait for sealing encrypted under the data key.
+    store = Store(s.db_path, clock=clock, budget_bytes=s.store.budget_bytes, event_codec=EventsAtRest(datakey))
     config = ActiveConfig(store)
     watchdog = systemd.Watchdog()
     sealer = Sealer(s.device_id, keys.sign, keys.cloud_enc, clock=clock.now_ms)
-    datakey = DataKey.in_dir(s.data_dir)
 
     # -- the owner's consent, and the health rules (which need it for driving behaviour) --------
     privacy = privacy_mod.Privacy(store, config=config.current, emit_event=emit_event, clock=clock.now_ms)
@@ -233,7 +246,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         obd = ObdPoller(s.obd.port, cloudconfig.obd_pids(config.current()), ingest.put_samples,
                         on_vehicle=lambda info: identity.on_vehicle(info),
                         baudrate=s.obd.baudrate or None, timeout_s=s.obd.timeout_s, clock=clock.now_ms,
-                        on_dtc=emit_event, dtc_store=store,
+                        on_dtc=emit_event, on_event=emit_event, dtc_store=store,
                         dtc_period_s=float(config.current().get("obd", {}).get("dtc_period_s", 60)))
 
     # -- power management and the MCU -------------------------------------------------------------
@@ -296,7 +309,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
                 snap = dataclasses.replace(snap, vehicle=datakey.pseudonym(snap.vehicle))
             battery.observe_snapshot(snap)
 
-        ev = EvReader(transport, ingest.put_samples, vehicle_awake, on_snapshot=on_snapshot,
+        ev = EvReader(transport, ingest.put_samples, vehicle_awake, on_snapshot=on_snapshot, profiles=ev_profiles,
                       on_profile=lambda name: store.set_meta("ev_profile", name), clock=clock.now_ms)
         ev.apply_config(config.current())
         battery.apply_config(config.current())
@@ -320,10 +333,13 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         keepalive_s=s.mqtt.keepalive_s, session_expiry_s=s.mqtt.session_expiry_s,
         backoff=Backoff(s.mqtt.backoff_min_s, s.mqtt.backoff_max_s), agent_version=version,
         config_version=lambda: config.version, max_inflight=s.uplink.max_inflight + 2,  # + status publishes
-        on_message=lambda suffix, payload: downlink.handle(suffix, payload),
-        on_connection=lambda up: uplink.on_connection(up))
+        frame_t=s.uplink.frame_t,
+        # The network thread only queues downlink; the worker acks it to the broker once committed.
+        on_message=lambda suffix, payload, ack: downlink.submit(suffix, payload, ack),
+        receive_maximum=downlink_mod.QUEUE_MAX, on_connection=lambda up: uplink.on_connection(up))
     uplink = Uplink(store, link, sealer, config=config.current, vehicle_state=vehicle_state,
                     batch_max_samples=s.uplink.batch_max_samples, max_inflight=s.uplink.max_inflight,
+                    frame_t=s.uplink.frame_t,
                     heartbeat=lambda: watchdog.beat("uplink"),
                     # positions into telemetry bodies first; the privacy gate always last
                     body_filters=[location.contribute, privacy.body_filter],
@@ -376,11 +392,13 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
                       confirm_by_button=indicators.confirm_by_button if indicators.has_button else None)
     technician = Technician(
         store=store, clock=clock, socket_path=s.control.socket, group=s.control.group,
+        technician_group=s.control.technician_group,
         data_dir=s.data_dir, device_id=s.device_id, version=version,
         agent_status=lambda: agent.status(), broker_endpoint=lambda: f"{link.host}:{link.port}",
         obd=obd, can=can, health=health, indicators=indicators, bookings=bookings, config=config,
         ingest=ingest, identity=identity, emit_event=emit_event, battery_report=battery_report,
-        handlers=owner.handlers())
+        handlers=owner.handlers(), dbc_paths=[b["dbc"] for b in s.can.buses if b.get("dbc")],
+        ev_profile=lambda: ev_profiles.get(ev.profile) if ev is not None and ev.profile else None)
 
     # -- software updates -------------------------------------------------------------------------
     updater, release_handler = _updater(s, clock=clock, version=version, emit_event=emit_event,
@@ -397,9 +415,10 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     appliers += [("health", health.apply_config), ("owner_data", owner.apply_config)]
     applier = ConfigApplier(config, store, link, appliers=appliers, local_endpoint=s.mqtt.host_port,
                             rollback_s=s.mqtt.config_rollback_s, send_ack=send_ack, wake_uplink=wake_uplink)
-    commands = Commands(store, read_dtc=(lambda: obd.read_dtcs_now(10.0)) if obd else (lambda: None),
+    commands = Commands(store, read_dtc=obd.read_dtcs_now if obd else None,
+                        vehicle_connected=lambda: bool(obd is not None and obd.status().get("connected")),
                         snapshot=lambda: agent.health_snapshot(), delete_data=privacy.delete_data,
-                        wake_uplink=wake_uplink, clock=clock)
+                        flush_deleted=privacy.flush_owed, wake_uplink=wake_uplink, clock=clock)
     downlink = Downlink(
         store, sealer.seal, device_id=s.device_id, recipient_key=keys.enc,
         trusted_signers=lambda: keys.trusted_signers,
@@ -417,6 +436,10 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     components += [("ev", ev)] if ev else []
     components += [("health", health), ("gpio", indicators), ("owner_data", owner), ("technician", technician)]
     components += [("update", updater)] if updater else []
+    # Last: downlink queued since the link connected is applied to components already running
+    # (and stopped first, so nothing is applied to a component being stopped).
+    # The config applier first among them: it acks a config left owed and resumes a probation.
+    components += [("config", applier), ("commands", commands), ("downlink", downlink)]
     agent = Agent(settings=s, version=version, clock=clock, store=store, config=config, applier=applier,
                   watchdog=watchdog, components=components, parts=dict(
                       ingest=ingest, uplink=uplink, link=link, downlink=downlink, sealer=sealer, obd=obd,
@@ -425,6 +448,18 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
                       updater=updater, identity=identity, bookings=bookings, commands=commands,
                       emit_event=emit_event))
     return agent
+
+
+def _ev_profiles(s: Settings) -> dict:
+    """The EV profiles, shipped and local (``ev.profiles``), every file checked now."""
+    from agent.vehicle.ev_profile import ProfileFileError, load_profiles
+    try:
+        return load_profiles(s.ev.profiles, strict=True)
+    except ProfileFileError as e:
+        if s.key_naming(e.path) is None:   # shipped with the agent: read because of ev.transport
+            e.key = "ev.transport"
+            e.message = f"an EV profile shipped with the agent: {e.message}"
+        raise
 
 
 def _updater(s: Settings, *, clock: Clock, version: str, emit_event: Callable[[dict], None], power, obd,

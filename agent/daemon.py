@@ -1,4 +1,8 @@
-"""``dongle-agent --config FILE``: the daemon's entry point."""
+"""``dongle-agent --config FILE``: the daemon's entry point.
+
+Exit status 2, with one line on stderr and nothing started, when the settings file or a file
+it names is bad (``dongle-agent: FILE: key 'a.b': what is wrong``): systemd does not restart
+it (RestartPreventExitStatus=2), since only a person can fix it."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +13,14 @@ import threading
 
 from agent import settings as settings_mod
 from agent.version import add_version_option
+
+
+def local_file_message(settings: settings_mod.Settings, e) -> str:
+    """``FILE: key 'can.buses[0].dbc': /etc/dongle/car.dbc: what is wrong``: the settings
+    error format (agent/settings.py), naming the key that points at the file."""
+    key = e.key or settings.key_naming(e.path)
+    why = f"{e.path}: {e.message}"
+    return str(settings.file_error(key, why)) if key else f"{settings.path}: {why}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,16 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, args.log_level or settings.log.level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from agent.cloud.keys import KeyFileError
     from agent.compose import build
     from agent.device import malloc
+    from drivers.core.local_file import LocalFileError
 
     malloc.tune()  # before the agent's threads start
 
     try:
         agent = build(settings)
-    except KeyFileError as e:
-        print(f"dongle-agent: {e} (named in {settings.path})", file=sys.stderr)
+    except LocalFileError as e:   # a DBC, key, certificate or EV profile that cannot be used
+        print(f"dongle-agent: {local_file_message(settings, e)}", file=sys.stderr)
         return 2
 
     stop = threading.Event()

@@ -96,6 +96,8 @@ class CanSettings:
 class UplinkSettings:
     batch_max_samples: int = 20_000
     max_inflight: int = 8
+    #: Raw frame times as PROTOCOL §4 ``t`` (offsets) or rev 1.1 ``dt`` (steps); said in ``status``.
+    frame_t: str = "t"
 
 
 @dataclass(frozen=True)
@@ -117,12 +119,16 @@ class EvSettings:
     transport: str = "off"      # off | can | elm327
     bus: str | None = None      # transport = "can": a can.buses name
     port: str | None = None     # transport = "elm327": the adapter's serial port
+    #: local EV profile files beside the shipped ones (agent/vehicle/ev_profile.py)
+    profiles: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
 class ControlSettings:
     socket: Path = Path("/run/dongle/agent.sock")
     group: str = "dongle"
+    #: The technician credential: members may clear trouble codes without the button (handlers.py).
+    technician_group: str = "dongle-tech"
 
 
 @dataclass(frozen=True)
@@ -289,6 +295,18 @@ class Settings:
         """A path from this file: relative ones are relative to the file's directory."""
         return _resolve(self.path.resolve().parent, value)
 
+    def key_naming(self, path: str | os.PathLike) -> str | None:
+        """The key of this file that names the file ``path`` (``'can.buses[0].dbc'``), if any."""
+        target = Path(path).resolve()
+        for key_path, value in _file_keys(schema(), self.raw):
+            if self.resolve(value).resolve() == target:
+                return _key_path(key_path)
+        return None
+
+    def file_error(self, key: str, why: str) -> SettingsError:
+        """The one settings error: ``FILE: key 'a.b': why``."""
+        return SettingsError(f"{self.path}: key '{key}': {why}")
+
 
 #: Section name -> its dataclass (the order the schema lists them).
 SECTIONS: dict[str, type] = {
@@ -405,6 +423,9 @@ def load(path: str | os.PathLike = DEFAULT_PATH, *, check_files: bool = True) ->
                 continue
         if name in ("keys", "mqtt") and name not in data:
             continue
+        if name == "can":   # a bus's DBC, like every path of this file, is relative to its directory
+            values["buses"] = [dict(b, dbc=str(_resolve(base, b["dbc"]))) if b.get("dbc") else b
+                               for b in values.get("buses", [])]
         sections[name] = _typed(cls, values, base)
     update = data.get("update") or {}
     if "update" in sections:
@@ -427,7 +448,7 @@ def load(path: str | os.PathLike = DEFAULT_PATH, *, check_files: bool = True) ->
 def _check(s: Settings) -> None:
     """The checks that span keys; the first problem raises."""
     def fail(key: str, why: str) -> None:
-        raise SettingsError(f"{s.path}: key '{key}': {why}")
+        raise s.file_error(key, why)
 
     m = s.mqtt
     if m is not None:

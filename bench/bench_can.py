@@ -1,25 +1,30 @@
-"""CAN path capacity on the real RAV4 drive (comma2k19, 135,468 frames per pass).
+"""CAN ingest capacity on the real RAV4 drive (comma2k19, 135,468 frames on four buses per pass).
 
-Stages, each repeated to at least ``--frames`` frames (default 1e6):
+Stages, each at least ``--frames`` frames (default 1e6), each run ``--runs`` times (default 3,
+interleaved; the median is reported):
 
-1. ``logreader``: a bare ``can.LogReader`` loop over the decompressed candump log — the floor
-   any reader of this text pays.
-2. ``pipeline``: the same LogReader loop, each message converted to ``Frame`` exactly as the live
-   reader does (``drivers.can.frame_from_message``), batched like ``CanReader`` delivers, decoded by
-   ``CanDecoder`` (about 20 DBC signals at 0.1 s periods) and every frame kept by raw capture in
-   per-bus columns (PROTOCOL §4 telemetry ``frames``). Target: >= 100,000 frames/s and >= 40 % of
-   stage 1.
-3. ``pipeline-only``: stage 2 without the text parsing (messages preloaded in memory): the capacity
-   of our own code.
+1. ``logreader`` (the baseline): a bare ``can.LogReader`` loop over the decompressed candump log,
+   the floor any reader of this text pays.
+2. ``agent``: the whole ingest path as the agent runs it, end to end: the same LogReader loop, each
+   message handed to the agent's ``CanReader`` exactly as its receive thread does
+   (``CanReader.accept``: checked, stamped, queued), the reader's consumer pass
+   (``CanReader.drain``: one batch of columns per bus) into ``CanPipeline`` (20 DBC signals at
+   0.1 s on can0, decoded only when due; raw capture of every id on all four buses), ``Ingest``
+   (group commit into the SQLite store every 0.25 s of wall time, as its thread does), and the
+   ``Uplink`` sealing full 128 KiB envelopes as it does offline (CBOR, zstd ``TELEMETRY_ZSTD``,
+   HPKE, Ed25519) until nothing is left. Goal: >= 100,000 frames/s and >= 40 % of stage 1.
+3. ``no-store``: stage 2 without the store and the sealing (what reaches ``put_frames`` is
+   dropped): the share of the reader and the decoder.
+4. ``agent-only``: stage 2 without the text parsing (messages preloaded in memory): the capacity
+   of the agent's own code.
 
-Recorded timestamps are seconds since boot; the bench shifts them onto today's epoch (each pass a
-minute later) so periodic sampling emits what a real drive would (about 600 samples per signal per
-pass), rather than stamping frames with the wall clock.
+One thread does it all, in order (the daemon spreads the same calls over its reader, ingest and
+uplink threads; bench/bench_car.py measures the daemon itself). Recorded timestamps are seconds
+since boot; the bench shifts them onto yesterday's epoch (each pass a minute later), so periodic
+sampling emits what a real drive would (600 samples per signal per minute). The store lives in a
+temporary directory on the machine's disk (a Pi writes to its SD card).
 
-Later stages (store, sealing) are added by passing ``sinks`` to :func:`run_pipeline`: each sink is
-called with every batch's ``(samples, raw_frames)``; or by appending to ``STAGES``.
-
-    .venv/bin/python bench/bench_can.py [--frames N] [--markdown]
+    .venv/bin/python bench/bench_can.py [--frames N] [--runs 3] [--markdown]
 """
 from __future__ import annotations
 
@@ -30,10 +35,12 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,17 +50,23 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.vehicle.can_decode import CanDecoder  # noqa: E402
-from drivers.core.model import Frame, Sample  # noqa: E402
-from drivers.can import frame_from_message, load_dbc  # noqa: E402
-from scripts.testbed.shared_data import SHARED_DATA
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
+
+from agent.outbox.ingest import Ingest  # noqa: E402
+from agent.outbox.store import Store  # noqa: E402
+from agent.outbox.uplink import Sealer, Uplink  # noqa: E402
+from agent.vehicle.can_pipeline import CanPipeline  # noqa: E402
+from scripts.testbed.shared_data import SHARED_DATA  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 DATA = SHARED_DATA / "comma2k19_rav4"
 LOG_GZ = DATA / "comma2k19_rav4_seg40_candump.log.gz"
 DBC = ROOT / "config" / "dbc" / "toyota_new_mc_pt_generated.dbc"
-BATCH = 2_000
+BUSES = ("can0", "can1", "can128", "can129")
+BATCH = 4_000          # the reader's batch_max: a consumer pass at most every this many frames
+COMMIT_S = 0.25        # Ingest's window_s
 TARGET_FPS = 100_000
 TARGET_RATIO = 0.40
 PASS_SHIFT_S = 60.0
@@ -77,6 +90,11 @@ CONFIG = {
 }
 
 
+class NoLink:
+    """The uplink offline: it seals full envelopes and keeps them (publishing is not measured)."""
+    connected = False
+
+
 @dataclass
 class Result:
     stage: str
@@ -84,117 +102,110 @@ class Result:
     wall_s: float
     cpu_s: float
     samples: int = 0
-    raw: int = 0
+    sealed: int = 0
+    envelopes: int = 0
+    wire_bytes: int = 0
+    decoded: int = 0
 
     @property
     def fps(self) -> float:
         return self.frames / self.wall_s
 
     @property
-    def cpu_s_per_million(self) -> float:
+    def cpu_us(self) -> float:
         return self.cpu_s / self.frames * 1e6
 
 
-def _timed(stage: str, fn: Callable[[], tuple[int, int, int]]) -> Result:
+def _timed(stage: str, fn: Callable[[], dict]) -> Result:
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    frames, samples, raw = fn()
-    return Result(stage, frames, time.perf_counter() - wall0, time.process_time() - cpu0, samples, raw)
+    out = fn()
+    return Result(stage, wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0, **out)
+
+
+def _messages(path: Path, passes: int) -> Iterable[can.Message]:
+    """The recording ``passes`` times, on epoch time (yesterday, one minute later per pass)."""
+    shift = time.time() - 86_400.0
+    for p in range(passes):
+        with can.LogReader(str(path)) as reader:
+            for msg in reader:
+                msg.timestamp += shift + p * PASS_SHIFT_S
+                yield msg
 
 
 def run_logreader(path: Path, passes: int) -> Result:
-    def loop() -> tuple[int, int, int]:
+    def loop() -> dict:
         n = 0
         for _ in range(passes):
             with can.LogReader(str(path)) as reader:
                 for _msg in reader:
                     n += 1
-        return n, 0, 0
+        return {"frames": n}
     return _timed("logreader", loop)
 
 
-class RawColumns:
-    """Raw capture as the telemetry body wants it: per bus, parallel columns."""
+def run_agent(stage: str, messages: Callable[[], Iterable[can.Message]], tmp: Path, *,
+              store: bool = True) -> Result:
+    """Stage 2 (``store``) or 3 (not): see the module docstring."""
+    db = tmp / f"{uuid.uuid4().hex}.db"
+    st = Store(db)
+    ingest = Ingest(st, window_s=COMMIT_S)
+    sealer = Sealer("bench-0001", Ed25519PrivateKey.generate(), X25519PrivateKey.generate().public_key())
+    uplink = Uplink(st, NoLink(), sealer, interval_s=lambda: 1)
+    settings = [{"name": b, "interface": "virtual", "channel": f"bench-{uuid.uuid4().hex}",
+                 **({"dbc": str(DBC)} if b == "can0" else {})} for b in BUSES]
+    counted = {"samples": 0}
 
-    def __init__(self) -> None:
-        self.buses: dict[str, tuple[list[int], list[int], list[bool], list[bytes]]] = {}
-        self.count = 0  # frames captured in total, across clear()
+    def put_samples(samples):
+        counted["samples"] += len(samples)
+        if store:
+            ingest.put_samples(samples)
 
-    def clear(self) -> None:
-        """What an upload does: the columns go, the count stays."""
-        self.buses = {}
+    pipe = CanPipeline(settings, CONFIG, put_samples=put_samples,
+                       put_frames=ingest.put_frames if store else (lambda f: None))
+    if pipe.problems:
+        raise SystemExit(f"bench config problems: {pipe.problems}")
+    reader = pipe.reader   # not started: this thread does what its threads do
+    accept, drain = reader.accept, reader.drain
 
-    def add(self, frames: Iterable[Frame], wants: Callable[[Frame], bool]) -> None:
-        buses = self.buses
-        for f in frames:
-            if wants(f):
-                cols = buses.get(f.bus)
-                if cols is None:
-                    cols = buses[f.bus] = ([], [], [], [])
-                cols[0].append(f.t_us)
-                cols[1].append(f.can_id)
-                cols[2].append(f.extended)
-                cols[3].append(f.data)
-                self.count += 1
+    def loop() -> dict:
+        n = 0
+        next_commit = time.monotonic() + COMMIT_S
+        for msg in messages():
+            accept(msg.channel, msg)
+            n += 1
+            if n % BATCH == 0:
+                drain()
+                if store and time.monotonic() >= next_commit:
+                    ingest.flush()
+                    uplink.seal_offline()
+                    next_commit = time.monotonic() + COMMIT_S
+        while drain()[0]:
+            pass
+        if store:
+            ingest.flush()
+            uplink.seal_telemetry()
+        return {"frames": n}
 
-
-Sink = Callable[[list[Sample], list[Frame]], None]
-
-
-def _process(messages: Callable[[int], Iterable[can.Message]], passes: int, decoder: CanDecoder,
-             sinks: Sequence[Sink]) -> tuple[int, int, int]:
-    epoch_shift = time.time() - 86_400.0  # recorded boot-relative time → yesterday, epoch
-    raw = RawColumns()
-    n = n_samples = 0
-    feed_many, wants = decoder.feed_many, decoder.wants_raw
-    for p in range(passes):
-        shift = epoch_shift + p * PASS_SHIFT_S
-        batch: list[Frame] = []
-        for msg in messages(p):
-            msg.timestamp += shift
-            batch.append(frame_from_message(msg.channel, msg))
-            if len(batch) >= BATCH:
-                samples = feed_many(batch)
-                raw.add(batch, wants)
-                for sink in sinks:
-                    sink(samples, batch)
-                n += len(batch)
-                n_samples += len(samples)
-                batch = []
-                if n % 100_000 < BATCH:  # about an upload's worth: hand the columns over
-                    raw.clear()
-        if batch:
-            samples = feed_many(batch)
-            raw.add(batch, wants)
-            for sink in sinks:
-                sink(samples, batch)
-            n += len(batch)
-            n_samples += len(samples)
-    return n, n_samples, raw.count
-
-
-def run_pipeline(path: Path, passes: int, sinks: Sequence[Sink] = ()) -> tuple[Result, CanDecoder]:
-    decoder = CanDecoder(load_dbc(DBC), CONFIG)
-    if decoder.problems:
-        raise SystemExit(f"bench config problems: {decoder.problems}")
-
-    def messages(_p: int) -> Iterable[can.Message]:
-        with can.LogReader(str(path)) as reader:
-            yield from reader
-
-    return _timed("pipeline", lambda: _process(messages, passes, decoder, sinks)), decoder
-
-
-def run_pipeline_only(path: Path, passes: int) -> Result:
-    with can.LogReader(str(path)) as reader:
-        recorded = [(m.timestamp, m.channel, m.arbitration_id, m.is_extended_id, bytes(m.data))
-                    for m in reader]
-    decoder = CanDecoder(load_dbc(DBC), CONFIG)
-    pre = [[can.Message(timestamp=t, channel=c, arbitration_id=i, is_extended_id=e, data=d)
-            for t, c, i, e, d in recorded] for _ in range(passes)]  # fresh objects per pass
-    return _timed("pipeline-only", lambda: _process(lambda p: pre[p], passes, decoder, ()))
-
-
-STAGES: list[str] = ["logreader", "pipeline", "pipeline-only"]
+    try:
+        r = _timed(stage, loop)
+    finally:
+        pipe.stop()
+    r.samples = counted["samples"]
+    r.decoded = pipe.status()["decoders"][0]["decoded"]
+    if store:
+        items = st.outbox_items(100_000)
+        r.envelopes, r.wire_bytes = len(items), sum(len(i.payload) for i in items)
+        r.sealed = ingest.stored["frames"]
+        left = st.counts()
+        if left["frames"] or left["samples"]:
+            raise SystemExit(f"bench: rows left unsealed: {left}")
+    drops = sum(b["drops"] for b in reader.status().values())
+    if drops:
+        raise SystemExit(f"bench: the reader dropped {drops} frames")
+    st.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    return r
 
 
 def machine() -> str:
@@ -215,45 +226,66 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=float, default=1e6, help="at least this many frames per stage")
+    ap.add_argument("--runs", type=int, default=3, help="runs per stage (median reported)")
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table")
     args = ap.parse_args(argv)
     if not LOG_GZ.exists():
         print(f"recording missing: {LOG_GZ}", file=sys.stderr)
         return 2
-    tmpdir = Path(tempfile.mkdtemp(prefix="bench_can_"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_can_"))
+    runs: dict[str, list[Result]] = {s: [] for s in ("logreader", "agent", "no-store", "agent-only")}
     try:
-        path = tmpdir / "rav4.log"
+        path = tmp / "rav4.log"
         with gzip.open(LOG_GZ, "rb") as src, open(path, "wb") as dst:
             shutil.copyfileobj(src, dst)
         with can.LogReader(str(path)) as reader:
-            per_pass = sum(1 for _ in reader)
-        passes = math.ceil(args.frames / per_pass)
+            recorded = [(m.timestamp, m.channel, m.arbitration_id, m.is_extended_id, bytes(m.data))
+                        for m in reader]
+        passes = math.ceil(args.frames / len(recorded))
         print(f"machine: {machine()}")
-        print(f"recording: {per_pass} frames per pass, {passes} passes, "
-              f"{len(SIGNALS)} signals at 0.1 s, raw capture of all ids")
-        bare = run_logreader(path, passes)
-        full, decoder = run_pipeline(path, passes)
-        only = run_pipeline_only(path, passes)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        print(f"recording: {len(recorded)} frames per pass, {passes} passes, {len(SIGNALS)} signals at "
+              f"0.1 s on can0, raw capture of all ids on {len(BUSES)} buses; {args.runs} runs per stage")
 
-    rows = [bare, full, only]
-    print(f"{'stage':<14} {'frames':>9} {'wall s':>7} {'frames/s':>10} {'CPU s/1M':>9} {'samples':>8} {'raw':>9}")
-    for r in rows:
-        print(f"{r.stage:<14} {r.frames:>9} {r.wall_s:>7.2f} {r.fps:>10,.0f} {r.cpu_s_per_million:>9.2f} "
-              f"{r.samples:>8} {r.raw:>9}")
-    ratio = full.fps / bare.fps
-    ok_fps, ok_ratio = full.fps >= TARGET_FPS, ratio >= TARGET_RATIO
-    print(f"pipeline: {full.fps:,.0f} frames/s (target >= {TARGET_FPS:,}: {'met' if ok_fps else 'MISSED'}); "
-          f"{ratio:.0%} of the bare LogReader loop (target >= {TARGET_RATIO:.0%}: "
-          f"{'met' if ok_ratio else 'MISSED'})")
-    print(f"pipeline-only (no text parsing): {only.fps:,.0f} frames/s, "
-          f"{only.cpu_s_per_million:.2f} CPU s per million frames")
-    print(f"pipeline decoder stats: {decoder.stats}")
+        def preloaded() -> Iterable[can.Message]:
+            shift = time.time() - 86_400.0
+            msgs = [can.Message(timestamp=t + shift + p * PASS_SHIFT_S, channel=c, arbitration_id=i,
+                                is_extended_id=e, data=d) for p in range(passes) for t, c, i, e, d in recorded]
+            t0 = time.perf_counter()
+            yield from msgs
+            preloaded.build_s = time.perf_counter() - t0  # type: ignore[attr-defined]
+
+        for _ in range(args.runs):
+            runs["logreader"].append(run_logreader(path, passes))
+            runs["agent"].append(run_agent("agent", lambda: _messages(path, passes), tmp))
+            runs["no-store"].append(run_agent("no-store", lambda: _messages(path, passes), tmp, store=False))
+            msgs = list(preloaded())  # built outside the timed part
+            runs["agent-only"].append(run_agent("agent-only", lambda: iter(msgs), tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {s: sorted(rs, key=lambda r: r.fps)[len(rs) // 2] for s, rs in runs.items()}
+    print(f"\n{'stage':<11} {'frames':>9} {'frames/s (median)':>18} {'runs':>26} {'CPU µs/frame':>13} "
+          f"{'samples':>8} {'decodes':>8}")
+    for s, r in med.items():
+        spread = " ".join(f"{x.fps / 1000:,.0f}k" for x in runs[s])
+        print(f"{s:<11} {r.frames:>9} {r.fps:>18,.0f} {spread:>26} {r.cpu_us:>13.2f} {r.samples:>8} {r.decoded:>8}")
+    base, agent = med["logreader"], med["agent"]
+    ratio = agent.fps / base.fps
+    print(f"\nagent ingest end to end: {agent.fps:,.0f} frames/s (goal >= {TARGET_FPS:,}: "
+          f"{'met' if agent.fps >= TARGET_FPS else 'MISSED'}), {ratio:.0%} of the bare LogReader loop's "
+          f"{base.fps:,.0f} frames/s in the same run (goal >= {TARGET_RATIO:.0%}: "
+          f"{'met' if ratio >= TARGET_RATIO else 'MISSED'})")
+    per = statistics.median(x.cpu_us for x in runs["agent"]) - statistics.median(x.cpu_us for x in runs["logreader"])
+    print(f"agent's own CPU per frame beyond the parsing: {per:.2f} µs (agent-only, no parsing: "
+          f"{med['agent-only'].cpu_us:.2f} µs; no store/seal: "
+          f"{med['no-store'].cpu_us - med['logreader'].cpu_us:.2f} µs)")
+    print(f"sealed: {agent.sealed} frames and {agent.samples} samples in {agent.envelopes} envelopes, "
+          f"{agent.wire_bytes / max(1, agent.sealed):.2f} wire bytes per frame")
     if args.markdown:
-        print("\n| stage | frames | wall s | frames/s | CPU s per 1M frames |\n|---|---:|---:|---:|---:|")
-        for r in rows:
-            print(f"| {r.stage} | {r.frames:,} | {r.wall_s:.2f} | {r.fps:,.0f} | {r.cpu_s_per_million:.2f} |")
+        print("\n| stage | frames | frames/s (median of runs) | runs | CPU µs per frame |\n|---|---:|---:|---|---:|")
+        for s, r in med.items():
+            spread = ", ".join(f"{x.fps:,.0f}" for x in runs[s])
+            print(f"| {s} | {r.frames:,} | {r.fps:,.0f} | {spread} | {r.cpu_us:.2f} |")
     return 0
 
 

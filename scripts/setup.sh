@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up everything the demo and the tests need on a Debian 12 machine (or Raspberry Pi OS):
-# system packages (mosquitto, rabbitmq-server, python3-venv), a virtualenv in .venv, the agent
-# and its test tools.
-# Idempotent: a second run only checks.
+# system packages (those missing of make, mosquitto, rabbitmq-server, gpsd, gpsd-clients,
+# python3-venv: scripts/apt-install.sh, which waits for the dpkg lock), a virtualenv in .venv,
+# the agent and its test tools. README.md ("What set-up changes on this machine") says how to
+# undo it. Idempotent: a second run only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -16,13 +17,9 @@ command -v gpsd >/dev/null 2>&1 || [ -x /usr/sbin/gpsd ] || need_apt+=(gpsd)
 command -v gpsfake >/dev/null 2>&1 || need_apt+=(gpsd-clients)
 # The clustering broker of the tests (scripts/testbed/rabbitmq.py: private nodes, MQTT plugin).
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "setup: installing system packages: ${need_apt[*]}"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+# apt-get install with sudo when not root, waiting while another process (unattended-upgrades
+# on a fresh system) holds the package manager's lock
+"$here/scripts/apt-install.sh" "${need_apt[@]}"
 # The Debian packages enable a system-wide mosquitto and rabbitmq-server; the demo and tests
 # start their own (own ports, own epmd) and never use or stop those.
 

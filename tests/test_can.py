@@ -27,6 +27,7 @@ from agent.vehicle.can_decode import CanDecoder, decoder_from_dbc_text
 from drivers.core.model import Frame, Sample
 from drivers.can import CanReader, open_bus, open_buses
 from scripts.testbed.wait import wait_until
+from scripts.vehicle_sim.slcan_pty import SlcanPty, slcan_line
 
 IFACE = os.environ.get("CAN_TEST_INTERFACE", "virtual")
 CHANNEL = os.environ.get("CAN_TEST_CHANNEL")
@@ -436,3 +437,44 @@ def test_slcan_adapter_emulated_by_elm327_emulator(tmp_path) -> None:
     reply = next(f for f in got.frames if f.can_id in range(0x7E8, 0x7F0))
     assert reply.data[:3] == b"\x04\x41\x0c"  # single frame, mode 01 answer, PID 0C (RPM)
     assert st["frames"] >= 1 and st["errors"] == 0
+
+
+# -- SLCAN: python-can's slcan driver on a pty fed by hand: what a cheap adapter sends -------------
+
+def test_unparsable_slcan_lines_are_skipped_and_counted_without_a_reopen() -> None:
+    """Issue 20 item 5: python-can's slcan driver raises inside recv() on a garbled line; that
+    is one bad line, not a failed port: it is counted and the very next frame is read, the port
+    is never reopened (which lost frames for up to 30 s)."""
+    link = SlcanPty()
+    got = Collector()
+    setting = {"name": "slcan0", "interface": "slcan", "channel": link.port, "sleep_after_open": 0}
+    reopened: list[str] = []
+
+    def reopen(name: str) -> can.BusABC:
+        reopened.append(name)
+        return open_bus(setting)
+
+    garbage = ["tZZZ80000000000000000",     # id not hex: ValueError
+               "t12",                        # cut short: IndexError
+               "T1234567X",                  # DLC not a digit: ValueError
+               "t1238GG00000000000000",     # payload not hex: ValueError
+               b"\xff\xfe\x80"]              # not even text: UnicodeDecodeError inside _read
+    try:
+        with CanReader({"slcan0": open_bus(setting)}, got, reopen=reopen, backoff_s=(0.05, 0.2)) as reader:
+            sent = []
+            for n in range(40):
+                data = n.to_bytes(2, "big")
+                lines = [slcan_line(0x100 + n % 3, data)]
+                if n % 8 == 3:
+                    lines.insert(0, garbage[(n // 8) % len(garbage)])
+                link.send(*lines)
+                sent.append((0x100 + n % 3, data))
+            assert wait_until(lambda: len(got.frames) >= len(sent) and
+                              reader.status()["slcan0"]["unparsable"] >= 5, timeout=20)
+            st = reader.status()["slcan0"]
+    finally:
+        link.close()
+    assert [(f.can_id, f.data) for f in got.frames] == sent     # nothing after the garbage lost
+    assert st["unparsable"] == 5 and st["reopens"] == 0 and reopened == []
+    assert st["bus_errors"] == 0 and st["errors"] == 0 and st["state"] == "running"
+    assert st["last_unparsable"]

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sysconfig
 import sys
@@ -21,7 +22,7 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from agent.cli import main as cli
+from agent.cli import common, main as cli
 from agent.cloud import schemas
 from agent import settings
 from agent.compose import Agent, build
@@ -31,6 +32,7 @@ now_ms = Clock().now_ms
 from agent.cloud.cloudconfig import default_config
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from scripts.testbed.wait import wait_until
+from tests.support.shown import assert_shown_at_resolution
 
 DEV = "tech-0001"
 DAY = 86_400_000
@@ -56,10 +58,11 @@ class Bench:
     """One device: agent settings, the CLI's settings file, the running agent, the cloud."""
 
     def __init__(self, fleet, short_dir: Path, *, obd_port: str | None, can_channel: str | None = None,
-                 group: str | None = None):
+                 group: str | None = None, technician_group: str | None = None):
         self.fleet = fleet
         self.socket = short_dir / "agent.sock"
-        control = {"socket": str(self.socket), **({"group": group} if group else {})}
+        control = {"socket": str(self.socket), **({"group": group} if group else {}),
+                   **({"technician_group": technician_group} if technician_group else {})}
         self.toml = fleet.device(DEV, obd_port=obd_port, control=control)
         extra = ""
         self.buses = [{"name": "can0", "interface": "virtual", "channel": can_channel}] if can_channel else []
@@ -98,9 +101,12 @@ class Bench:
         return rc, out.getvalue(), err.getvalue()
 
     def json(self, *argv, stdin: str = ""):
+        """``dongle ARGV --json``: exactly one JSON object on stdout, ``{"ok": true, ...}``."""
         rc, out, err = self.run(*argv, "--json", stdin=stdin)
         assert rc == 0, (rc, out, err)
-        return json.loads(out)
+        doc = json.loads(out)  # fails on anything before or after the one document
+        assert isinstance(doc, dict) and doc["ok"] is True, doc
+        return doc
 
     def events(self, type_: str) -> list[dict]:
         return [r["body"] for r in self.fleet.console.records
@@ -152,16 +158,36 @@ def test_status_live_buffer_with_the_agent_running(bench):
     assert rc == 0 and "OBD adapter" in out and "connected" in out and DEV in out
 
     # live: the emulator's RPM and speed as the agent polls them.
-    sig = wait_until(lambda: {s["name"]: s for s in bench.json("live", "--once")} if any(
-        s["name"] == "engine.rpm" for s in bench.json("live", "--once")) else None, 30)
+    sig = wait_until(lambda: {s["name"]: s for s in bench.json("live", "--once")["signals"]} if any(
+        s["name"] == "engine.rpm" for s in bench.json("live", "--once")["signals"]) else None, 30)
     assert sig["engine.rpm"]["unit"] == "rpm" and sig["engine.rpm"]["value"] > 0
     rc, out, _ = bench.run("live", "--once")
     assert rc == 0 and "engine.rpm" in out
+    # Shown at python-OBD's resolution: load in steps of 100/255 %, rpm of 0.25 rpm.
+    sig = wait_until(lambda: (lambda d: d if {"engine.load", "engine.rpm"} <= set(d) else None)(
+        {s["name"]: s for s in bench.json("live", "--once")["signals"]}), 30)
+    assert sig["engine.load"]["resolution"] == pytest.approx(100 / 255) and sig["engine.rpm"]["resolution"] == 0.25
+    assert_shown_at_resolution(sig.values())
+    rows = {line.split()[0]: line.split()[1] for line in bench.run("live", "--once")[1].splitlines()[2:]}
+    assert len(rows["engine.load"].partition(".")[2]) == 1 and len(rows["engine.rpm"].partition(".")[2]) == 2
 
     buf = bench.json("buffer")
     assert set(buf["depth"]) == {"samples", "frames", "events", "outbox"} and buf["evictions"] == 0
     rc, out, _ = bench.run("buffer")
     assert rc == 0 and "outbox" in out and "evictions: 0" in out
+
+
+def test_piping_live_into_head_ends_without_a_traceback(bench):
+    agent = bench.start()
+    assert _obd_connected(agent)
+    assert wait_until(lambda: bench.json("live", "--once")["signals"], 30)
+    dongle = Path(sys.executable).parent / "dongle"
+    for extra in ("", "--json"):
+        r = subprocess.run(["bash", "-c", f"'{dongle}' --config '{bench.cli_toml}' live --interval 0.05 {extra} "
+                                          "| head -n 3; echo \"dongle exit ${PIPESTATUS[0]}\" >&2"],
+                           capture_output=True, text=True, timeout=60)
+        assert len(r.stdout.splitlines()) == 3, r.stdout
+        assert r.stderr == "dongle exit 141\n", r.stderr
 
 
 def test_no_agent_running_read_only_fallbacks_and_refusals(bench):
@@ -176,14 +202,14 @@ def test_no_agent_running_read_only_fallbacks_and_refusals(bench):
     assert rc == 0 and "NOT RUNNING" in out
     st = bench.json("status")
     assert st["running"] is False and st["device_id"] == DEV
-    assert [b["booking_id"] for b in bench.json("bookings")] == ["b-9"]
+    assert [b["booking_id"] for b in bench.json("bookings")["bookings"]] == ["b-9"]
     assert bench.json("dtc")["source"] == "last_reported"
-    assert bench.json("config", "show")["version"] == 0
+    assert bench.json("config", "show")["config"]["version"] == 0
     assert bench.json("service-log", "--verify")["verification"]["ok"] is True
     assert "depth" in bench.json("buffer")
     for argv in (("live", "--once"), ("booking", "checkin", "b-9"), ("dtc", "clear")):
         rc, out, err = bench.run(*argv)
-        assert rc == cli.EXIT_NO_AGENT, argv
+        assert rc == common.EXIT_NO_AGENT, argv
         assert "no agent running" in err, argv
     rc, out, _ = bench.run("booking", "checkin", "b-9", "--json")
     assert json.loads(out) == {"ok": False, "code": "no_agent", "error": json.loads(out)["error"]}
@@ -197,7 +223,7 @@ def test_config_show_and_diff(bench):
            "health": {"maintenance": {"items": {"oil_change": {"km": 10000, "days": 365}}}}}
     bench.fleet.console.publish(DEV, "config", doc)
     assert wait_until(lambda: agent.config.get("version") == 3)
-    assert bench.json("config", "show") == doc
+    assert bench.json("config", "show") == {"ok": True, "config": doc}
     diff = bench.json("config", "diff")
     assert diff["active_version"] == 3 and "default" in diff["against"]
     changed = {c["path"]: (c["old"], c["new"]) for c in diff["changes"]}
@@ -220,13 +246,62 @@ def test_logs_from_a_file_and_without_any(bench, tmp_path):
     rc, out, _ = bench.run("logs", "--file", str(log), "-n", "3")
     assert rc == 0 and out.splitlines() == ["line 297", "line 298", "line 299"]
     rc, out, _ = bench.run("logs", "--file", str(log), "-n", "1", "--json")
-    assert json.loads(out) == {"line": "line 299"}
+    assert json.loads(out) == {"ok": True, "source": "file", "path": str(log), "lines": ["line 299"]}
     (tmp_path / "elsewhere").mkdir()
     cfg = tmp_path / "elsewhere" / "nolog.toml"
     cfg.write_text(f'[device]\nid = "x-0001"\ndata_dir = "{tmp_path / "nothing"}"\n')
     rc, out, err = bench.run("--config", str(cfg), "logs")  # the later --config wins
     if not Path("/run/systemd/system").is_dir():  # no journal on this machine
         assert rc == 1 and "no agent log file found" in err
+
+
+def _commands(parser, prefix=()):
+    """Every (sub)command of the parser: (name path, its parser)."""
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, prefix + (name,))
+    if prefix:
+        yield prefix, parser
+
+
+def test_every_command_takes_the_global_options_before_and_after_its_name():
+    commands = list(_commands(cli.build_parser()))
+    assert {c[0] for c, _ in commands} >= {"status", "live", "dtc", "bookings", "booking", "service-log",
+                                          "config", "buffer", "capture", "logs", "battery", "export",
+                                          "privacy", "wipe", "provision"}
+    for name, parser in commands:
+        assert {"--config", "--json", "-v"} <= set(parser._option_string_actions), name
+    for argv in (["wipe", "--config", "X", "--json"], ["--config", "X", "wipe", "--json"],
+                 ["export", "--out", "o", "--config", "X"], ["privacy", "pause", "--config", "X", "--json"],
+                 ["--json", "--config", "Y", "status", "--config", "X"]):
+        args = cli.build_parser().parse_args(argv)
+        assert args.config == "X", argv
+
+
+def test_wipe_json_prompts_on_stderr_and_prints_one_document(bench):
+    """No agent needed: the answer at the terminal is wrong, so nothing is asked of it."""
+    rc, out, err = bench.run("wipe", "--json", stdin="not-the-id\n")
+    assert rc == 1
+    assert json.loads(out) == {"ok": False, "code": "refused",
+                               "error": "not confirmed at the terminal; nothing was wiped"}
+    assert f"Type the device id ({DEV}) to confirm: " in err and "This erases everything" in err
+    # --config after the command, as for every other command
+    rc, out, err = bench.run("wipe", "--config", str(bench.cli_toml), "--json", stdin="\n")
+    assert rc == 1 and json.loads(out)["code"] == "refused"
+
+
+def test_errors_are_the_same_json_object_for_every_command(bench, tmp_path):
+    """No agent running: the commands that need one answer the same error object."""
+    for argv in (("live", "--once"), ("battery",), ("privacy",), ("booking", "checkin", "b-1"),
+                 ("dtc", "clear")):
+        rc, out, err = bench.run(*argv, "--json")
+        assert rc == common.EXIT_NO_AGENT, argv
+        doc = json.loads(out)
+        assert set(doc) == {"ok", "code", "error"} and doc["ok"] is False and doc["code"] == "no_agent", argv
+    rc, out, err = bench.run("--config", str(tmp_path / "none.toml"), "status", "--json")
+    assert rc == 1 and json.loads(out)["code"] == "no_settings"
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +327,7 @@ needs_root_and_python = pytest.mark.skipif(os.geteuid() != 0 or _system_python()
                                            reason="needs root (to run as another user) and a system Python 3.11+")
 
 
-def _as_nobody(bench, *argv, extra_groups=()):
+def _as_nobody(bench, *argv, extra_groups=(), stdin: str = ""):
     """``dongle ARGV`` as user nobody (optionally with supplementary groups), in a new process."""
     cfg = bench.socket.parent / "cli.toml"
     shutil.copy(bench.cli_toml, cfg)
@@ -260,7 +335,7 @@ def _as_nobody(bench, *argv, extra_groups=()):
     # The system interpreter (nobody cannot run root's), given this venv's libraries and packages.
     run = (f"import runpy, site, sys; site.addsitedir({sysconfig.get_paths()['purelib']!r}); "
            "sys.argv[0] = 'dongle'; runpy.run_module('agent.cli.main', run_name='__main__')")
-    return subprocess.run([_system_python(), "-c", run, "--config", str(cfg), *argv],
+    return subprocess.run([_system_python(), "-c", run, "--config", str(cfg), *argv], input=stdin,
                           capture_output=True, text=True, timeout=60, user="nobody", group="nogroup",
                           extra_groups=list(extra_groups), cwd="/",
                           env={"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"})
@@ -294,19 +369,142 @@ def test_socket_serves_members_of_the_group(fleet, short_dir, emu):
         assert st.st_gid == 100 and st.st_mode & 0o777 == 0o660
         r = _as_nobody(b, "bookings", "--json", extra_groups=[100])
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout) == []
+        assert json.loads(r.stdout) == {"ok": True, "bookings": []}
         r = _as_nobody(b, "bookings")  # the same user without the group
         assert r.returncode == 1 and "not permitted" in r.stderr
     finally:
         b.stop()
 
 
+@needs_root_and_python
+def test_the_technician_credential_is_a_supplementary_group_of_the_client(fleet, short_dir, emu):
+    emu.set_dtcs(stored=["P0420"])
+    users, staff = grp.getgrgid(100).gr_name, grp.getgrgid(50).gr_name   # "users", "staff" on Debian
+    b = Bench(fleet, short_dir, obd_port=emu.port, group=users, technician_group=staff)
+    try:
+        agent = b.start()
+        assert _obd_connected(agent)
+        r = _as_nobody(b, "dtc", "clear", extra_groups=[100], stdin="yes\n")   # may use the socket, no credential
+        assert r.returncode == 1 and f"not in the '{staff}' group" in r.stderr, r.stderr
+        r = _as_nobody(b, "dtc", "clear", extra_groups=[100, 50], stdin="yes\n")
+        assert r.returncode == 0, r.stderr
+        ev = b.wait_event("dtc_cleared")
+        assert ev["codes"] == ["P0420"] and ev["by"] == f"technician nobody (terminal + credential {staff})"
+    finally:
+        b.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The control socket's bounds: idle, slow and too many clients
+# --------------------------------------------------------------------------------------------
+
+def _connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(str(path))
+    return s
+
+
+def _answer(s: socket.socket) -> dict:
+    line = s.makefile("rb").readline()
+    assert line, "closed without an answer"
+    return json.loads(line)
+
+
+def test_idle_clients_are_dropped_and_one_too_many_is_refused(bench):
+    agent = bench.start()
+    server = agent.technician.server
+    idle = [_connect(bench.socket) for _ in range(server.max_connections)]
+    try:
+        assert wait_until(lambda: server.status()["connections"] == server.max_connections, 10)
+        extra = _connect(bench.socket)
+        busy = _answer(extra)
+        assert busy["ok"] is False and busy["code"] == "busy"
+        assert f"{server.max_connections} connections are open already" in busy["error"]
+        assert extra.recv(1) == b""
+        extra.close()
+        # A technician's `dongle status` meanwhile: served once the idle ones are dropped.
+        st = bench.json("status")
+        assert st["device_id"] == DEV and st["broker"]["connected"] is True
+        for s in idle:
+            dropped = _answer(s)
+            assert dropped["code"] == "timeout" and "no complete request within" in dropped["error"]
+            assert s.recv(1) == b""
+        assert server.stats["timed_out"] >= server.max_connections and server.stats["busy"] >= 1
+        assert wait_until(lambda: server.status()["connections"] == 0, 10)
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_slow_loris_client_is_dropped_while_status_is_served(bench):
+    agent = bench.start()
+    server = agent.technician.server
+    loris = _connect(bench.socket)
+    stop = threading.Event()
+
+    request = b'{"op": "status", "padding": "' + b"x" * 1000
+    sent = [0]
+
+    def trickle() -> None:
+        for i in range(len(request)):   # one byte every 0.2 s, never the end of the line
+            if stop.wait(0.2):
+                return
+            try:
+                loris.send(request[i:i + 1])
+            except OSError:   # dropped by the agent
+                return
+            sent[0] += 1
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        assert wait_until(lambda: server.status()["connections"] == 1, 10)
+        assert bench.json("status")["device_id"] == DEV   # not held up by the slow one
+        dropped = _answer(loris)
+        assert dropped["ok"] is False and dropped["code"] == "timeout"
+        assert 5 <= sent[0] < len(request), "the client was still sending when it was dropped"
+        assert server.stats["timed_out"] == 1 and server.stats["busy"] == 0
+    finally:
+        stop.set()
+        t.join(5)
+        loris.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Trouble codes
 # --------------------------------------------------------------------------------------------
 
-def test_dtc_read_and_clear_after_terminal_confirmation(bench, emu):
+def test_dtc_clear_without_a_button_needs_the_technician_credential(bench, emu):
+    """No button here and root is not in the technician group (dongle-tech does not exist)."""
+    emu.set_dtcs(stored=["P0301"])
+    agent = bench.start()
+    assert _obd_connected(agent) and not agent.indicators.has_button
+    rc, out, err = bench.run("dtc", "clear", stdin="yes\n")
+    assert rc == 1
+    assert "not permitted" in err and "'dongle-tech' group" in err and "usermod -aG dongle-tech root" in err
+    # The confirmation flag alone, sent by any client, is no proof either.
+    s = _connect(bench.socket)
+    s.sendall(json.dumps({"op": "dtc_clear", "confirmed": True, "codes_seen": ["P0301"]}).encode() + b"\n")
+    assert _answer(s)["code"] == "not_permitted"
+    s.close()
+    assert [c["code"] for c in bench.json("dtc")["codes"]] == ["P0301"]
+    refused = agent.store.query("SELECT action, by FROM technician_log")
+    assert refused == [("dtc_clear_refused", "root")] * 2
+    assert bench.events("dtc_cleared") == []
+
+
+def test_dtc_read_and_clear_after_terminal_confirmation(fleet, short_dir, emu):
+    """Root holds the technician credential here (technician_group = "root")."""
     emu.set_dtcs(stored=["P0301", "P0420"])
+    bench = Bench(fleet, short_dir, obd_port=emu.port, technician_group="root")
+    try:
+        _read_and_clear(bench, emu)
+    finally:
+        bench.stop()
+
+
+def _read_and_clear(bench, emu):
     agent = bench.start()
     assert _obd_connected(agent)
     res = bench.json("dtc")
@@ -334,7 +532,7 @@ def test_dtc_read_and_clear_after_terminal_confirmation(bench, emu):
     assert "Type 'yes' to confirm" in err and "Cleared: P0301, P0420" in out
     ev = bench.wait_event("dtc_cleared")
     assert ev["codes"] == ["P0301", "P0420"]
-    assert ev["by"].startswith("technician root (terminal)") and "requested by the cloud" in ev["by"]
+    assert ev["by"].startswith("technician root (terminal + credential root)") and "requested by the cloud" in ev["by"]
     assert agent.store.get_meta("pending_clear_dtc") is None
     assert bench.json("dtc")["codes"] == []
     who = agent.store.query("SELECT action, by FROM technician_log WHERE action='dtc_clear'")
@@ -379,6 +577,22 @@ def test_dtc_clear_needs_the_button_where_there_is_one(fleet, short_dir, emu, mo
         ev = b.wait_event("dtc_cleared", lambda e: e["codes"] == ["P0300"])
         assert ev["by"] == "technician root (terminal + technician mode)"
         assert b.json("status")["technician_mode"] is True
+    finally:
+        b.stop()
+
+
+def test_dtc_clear_with_the_technician_credential_needs_no_button(fleet, short_dir, emu, mock_pins):
+    emu.set_dtcs(stored=["P0171"])
+    b = Bench(fleet, short_dir, obd_port=emu.port, technician_group="root")
+    try:
+        agent = b.start()
+        assert agent.indicators.has_button and _obd_connected(agent)
+        rc, out, err = b.run("dtc", "clear", "--button-timeout", "30", stdin="yes\n")
+        assert rc == 0, err
+        assert "Press the button" not in err
+        ev = b.wait_event("dtc_cleared")
+        assert ev["codes"] == ["P0171"] and ev["by"] == "technician root (terminal + credential root)"
+        assert agent.indicators.status()["leds"].get("attention") != "fast"
     finally:
         b.stop()
 
@@ -439,7 +653,7 @@ def test_booking_checkin_complete_and_service_log(bench):
     assert ev["technician"] == "Anna Schmidt" and ev["odometer_km"] == 42000
     done = bench.wait_event("booking", lambda b: b["status"] == "completed")
     assert done["booking_id"] == "b-1"
-    assert {b["booking_id"]: b["status"] for b in bench.json("bookings")} == {"b-1": "completed", "b-2": "scheduled"}
+    assert {b["booking_id"]: b["status"] for b in bench.json("bookings")["bookings"]} == {"b-1": "completed", "b-2": "scheduled"}
     rc, out, err = bench.run("booking", "complete", "b-1", "--odometer", "1", "--item", "x")
     assert rc == 1 and "is completed" in err
 

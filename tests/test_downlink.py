@@ -279,6 +279,35 @@ def test_restart_during_probation_still_rolls_back_and_acks_once(fleet):
         agent.stop()
 
 
+def test_a_config_committed_when_the_agent_died_is_applied_and_acked_once_at_start(fleet):
+    """The worker commits the config, its seq and the ack it owes; the agent dies before the
+    after-commit application. The next start applies it and sends that ack, once."""
+    toml = fleet.device(DEV)
+    agent = build(settings.load(toml))   # not started: what the worker does, then the power cut
+    cloud = Cloud(fleet)
+    env = cloud.seal("config", _config(3), seq=7)
+    dl = agent.downlink
+    with agent.store.batch():
+        opened = protocol.open_envelope(env, expected_dev=DEV, expected_kind="config",
+                                        trusted_signers=dl._trusted_signers(), recipient_key=dl._recipient_key,
+                                        now_ms=None, last_seq=agent.store.last_downlink_seq("config"))
+        outcome = dl.handlers["config"](opened)
+        agent.store.set_downlink_seq("config", opened.seq)
+    assert outcome.status == "applied" and not outcome.send_ack and outcome.after_commit
+    agent.store.close()
+    agent = build(settings.load(toml))
+    agent.start()
+    try:
+        assert agent.config["version"] == 3
+        ack = cloud.wait_ack("config", 7)
+        assert ack["status"] == "applied" and ack["config_version"] == 3
+        cloud.send("config", env)   # the broker's redelivery (never PUBACKed)
+        assert wait_until(lambda: [a["body"]["status"] for a in cloud.acks("config")] == ["applied", "duplicate"])
+        assert agent.store.get_meta("config_ack_owed") is None
+    finally:
+        agent.stop()
+
+
 def test_config_acks_always_name_the_config_the_device_keeps(setup):
     cloud, st = setup
     cloud.send("config", cloud.seal("config", _config(6), seq=5))
@@ -336,3 +365,109 @@ def test_every_downlink_kind_applies_once_and_refuses_the_rest(setup, kind):
                    "oversize": 1, "malformed": 1}
     assert len(cloud.acks(kind)) == 4  # none of those was answered
     assert agent.store.last_downlink_seq(kind) == 5
+
+
+# -- issue 20 items 7, 8, 9: refusals a backend can read ---------------------------------------
+
+def _printable(text: str) -> bool:
+    return all(c.isprintable() for c in text)
+
+
+def test_delete_data_with_an_unknown_category_is_rejected_and_deletes_nothing(setup):
+    cloud, st = setup
+    agent = st["agent"]
+    deleted = dict(agent.privacy.deleted)
+    cloud.send("command", cloud.seal("command", {"op": "delete_data", "categories": ["location", "contacts"],
+                                                 "request_id": "del-x"}, seq=1, check=False))
+    ack = cloud.wait_ack("command", 1)
+    assert ack["status"] == "rejected" and "result" not in ack
+    assert ack["reason"] == "schema: categories[1]: 'contacts' is not one of ['location', 'driving_behaviour']"
+    assert agent.privacy.deleted == deleted
+    # The known categories still work, and the refusal used its seq (a corrected command needs a new one).
+    cloud.send("command", cloud.seal("command", {"op": "delete_data", "categories": ["driving_behaviour"],
+                                                 "request_id": "del-y"}, seq=2))
+    ack = cloud.wait_ack("command", 2)
+    assert ack["status"] == "done" and ack["result"] == {"request_id": "del-y", "deleted": {"driving_behaviour": 0}}
+
+
+BOUNDS = [   # (kind, body at the bound, the field, its bound)
+    ("command", lambda n: {"op": "ping", "request_id": "r" * n}, "request_id", 128),
+    ("command", lambda n: {"op": "read_dtc", "request_id": "r" * n}, "request_id", 128),
+    ("booking", lambda n: _booking("b" * n), "booking_id", 64),
+    ("booking", lambda n: _booking(service="s" * n), "service", 200),
+    ("booking", lambda n: _booking(notes="n" * n), "notes", 2000),
+    ("booking", lambda n: _booking(provider={"name": "g" * n}), "provider.name", 200),
+    ("booking", lambda n: _booking(provider={"name": "G", "address": "a" * n}), "provider.address", 500),
+    ("booking", lambda n: _booking(provider={"name": "G", "phone": "1" * n}), "provider.phone", 40),
+]
+
+
+def test_every_echoed_field_is_bounded_and_an_oversized_one_rejected(setup):
+    """Issue 20 item 8: a ping whose request_id made the ack exceed 128 KiB logged a traceback
+    and acked ``failed``. Every bound, just over it and at it, through the real broker."""
+    cloud, st = setup
+    seq = 0
+    for kind, body, field_name, bound in BOUNDS:
+        seq += 1
+        cloud.send(kind, cloud.seal(kind, body(bound + 1), seq=seq, check=False))
+        ack = cloud.wait_ack(kind, seq)
+        assert ack["status"] == "rejected", (field_name, ack)
+        assert ack["reason"] == f"schema: {field_name}: {bound + 1} characters, at most {bound}", ack
+        seq += 1
+        cloud.send(kind, cloud.seal(kind, body(bound), seq=seq))
+        ack = cloud.wait_ack(kind, seq)
+        assert ack["status"] in ("done", "accepted", "failed"), (field_name, ack)   # read_dtc: no vehicle
+        assert ack["status"] != "failed" or ack["reason"].startswith("the vehicle did not answer")
+    # The one of the report: 200 000 characters.
+    seq += 1
+    cloud.send("command", cloud.seal("command", {"op": "ping", "request_id": "r" * 200_000}, seq=seq, check=False))
+    ack = cloud.wait_ack("command", seq)
+    assert (ack["status"], ack["reason"]) == ("rejected", "schema: request_id: 200000 characters, at most 128")
+
+
+def test_config_bounds_and_a_bounded_problem_list(setup):
+    cloud, st = setup
+    ok = {"consent_id": "c" * 128, "granted_at": now_ms() - 1000, "until": now_ms() + DAY}
+    over = [
+        (_config(2, privacy={"location": {"mode": "coarse", **ok, "consent_id": "c" * 129}}),
+         "schema: privacy.location.consent_id: 129 characters, at most 128"),
+        (_config(3, ev={"profile": "p" * 65, "period_s": 60}), "schema: ev.profile: 65 characters, at most 64"),
+        (_config(4, link={"broker_url": "mqtts://" + "h" * 293}), "schema: link.broker_url: 301 characters, at most 300"),
+        (_config(5, health={"signals": {f"role{i}": "x" for i in range(33)}}), "schema: health.signals: 33 keys, at most 32"),
+        (_config(6, health={"signals": {"r" * 65: "x"}}), "schema: health.signals: a key of 65 characters, at most 64"),
+    ]
+    for seq, (doc, reason) in enumerate(over, start=1):
+        cloud.send("config", cloud.seal("config", doc, seq=seq, check=False))
+        ack = cloud.wait_ack("config", seq)
+        assert (ack["status"], ack["reason"]) == ("rejected", reason)
+    # At the bounds: applied; 32 unknown roles (with control characters in their names) are 32
+    # problems, of which the ack carries 20, escaped, and says how many more there were.
+    roles = {f"\x1b[31mrole{i:02d}\r" + "x" * 50: "engine.rpm" for i in range(32)}
+    doc = _config(7, privacy={"location": {"mode": "coarse", **ok}}, health={"signals": roles})
+    cloud.send("config", cloud.seal("config", doc, seq=10))
+    ack = cloud.wait_ack("config", 10)
+    assert ack["status"] == "applied" and ack["config_version"] == 7
+    problems = ack["result"]["problems"]
+    assert len(problems) == 21 and problems[-1] == "... and 12 more"
+    assert all(_printable(p) for p in problems) and "\\x1b[31mrole00\\r" in problems[0]
+
+
+def test_schema_error_reasons_escape_control_characters_in_acks_and_logs(setup, caplog):
+    """Issue 20 item 9: the reason quotes the body (a key, a booking id): escaped, never raw."""
+    cloud, st = setup
+    evil = "\x1b[2J\x1b[Hforged\rline\n2025 ok\x07\u202e"
+    caplog.set_level("INFO", logger="agent.cloud.downlink")
+    cloud.send("config", cloud.seal("config", _config(2, health={"signals": {evil: 5}}), seq=1, check=False))
+    ack = cloud.wait_ack("config", 1)
+    assert ack["status"] == "rejected"
+    assert ack["reason"] == ("schema: health.signals.\\x1b[2J\\x1b[Hforged\\rline\\n2025 ok\\x07\\u202e: "
+                             "5 is not of type 'string'")
+    cloud.send("booking", cloud.seal("booking", {"op": "cancel", "booking_id": evil}, seq=2))
+    ack = cloud.wait_ack("booking", 2)
+    assert ack["status"] == "rejected" and _printable(ack["reason"]) and "\\x1b[2J" in ack["reason"]
+    cloud.send("command", cloud.seal("command", {"op": evil}, seq=3, check=False))
+    ack = cloud.wait_ack("command", 3)
+    assert ack["status"] == "rejected" and _printable(ack["reason"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent.cloud.downlink"]
+    assert any("forged" in line for line in lines)
+    assert all(_printable(line) for line in lines), [line for line in lines if not _printable(line)]

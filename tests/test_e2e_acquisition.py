@@ -13,6 +13,7 @@ import pytest
 
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from scripts.testbed.shared_data import SHARED_DATA
+from scripts.testbed.wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = SHARED_DATA / "comma2k19_rav4/comma2k19_rav4_seg40_candump.log.gz"
@@ -142,3 +143,50 @@ def test_injected_dtc_reaches_the_cloud_with_its_description(fleet, tmp_path):
                           and r["body"]["codes"] == [], 90), "clearing the codes is not reported"
     finally:
         emu.stop()
+
+
+def test_on_change_signal_with_heartbeat_and_dt_frame_times_through_the_daemon(fleet, replay):
+    """A cloud config with ``period_s: 0`` and ``heartbeat_s`` (refused by the config schema
+    before, issue 20 item 16) is applied; ENGINE_RUNNING, constant on the real drive, reaches the
+    cloud once per heartbeat. The device is set to send PROTOCOL rev 1.1 ``dt`` frame times: its
+    status says so, and the reference console reads the frames back in time order."""
+    from scripts.refcloud.console import frames as console_frames
+    group, port = replay
+    bus = (f'[[can.buses]]\nname = "can0"\ninterface = "udp_multicast"\nchannel = "{group}"\n'
+           f'port = {port}\ndbc = "{DBC}"\n\n[uplink]\nframe_t = "dt"\n')
+    toml = fleet.device(DEV, extra_toml=bus)
+    agent = fleet.agent(toml)
+    c = fleet.console
+    status = c.wait_for(lambda r: r.get("topic") == "status" and r["dev"] == DEV
+                        and r["status"]["state"] == "online", 60)
+    assert status and status["status"]["frame_t"] == "dt", agent.log_text()[-3000:]
+    cfg = _config(1, [{"name": "engine.running", "message": "ENGINE_RPM", "signal": "ENGINE_RUNNING",
+                       "period_s": 0, "heartbeat_s": 2}], raw_ids=[0xAA], obd=())
+    seq, _ = c.publish(DEV, "config", cfg)
+    ack = c.wait_for(lambda r: r.get("kind") == "ack" and r["body"]["ref_seq"] == seq, 60)
+    assert ack and ack["body"]["status"] == "applied", (ack, agent.log_text()[-3000:])
+
+    def samples():
+        out = []
+        for r in list(c.records):
+            if r.get("kind") == "telemetry" and r["dev"] == DEV and not r["duplicate"]:
+                for s in r["body"]["signals"]:
+                    if s["name"] == "engine.running":
+                        out += [(r["body"]["t0"] + t, v) for t, v in zip(s["t"], s["v"])]
+        return sorted(out)
+
+    assert wait_until(lambda: len(samples()) >= 4, 60, what="four heartbeats"), agent.log_text()[-3000:]
+    got = samples()
+    assert {v for _, v in got} == {1}
+    steps = [b - a for (a, _), (b, _) in zip(got, got[1:])]
+    # ENGINE_RPM comes ~42 times a second: each heartbeat rides the first frame after 2 s.
+    assert all(2000 <= s <= 2500 for s in steps), steps
+    tele = [r for r in c.records if r.get("kind") == "telemetry" and r["dev"] == DEV and r["body"].get("frames")]
+    assert tele
+    for r in tele:
+        for g in r["body"]["frames"]:
+            assert "dt" in g and "t" not in g
+        times = [t for _, t, i, _, _ in console_frames(r["body"])]
+        assert times == sorted(times) and {i for _, _, i, _, _ in console_frames(r["body"])} == {0xAA}
+    assert not [r for r in c.records if r.get("rejected")]
+    assert agent.terminate() == 0

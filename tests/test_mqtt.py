@@ -77,7 +77,7 @@ def make_link(broker: LocalBroker, pki: Pki) -> Iterator[Callable[..., Harness]]
         cert = cert or pki.device(device_id)
         kwargs.setdefault("backoff", fast_backoff())
         harness: Harness
-        on_message = kwargs.pop("on_message", None) or (lambda s, p: harness.received.put((s, p)))
+        on_message = kwargs.pop("on_message", None) or (lambda s, p, ack: (harness.received.put((s, p)), ack()))
         link = MqttLink(device_id=device_id, host=broker.host, port=port or broker.port,
                         ca_file=kwargs.pop("ca_file", broker.ca_file), cert_file=cert.cert,
                         key_file=cert.key, agent_version=AGENT,
@@ -141,6 +141,8 @@ def test_plain_tcp_without_tls_is_refused(broker: LocalBroker) -> None:
 def test_status_payload_is_compact_json_in_protocol_order() -> None:
     assert status_payload("online", "1.0", 4, ts_ms=1700000000123) == (
         b'{"state":"online","ts":1700000000123,"agent":"1.0","config_version":4}')
+    assert status_payload("offline", "1.0", 4, ts_ms=1700000000123, frame_t="dt") == (
+        b'{"state":"offline","ts":1700000000123,"agent":"1.0","config_version":4,"frame_t":"dt"}')
 
 
 _CHILD = r"""
@@ -359,11 +361,12 @@ def test_exception_in_on_message_does_not_break_the_link(
     calls: list[bytes] = []
     handled: queue.Queue[bytes] = queue.Queue()
 
-    def buggy_handler(suffix: str, payload: bytes) -> None:
+    def buggy_handler(suffix: str, payload: bytes, ack: Callable[[], None]) -> None:
         calls.append(payload)
         if payload == b"bad":
             raise RuntimeError("handler bug")
         handled.put(payload)
+        ack()
 
     h = make_link(device, start=False, on_message=buggy_handler)
     cloud_peer.subscribe(f"{PREFIX}/{device}/status")

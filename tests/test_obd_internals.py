@@ -14,12 +14,13 @@ import pytest
 
 from drivers.elm_isotp import PythonObdLines
 from drivers.obd import elm327
+from drivers.obd import port as obd_port
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 
 pytestmark = pytest.mark.timeout(120)
 
 # name-mangled attributes, spelled out here as the library defines them
-PORT, SEND = "_ELM327__port", "_ELM327__send"
+PROTOCOL, SEND = "_ELM327__protocol", "_ELM327__send"
 
 
 def fail_on_gaps(gaps: list[str]) -> None:
@@ -59,20 +60,35 @@ def test_a_real_connection_has_what_the_adapter_needs(conn):
     fail_on_gaps(elm327.missing(conn))
 
 
-def test_read_timeout_reaches_the_serial_port(conn):
-    port = getattr(conn.interface, PORT)
-    before = port.timeout
-    try:
-        assert elm327.set_read_timeout(conn, 0.75)
-        assert port.timeout == 0.75
-    finally:
-        port.timeout = before
+def test_line_parser_turns_answer_lines_into_messages(conn):
+    parse = elm327.line_parser(conn)
+    messages = parse(["7E8 04 41 0C 1A F8"])
+    assert len(messages) == 1 and bytes(messages[0].data) == bytes.fromhex("410C1AF8")
+    assert obd.commands.RPM(messages).value.magnitude == 0x1AF8 / 4
+    # a status line becomes a message without data, as in python-OBD's send_and_parse
+    text = parse(["NO DATA"])
+    assert len(text) == 1 and not text[0].parsed() and text[0].raw() == "NO DATA"
 
 
-def test_read_timeout_without_the_port_is_reported_not_raised(conn, monkeypatch):
-    monkeypatch.delattr(conn.interface, PORT)
-    assert elm327.set_read_timeout(conn, 0.75) is False
-    assert f"obd.elm327.ELM327 instance attribute {PORT} (the serial port)" in elm327.missing(conn)
+def test_line_parser_missing_is_reported_not_raised(conn, monkeypatch):
+    monkeypatch.delattr(conn.interface, PROTOCOL)
+    with pytest.raises(AttributeError):
+        elm327.line_parser(conn)
+    assert (f"obd.elm327.ELM327 instance attribute {PROTOCOL} (the protocol's line parser)"
+            in elm327.missing(conn))
+
+
+def test_python_obd_opens_its_port_through_drivers_obd_port():
+    # drivers/obd/port.py relies on python-OBD opening the port with serial.serial_for_url
+    with ElmEmulator("car") as emu:
+        slot = obd_port.open_url(emu.pty)
+        c = obd.OBD(slot.url, protocol="6", fast=False)
+        try:
+            assert c.status() == obd.OBDStatus.CAR_CONNECTED
+            assert isinstance(slot.port, obd_port.ObdSerial) and slot.port.port == emu.pty
+        finally:
+            c.close()
+            slot.release()
 
 
 def test_send_and_parse_answers_an_at_command(conn):

@@ -20,8 +20,7 @@ from elm.obd_message import ObdMessage  # test peer only (CC BY-NC-SA), never in
 from drivers.core.backoff import Backoff
 from agent.vehicle.obd import ObdPoller
 from drivers.obd.reader import ObdReader
-from drivers.obd.multi import (MAX_PIDS_PER_REQUEST, MultiPidCommand, adapter_error,
-                               answers_to, split_message)
+from drivers.obd.multi import MAX_PIDS_PER_REQUEST, MultiPidCommand, answers_to, split_message
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from scripts.vehicle_sim.pty_relay import PtyRelay
 from scripts.testbed.wait import wait_until
@@ -161,8 +160,8 @@ def test_vehicle_without_multi_pid_falls_back_to_one_pid_per_request(
     for _ in range(4):
         values = reader.read_pids(SIX)
         assert {n: v for n, (v, _) in values.items()} == pytest.approx(fixed_answers)
-    assert reader.multi_pid is False
-    assert reader.max_pids_per_request == 1
+    assert reader.multi_pid is False and reader.multi_mode == "single"
+    assert len(set(reader.single_pids) & set(SIX)) >= 5  # "first": the first PID never left out
     before = len(obd_requests(relay))
     reader.read_pids(SIX)
     sent = obd_requests(relay)[before:]
@@ -224,4 +223,4 @@ def test_answer_checks_reject_late_answers_and_name_adapter_errors(reader, emu):
         finally:
             emu.clear_answer("RPM")
     assert reader.connected and reader.query("RPM") is not None
-    assert adapter_error([]) is None and answers_to(python_obd.commands.RPM, []) == []
+    assert answers_to(python_obd.commands.RPM, []) == []

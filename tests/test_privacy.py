@@ -259,8 +259,10 @@ def test_retention_and_delete_data(tmp_path):
             c.execute(f"INSERT INTO {TABLE}(t_ms, blob) VALUES (?, ?)",
                       (now - age_days * DAY, key.seal_obj({"lat": 1.0, "lon": 2.0}, TABLE.encode())))
     assert p.purge_expired_retention() == {"location": 2, "driving_behaviour": 0}
-    assert p.delete_data(["location", "driving_behaviour", "other"]) == \
-        {"location": 2, "driving_behaviour": 0, "other": 0}
+    with pytest.raises(ValueError, match="unknown data categories"):   # the command schema refuses these
+        p.delete_data(["location", "other"])
+    assert loc.pending() == 2   # nothing deleted by the refused call
+    assert p.delete_data(["location", "driving_behaviour"]) == {"location": 2, "driving_behaviour": 0}
     assert loc.pending() == 0
     store.close()
 

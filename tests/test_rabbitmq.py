@@ -98,7 +98,7 @@ def links(pki: Pki) -> Iterator[Callable[..., Harness]]:
         link = MqttLink(device_id=device, host=target.host, port=target.port,  # type: ignore[attr-defined]
                         ca_file=target.ca_file, cert_file=cert.cert, key_file=cert.key,  # type: ignore[attr-defined]
                         agent_version=AGENT, config_version=lambda: CONFIG_VERSION,
-                        on_message=lambda s, p: harness.received.put((s, p)),
+                        on_message=lambda s, p, ack: (harness.received.put((s, p)), ack()),
                         on_connection=connection, **kwargs)  # type: ignore[arg-type]
         harness = Harness(link)
         made.append(harness)

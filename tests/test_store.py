@@ -192,3 +192,29 @@ def test_sealed_frames_are_the_columns_of_the_frames_in_wire_order(tmp_path):
     assert bodies == [telemetry_body([], frames)]
     assert [g["bus"] for g in bodies[0]["frames"]] == ["can0", "can1"]
     assert sum(len(g["t"]) for g in bodies[0]["frames"]) == len(frames)
+
+
+def test_export_shows_stored_frames_and_dead_letters_as_columns(tmp_path):
+    """``dongle export`` reads the store as it is: frame blocks come out as plain columns (times,
+    ids, ext flags, payloads), quarantined rows with their reason and content."""
+    import sqlite3 as sq
+
+    from agent.owner.datakey import DataKey
+    from agent.owner.export import export_records
+    st = Store(tmp_path / "a.db")
+    frames = [Frame("can0", 1_760_000_000_000_000 + i, 0x18DAF110 if i % 2 else 0x25, bool(i % 2), bytes([i]))
+              for i in range(4)]
+    st.add_frames(frames)
+    st.add_samples([Sample("rpm", "rpm", 1_760_000_000_000, 800)])
+    st.query("UPDATE samples SET name = ''")          # a row no envelope can carry
+    assert st.seal_telemetry(_build, max_samples=10, max_frames=0) is None
+    st.close()
+    conn = sq.connect(tmp_path / "a.db")
+    _, rows = export_records(conn, DataKey.in_dir(tmp_path), device_id="dev-1")
+    recs = list(rows)
+    (block,) = [r for r in recs if r["record"] == "frames"]
+    assert block["bus"] == "can0" and block["n"] == 4
+    assert block["t_us"] == [f.t_us for f in frames] and block["id"] == [f.can_id for f in frames]
+    assert block["ext"] == [f.extended for f in frames] and block["data"] == [f.data.hex() for f in frames]
+    (dead,) = [r for r in recs if r["record"] == "quarantine"]
+    assert dead["source"] == "samples" and dead["row"][1:] == ["", "rpm", 1_760_000_000_000, 800.0]

@@ -1,9 +1,10 @@
 """Service bookings from the cloud (``down/booking``), kept durably for the technician at the car.
 
-Validation beyond the JSON Schema: a booking must not lie in the past (checked only once the
-clock is synchronised), text fields are capped (longer is rejected, not truncated, so nothing
-is silently changed), coordinates must be real ones (not 0,0 "null island"). Text is stored as
-given through bound SQL parameters; it is escaped only where it is shown (``safe_text``).
+The JSON Schema (config/schemas/booking.json) caps every text field (longer is rejected, not
+truncated, so nothing is silently changed). Validation beyond it: a booking must not lie in the
+past (checked only once the clock is synchronised), the provider has a name that is not blank,
+coordinates must be real ones (not 0,0 "null island"). Text is stored as given through bound
+SQL parameters; it is escaped only where it is shown (:func:`drivers.core.text.safe_text`).
 """
 from __future__ import annotations
 
@@ -13,27 +14,14 @@ from collections.abc import Callable
 
 from agent.cloud.downlink import Outcome
 from agent.outbox.store import Store
+from drivers.core.text import safe_text
 
 log = logging.getLogger(__name__)
 
-TEXT_LIMITS = {"booking_id": 64, "service": 200, "notes": 2000, "provider.name": 200,
-               "provider.address": 500, "provider.phone": 40}
 PAST_GRACE_MS = 60 * 60 * 1000  # a booking up to an hour late is still accepted (check-in runs late)
 
 
-def safe_text(text: object, limit: int = 2000) -> str:
-    """Text from outside shown on a terminal or in a log: control characters escaped."""
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return s if len(s) <= limit else s[:limit] + "…"
-
-
 def _problems(body: dict, now: int | None) -> str | None:
-    for key, limit in TEXT_LIMITS.items():
-        obj = body
-        for part in key.split("."):
-            obj = obj.get(part) if isinstance(obj, dict) else None
-        if isinstance(obj, str) and len(obj) > limit:
-            return f"{key} is longer than {limit} characters"
     if body["op"] == "cancel":
         return None
     if now is not None and body["scheduled_at"] < now - PAST_GRACE_MS:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import ssl
 import stat
 import tempfile
 from collections.abc import Iterable
@@ -20,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from drivers.core.local_file import LocalFileError
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +45,8 @@ _TYPE_NAMES: dict[type, str] = {
 }
 
 
-class KeyFileError(Exception):
-    """A key file is missing, unreadable, malformed or holds the wrong kind of key."""
-
-    def __init__(self, path: str | os.PathLike[str], message: str):
-        self.path = os.fspath(path)
-        self.message = message
-        super().__init__(f"{self.path}: {message}")
+class KeyFileError(LocalFileError):
+    """A key or certificate file is missing, unreadable, malformed or holds the wrong kind of key."""
 
 
 def key_id(public_key: Ed25519PublicKey | X25519PublicKey | bytes) -> str:
@@ -205,3 +204,78 @@ class DeviceKeys:
                    enc=load_private_key(enc_key, X25519PrivateKey),
                    cloud_enc=load_public_key(cloud_enc_pub, X25519PublicKey),
                    trusted_signers=trusted_signers(load_public_key(p, Ed25519PublicKey) for p in cloud_sign_pubs))
+
+
+# --------------------------------------------------------------------------------------------
+# The MQTT link's TLS files, checked before the agent starts
+# --------------------------------------------------------------------------------------------
+
+def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
+    """The PEM certificates in ``path`` (at least one), or :class:`KeyFileError`."""
+    p = Path(path)
+    data = _read(p)
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise KeyFileError(p, "not a PEM certificate (no -----BEGIN CERTIFICATE----- block)")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise KeyFileError(p, f"not a valid PEM certificate ({e})") from None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:   # an old v1 root: a CA only if it signed itself
+        return cert.issuer == cert.subject
+
+
+def check_ca_file(path: str | os.PathLike[str]) -> None:
+    """Raises :class:`KeyFileError` unless ``path`` holds PEM certificates, one of them a CA."""
+    cas = load_certificates(path)
+    if not any(_is_ca(c) for c in cas):
+        raise KeyFileError(path, f"not a CA certificate ({cas[0].subject.rfc4514_string()} is not marked as a "
+                                 "CA: a device or server certificate instead of the CA that signed the "
+                                 "server's?)")
+
+
+def _tls_private_key(path: str | os.PathLike[str]):
+    """A PEM private key in any form TLS takes (PKCS#8, SEC1, PKCS#1), unencrypted."""
+    p = Path(path)
+    data = _read(p)
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data:
+        raise KeyFileError(p, "encrypted private keys are not supported")
+    if b"PRIVATE KEY-----" not in data:
+        raise KeyFileError(p, "not a PEM private key")
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise KeyFileError(p, f"not a valid PEM private key ({e})") from None
+    except Exception as e:
+        raise KeyFileError(p, f"unsupported private key ({e})") from None
+
+
+def _spki(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def check_tls_files(ca_file: str | os.PathLike[str], cert_file: str | os.PathLike[str],
+                    key_file: str | os.PathLike[str], *, device_id: str | None = None) -> None:
+    """Raises :class:`KeyFileError` naming the first of the MQTT link's files that cannot
+    work: a CA file that holds no CA certificate, a certificate that is not PEM (or is another
+    device's: its CN must be ``device_id``), a key that does not match the certificate, or a
+    set the TLS library itself refuses."""
+    check_ca_file(ca_file)
+    cert = load_certificates(cert_file)[0]
+    if device_id is not None:
+        cns = [a.value for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+        if cns != [device_id]:
+            raise KeyFileError(cert_file, f"the certificate is for CN={','.join(map(str, cns)) or '(none)'}, "
+                                          f"not for this device ({device_id}, device.id)")
+    key = _tls_private_key(key_file)
+    if _spki(key.public_key()) != _spki(cert.public_key()):
+        raise KeyFileError(key_file, f"the private key does not match the certificate {cert_file}")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    except ssl.SSLError as e:
+        raise KeyFileError(cert_file, f"refused by the TLS library ({e.reason or e})") from None

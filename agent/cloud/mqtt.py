@@ -7,10 +7,20 @@ reconnect logic (``loop_forever``/``loop_start``) is not used, so that every kin
 capped, jittered backoff and the backoff is reset only once a connection has stayed up for
 ``stable_after_s``.
 
-Threading: :meth:`publish` may be called from any thread. ``on_message`` runs on the network
-thread *before* the broker gets our PUBACK (so a downlink handed off there is not lost if the
-agent dies); ``on_ack`` and ``on_connection`` run on the network thread too, outside paho's locks.
-All three must return quickly (hand work to a queue).
+Threading: :meth:`publish` may be called from any thread. ``on_message(suffix, payload, ack)``
+runs on the network thread and must only hand the message on (to a queue); ``on_ack`` and
+``on_connection`` run on the network thread too, outside paho's locks. All three must return
+quickly and never wait for the store.
+
+Downlink acknowledgement (QoS 1). paho runs with manual acks: the broker gets our PUBACK only
+when the application calls the ``ack`` it was given with the message, i.e. once the message is
+durably handled (agent/cloud/downlink.py). A message never acked — dropped, or in hand when the
+agent died — stays unacknowledged in the broker's session and is delivered again after the next
+connect (MQTT 3.1.1 §4.4, MQTT 5 §4.4). ``ack`` sends the PUBACK only in the session that
+delivered the message: packet ids are per session, and a late PUBACK in the next session could
+acknowledge a different message under the same id (that session redelivers the message itself,
+with its own id). The link announces a Receive Maximum (MQTT 5, ``receive_maximum``), so the
+broker has at most that many QoS 1 messages unacknowledged at once.
 """
 from __future__ import annotations
 
@@ -47,10 +57,13 @@ class _Pending:
 
 
 def status_payload(state: Literal["online", "offline"], agent_version: str, config_version: int,
-                   ts_ms: int | None = None) -> bytes:
-    """The retained ``status`` document of PROTOCOL §2, compact JSON, keys in protocol order."""
+                   ts_ms: int | None = None, frame_t: str | None = None) -> bytes:
+    """The retained ``status`` document of PROTOCOL §2, compact JSON, keys in protocol order;
+    ``frame_t`` (rev 1.1): the form of raw frame times the device sends, ``"t"`` or ``"dt"``."""
     doc = {"state": state, "ts": time.time_ns() // 1_000_000 if ts_ms is None else ts_ms, "agent": agent_version,
            "config_version": config_version}
+    if frame_t is not None:
+        doc["frame_t"] = frame_t
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -62,9 +75,10 @@ class MqttLink:
                  session_expiry_s: int = 7 * 86400, backoff: Backoff | None = None,
                  stable_after_s: float = 60.0, agent_version: str,
                  config_version: Callable[[], int],
-                 on_message: Callable[[str, bytes], None] | None = None,
+                 on_message: Callable[[str, bytes, Callable[[], None]], None] | None = None,
                  on_connection: Callable[[bool], None] | None = None,
-                 max_inflight: int = 20):
+                 max_inflight: int = 20, receive_maximum: int | None = None,
+                 frame_t: str | None = None):
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f"protocol must be '5' or '3.1.1', not {protocol!r}")
         if max_inflight < 1:
@@ -79,15 +93,17 @@ class MqttLink:
         self._backoff = backoff or Backoff(1.0, 300.0)
         self._stable_after_s = float(stable_after_s)
         self._agent_version = agent_version
+        self._frame_t = frame_t
         self._config_version = config_version
         self._on_message = on_message
         self._on_connection = on_connection
         self._max_inflight = int(max_inflight)
+        self._receive_maximum = receive_maximum
         self._tag = f"mqtt {device_id}@{host}:{port}"
 
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device_id,
                                    protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
-                                   clean_session=None if self._v5 else False)
+                                   clean_session=None if self._v5 else False, manual_ack=True)
         # Room for the two status messages on top of the application's bound.
         self._client.max_inflight_messages_set(self._max_inflight + 2)
         self._client.on_connect = self._on_connect_cb
@@ -114,6 +130,10 @@ class MqttLink:
         self._pending: dict[int, _Pending] = {}
         self._early_acks: dict[int, ReasonCode] = {}
         self._deferred: collections.deque[Callable[[], None]] = collections.deque()
+        # The session a received message belongs to (bumped before every connect, under
+        # _ack_lock, so that a PUBACK is only ever sent in the session that delivered it).
+        self._ack_lock = threading.Lock()
+        self._session_no = 0
         self._connected_at = 0.0
         self._stable = False
         self._refusal: str | None = None
@@ -250,6 +270,8 @@ class MqttLink:
             self._stats["connect_attempts"] += 1
         self._switch_evt.clear()  # this attempt already goes to the newest endpoint
         self._refusal = self._paho_error = self._disconnect_reason = None
+        with self._ack_lock:
+            self._session_no += 1   # acks of the last session's messages are void from here
         try:
             self._ensure_tls()
             self._client.will_set(self.prefix + "status", self._status("offline"), qos=1,
@@ -257,6 +279,8 @@ class MqttLink:
             if self._v5:
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = self._session_expiry_s
+                if self._receive_maximum:
+                    props.ReceiveMaximum = int(self._receive_maximum)
                 rc = self._client.connect(self.host, self.port, self._keepalive_s,
                                           clean_start=False, properties=props)
             else:
@@ -378,7 +402,7 @@ class MqttLink:
         except Exception:
             log.exception("%s: config_version() failed; reporting 0", self._tag)
             version = 0
-        return status_payload(state, self._agent_version, version)
+        return status_payload(state, self._agent_version, version, frame_t=self._frame_t)
 
     def _send(self, suffix: str, payload: bytes, *, retain: bool,
               on_ack: Callable[[], None] | None) -> paho.MQTTMessageInfo | None:
@@ -464,11 +488,25 @@ class MqttLink:
         with self._state_lock:
             self._stats["messages_received"] += 1
         if self._on_message is None:
+            self._ack_message(self._session_no, message.mid, message.qos)
             return
+        session, mid, qos = self._session_no, message.mid, message.qos
         try:
-            self._on_message(topic[len(self.prefix):], bytes(message.payload))
-        except Exception:
+            self._on_message(topic[len(self.prefix):], bytes(message.payload),
+                             lambda: self._ack_message(session, mid, qos))
+        except Exception:  # not acknowledged: the broker delivers it again in the next session
             log.exception("%s: on_message failed for %s", self._tag, topic)
+
+    def _ack_message(self, session: int, mid: int, qos: int) -> None:
+        """The PUBACK for a received message (any thread), if its session is still the current
+        one; otherwise the broker redelivers the message in the session that is."""
+        if qos == 0:
+            return
+        with self._ack_lock:
+            if session != self._session_no:
+                log.debug("%s: message %d of an earlier session not acknowledged", self._tag, mid)
+                return
+            self._client.ack(mid, qos)
 
     def _on_log_cb(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
         if level in (paho.MQTT_LOG_ERR, paho.MQTT_LOG_WARNING):

@@ -25,6 +25,8 @@ from typing import Any
 import jsonschema
 from jsonschema import Draft202012Validator
 
+from drivers.core.text import safe_text
+
 log = logging.getLogger(__name__)
 
 KINDS = ("telemetry", "event", "ack", "config", "booking", "command", "release")
@@ -32,13 +34,18 @@ MAX_FRAME_DATA = 64
 MAX_CONSENT_MS = 366 * 24 * 3600 * 1000
 
 
+#: Longest schema error message (escaped); it becomes an ack's reason after ``schema: ``.
+MAX_MESSAGE = 300
+
+
 class SchemaError(ValueError):
-    """A body does not match its kind's schema. ``message`` names the offending path."""
+    """A body does not match its kind's schema. ``message`` names the offending path; it quotes
+    text from the body, so it is escaped (:func:`drivers.core.text.safe_text`) and capped."""
 
     def __init__(self, kind: str, message: str):
         self.kind = kind
-        self.message = message
-        super().__init__(f"{kind}: {message}")
+        self.message = safe_text(message, MAX_MESSAGE)
+        super().__init__(f"{kind}: {self.message}")
 
 
 def load_schema(kind: str) -> dict[str, Any]:
@@ -105,7 +112,7 @@ def _check_telemetry(body: Mapping[str, Any]) -> None:
         _equal_lengths("telemetry", f"signals[{i}]", sig, ("t", "v"))
     for i, grp in enumerate(body.get("frames", ())):
         where = f"frames[{i}]"
-        _equal_lengths("telemetry", where, grp, ("t", "id", "ext", "data"))
+        _equal_lengths("telemetry", where, grp, ("t", "dt", "id", "ext", "data"))
         for j, data in enumerate(grp["data"]):
             if not isinstance(data, bytes):
                 raise SchemaError("telemetry", f"{where}.data[{j}]: not a byte string")
@@ -142,6 +149,19 @@ def _check_config(body: Mapping[str, Any]) -> None:
 _SEMANTIC = {"telemetry": _check_telemetry, "event": _check_event, "config": _check_config}
 
 
+def _message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message, except for the size bounds, whose message would quote the whole
+    (oversized) value: those say how long it is and what the bound is."""
+    if error.validator == "maxLength" and isinstance(error.instance, str):
+        what = "a key of " if "propertyNames" in error.schema_path else ""
+        return f"{what}{len(error.instance)} characters, at most {error.validator_value}"
+    if error.validator == "maxItems" and isinstance(error.instance, list):
+        return f"{len(error.instance)} items, at most {error.validator_value}"
+    if error.validator == "maxProperties" and isinstance(error.instance, dict):
+        return f"{len(error.instance)} keys, at most {error.validator_value}"
+    return error.message
+
+
 def validate(kind: str, body: Any) -> None:
     """Raises :class:`SchemaError` unless ``body`` is a valid body of ``kind``."""
     if kind not in KINDS:
@@ -151,8 +171,7 @@ def validate(kind: str, body: Any) -> None:
     _check_plain(kind, body, ())
     error = jsonschema.exceptions.best_match(_validator(kind).iter_errors(body))
     if error is not None:
-        message = error.message if len(error.message) <= 300 else error.message[:297] + "..."
-        raise SchemaError(kind, f"{_path(error.absolute_path)}: {message}")
+        raise SchemaError(kind, f"{_path(error.absolute_path)}: {_message(error)}")
     check = _SEMANTIC.get(kind)
     if check is not None:
         check(body)

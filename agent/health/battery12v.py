@@ -1,8 +1,12 @@
 """The 12 V battery: resting voltage before each engine start, the dip while cranking, the trend.
 
-At every engine start (engine speed going from 0, or from no reading, to above 0) the rule takes
-from the voltage samples of the adapter (``ELM_VOLTAGE``, AT RV), the ECU
-(``CONTROL_MODULE_VOLTAGE``) or the MCU:
+An engine start is engine speed going from "off" to above ``off_rpm``. "Off" is a sample at or
+below ``off_rpm``, or no engine speed at all for ``off_after_s``: a parked car's ECU does not
+answer, and the OBD poller, backing off while the car is away, typically comes back a few
+seconds after the key is turned, when the engine already runs. Such a start (no sample saw the
+crank) is counted with no crank dip, and with a resting voltage only if voltage samples of the
+rest window exist. At every start the rule takes from the voltage samples of the adapter
+(``ELM_VOLTAGE``, AT RV), the ECU (``CONTROL_MODULE_VOLTAGE``) or the MCU:
 
 - **resting voltage**: the median of the readings in the ``rest_window_s`` before the crank
   window (engine off, ignition on, no charging): 12.6 V is a full lead-acid battery, 12.2 V
@@ -43,6 +47,7 @@ class BatteryThresholds:
     trend_min_points: int = 5
     trend_min_span_days: float = 3.0
     trend_warn_v_per_week: float = 0.1
+    off_after_s: float = 60.0
 
     @classmethod
     def from_config(cls, section: dict | None) -> "BatteryThresholds":
@@ -105,14 +110,38 @@ def assess(reading: StartReading, trend_info: dict | None, t: BatteryThresholds)
 
 
 class StartDetector:
-    """Finds engine starts in voltage and rpm samples and measures them (:class:`StartReading`)."""
+    """Finds engine starts in voltage and rpm samples and measures them (:class:`StartReading`).
+
+    Feed samples in time order; :meth:`tick` lets time pass without samples (the health thread
+    calls it), so that a silence of ``off_after_s`` counts as the engine off even before the
+    next sample arrives; :meth:`engine_off` says so directly (e.g. the vehicle link is gone)."""
 
     def __init__(self, thresholds: BatteryThresholds | None = None, *, off_rpm: float = 50.0):
         self.t = thresholds or BatteryThresholds()
         self.off_rpm = off_rpm
         self._volts: deque[tuple[int, float]] = deque()
-        self._running: bool | None = None
+        self._running: bool | None = None     # None: not known yet (the agent just came up)
+        self._last_rpm: int | None = None     # time of the last rpm sample
+        self._since: int | None = None        # first tick without any rpm sample yet
+        self._inferred = False                # off from a silence, not from a sample
         self._pending: int | None = None  # start time waiting for its crank window to pass
+        self._pending_crank = False       # ... and whether a sample saw the engine off before it
+        self.starts = 0
+
+    def engine_off(self, t_ms: int) -> None:
+        """From ``t_ms`` the engine is off (not seen running), whatever the last sample said."""
+        if self._running is not False:
+            log.debug("health: engine off from %d (no engine speed for a while)", t_ms)
+            self._running = False
+            self._inferred = True
+
+    def tick(self, now_ms: int) -> None:
+        """Time passes: no engine speed for ``off_after_s`` means the engine is off."""
+        last = self._last_rpm if self._last_rpm is not None else self._since
+        if last is None:
+            self._since = now_ms
+        elif now_ms - last > self.t.off_after_s * 1000:
+            self.engine_off(last)
 
     def feed(self, role: str, t_ms: int, value: float) -> StartReading | None:
         out = None
@@ -122,18 +151,24 @@ class StartDetector:
             while self._volts and self._volts[0][0] < horizon:
                 self._volts.popleft()
         elif role == "rpm":
+            self.tick(t_ms)
             running = value > self.off_rpm
             if running and self._running is False and self._pending is None:
                 self._pending = t_ms
+                self._pending_crank = not self._inferred
+            if not running:
+                self._inferred = False
             self._running = running
+            self._last_rpm = t_ms
         if self._pending is not None and t_ms >= self._pending + self.t.crank_window_s * 1000:
-            out = self._measure(self._pending)
+            out = self._measure(self._pending, self._pending_crank)
             self._pending = None
+            self.starts += 1
         return out
 
-    def _measure(self, start: int) -> StartReading:
+    def _measure(self, start: int, crank_seen: bool = True) -> StartReading:
         w = self.t.crank_window_s * 1000
         rest = [v for t, v in self._volts if start - w - self.t.rest_window_s * 1000 <= t < start - w]
-        crank = [v for t, v in self._volts if start - w <= t <= start + w]
+        crank = [v for t, v in self._volts if start - w <= t <= start + w] if crank_seen else []
         return StartReading(ts=start, rest_v=round(statistics.median(rest), 3) if rest else None,
                             crank_min_v=round(min(crank), 3) if crank else None)

@@ -126,7 +126,7 @@ class HealthMonitor:
             try:
                 self._refresh_config()
                 self._drain(wait_s=0.5)
-                self.trips.tick(self._clock())
+                self.tick(self._clock())
                 if time.monotonic() >= self._next_maintenance:
                     self._next_maintenance = time.monotonic() + 60
                     self.check_maintenance()
@@ -134,6 +134,13 @@ class HealthMonitor:
                 self.errors += 1
                 log.exception("health: processing failed; carrying on")
                 self._stop.wait(1.0)
+
+    def tick(self, now_ms: int) -> None:
+        """Time passes without samples: a trip ends after its silence, the engine counts as off
+        after ``health.battery_12v.off_after_s`` without engine speed (the health thread calls
+        this twice a second; public for tests and replays)."""
+        self.trips.tick(now_ms)
+        self.starts.tick(now_ms)
 
     def wake_maintenance(self) -> None:
         """Re-checks maintenance at the next loop (a service record was just added)."""
@@ -185,7 +192,11 @@ class HealthMonitor:
                 value *= SPEED_UNITS.get(s.unit.lower(), 1.0)
             self.processed += 1
             if role == "odometer":
-                self.store.set_meta(META_ODOMETER, {"km": value, "ts": s.t_ms})
+                # with how far the trip in progress had gone then: a trip adds only what follows
+                trip = self.trips.trip
+                self.store.set_meta(META_ODOMETER, {
+                    "km": value, "ts": s.t_ms, "trip_start": trip.start_ms if trip is not None else None,
+                    "trip_km": trip.distance_km if trip is not None else 0.0})
                 continue
             self.trips.feed(role, s.t_ms, value)
             reading = self.starts.feed(role, s.t_ms, value)
@@ -202,29 +213,45 @@ class HealthMonitor:
         self.emit(body)
 
     # -- odometer -----------------------------------------------------------------------------
-    def odometer_km(self) -> float | None:
-        """The best known odometer: the last reading or service record, plus trips since."""
+    def _odometer_base(self) -> tuple[int, float, dict | None] | None:
+        """(ts, km, the reading or None for a service record) the odometer counts from: the
+        last reading or service record, whichever is newer."""
         meta = self.store.get_meta(META_ODOMETER)
         records = self.service_log.records()
-        base = None
-        if meta:
-            base = (meta["ts"], float(meta["km"]))
+        base = (int(meta["ts"]), float(meta["km"]), meta) if meta else None
         if records and (base is None or records[-1].get("ts", 0) > base[0]):
-            base = (records[-1]["ts"], float(records[-1]["odometer_km"]))
+            base = (int(records[-1]["ts"]), float(records[-1]["odometer_km"]), None)
+        return base
+
+    @staticmethod
+    def _since_base(base: tuple[int, float, dict | None], start_ms: int, distance_km: float) -> float:
+        """How much of a trip (its start, its distance so far) lies after ``base``: all of it if
+        it started after; what it drove since the reading if the reading was taken during it."""
+        ts, _, reading = base
+        if start_ms >= ts:
+            return distance_km
+        if reading is not None and reading.get("trip_start") == start_ms:
+            return max(0.0, distance_km - float(reading.get("trip_km") or 0.0))
+        return 0.0
+
+    def odometer_km(self) -> float | None:
+        """The best known odometer: the last reading or service record, plus trips since."""
+        base = self._odometer_base()
         if base is None:
             return None
         trip = self.trips.trip
-        extra = trip.distance_km if trip is not None and trip.start_ms >= base[0] else 0.0
+        extra = self._since_base(base, trip.start_ms, trip.distance_km) if trip is not None else 0.0
         return base[1] + extra
 
     def _add_distance(self, km: float, ts: int) -> None:
-        meta = self.store.get_meta(META_ODOMETER)
-        records = self.service_log.records()
-        base = float(meta["km"]) if meta else None
-        if records and (meta is None or records[-1].get("ts", 0) > meta["ts"]):
-            base = float(records[-1]["odometer_km"])
-        if base is not None:
-            self.store.set_meta(META_ODOMETER, {"km": round(base + km, 3), "ts": ts})
+        base = self._odometer_base()
+        if base is None:
+            return
+        last = self.trips.last_trip or {}
+        start = int(last.get("start_ms", ts))
+        added = self._since_base(base, start, km) if base[2] is not None else km
+        self.store.set_meta(META_ODOMETER, {"km": round(base[1] + added, 3), "ts": ts,
+                                            "trip_start": None, "trip_km": 0.0})
 
     # -- rules --------------------------------------------------------------------------------
     def _on_start(self, reading: battery12v.StartReading) -> None:
@@ -280,7 +307,8 @@ class HealthMonitor:
 
     def snapshot(self) -> dict:
         """The health part of the ``report`` command's snapshot."""
-        snap = {"trip": self.trips.status(), "odometer_km": self.odometer_km(),
+        snap = {"trip": self.trips.status(), "engine_starts": self.starts.starts,
+                "odometer_km": self.odometer_km(),
                 "battery_12v": self.last_start or {"level": "unknown", "reasons": ["no engine start seen yet"]},
                 "maintenance": [d.as_dict() for d in self.maintenance_state()],
                 "dtc": self.dtc_state()}
@@ -294,4 +322,5 @@ class HealthMonitor:
     def status(self) -> dict:
         return {"processed": self.processed, "dropped": self.dropped, "errors": self.errors,
                 "in_trip": self.trips.trip is not None and self.trips.trip.started_sent,
+                "trips": self.trips.trips, "engine_starts": self.starts.starts,
                 "roles": sorted(set(self._roles.values())), "driving_behaviour": self.driving_allowed}

@@ -105,6 +105,11 @@ class TripDetector:
             self._integrate_fuel(trip, role, t_ms, value)
         if not trip.started_sent and trip.duration_s >= self.t.min_duration_s:
             trip.started_sent = True
+            if trip.odometer_start_km is None:
+                # known only since the trip began (its first reading came after): back to the start
+                now = self._odometer()
+                if now is not None:
+                    trip.odometer_start_km = max(0.0, now - trip.distance_km)
             body = {"type": "trip_start", "ts": trip.start_ms}
             if trip.odometer_start_km is not None:
                 body["odometer_km"] = round(trip.odometer_start_km, 1)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from drivers.core.clock import PLAUSIBLE_AFTER_MS, PLAUSIBLE_AFTER_US
-from drivers.core.model import Frame, Sample
+from drivers.core.model import Frame, FrameBatch, Sample
 from agent.outbox.store import STORAGE_ERRORS, Store, storage_problem
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Ingest:
         self._thread: threading.Thread | None = None
         self._flush_lock = threading.Lock()
         self._held_samples: list[Sample] = []
-        self._held_frames: list[Frame] = []
+        self._held_frames: list[FrameBatch] = []
         self._unrecorded = {"samples": 0, "frames": 0}  # dropped, not yet told to the cloud
         self._last_true_saved = 0.0
         self.stored = {"samples": 0, "frames": 0}
@@ -68,16 +68,20 @@ class Ingest:
             except Exception:
                 log.exception("ingest: sample listener failed")
 
-    def put_frames(self, frames: list[Frame]) -> None:
-        self._put("frames", frames)
+    def put_frames(self, frames: FrameBatch | list[Frame]) -> None:
+        """Raw frames: a reader's batch as it is (the ingest takes it over), or Frame objects."""
+        if isinstance(frames, FrameBatch):
+            self._put("frames", [frames], len(frames))
+        else:
+            self._put("frames", FrameBatch.of(frames), len(frames))
 
-    def _put(self, kind: str, items: list) -> None:
+    def _put(self, kind: str, items: list, n: int | None = None) -> None:
         if not items:
             return
         try:
-            self._q.put_nowait((kind, list(items)))
+            self._q.put_nowait((kind, list(items) if n is None else items))
         except queue.Full:
-            self._drop(kind, len(items), "queue full")
+            self._drop(kind, len(items) if n is None else n, "queue full")
 
     def _drop(self, kind: str, n: int, why: str) -> None:
         before = self.dropped[kind]
@@ -125,9 +129,9 @@ class Ingest:
 
     def _retime(self, clock) -> bool:
         """Shifts held provisional stamps by the clock's offset; True if any remain provisional."""
-        samples, frames = self._held_samples, self._held_frames
+        samples, batches = self._held_samples, self._held_frames
         prov_s = any(s.t_ms < PLAUSIBLE_AFTER_MS for s in samples)
-        prov_f = any(f.t_us < PLAUSIBLE_AFTER_US for f in frames)
+        prov_f = [b for b in batches if b.t_us and min(b.t_us) < PLAUSIBLE_AFTER_US]
         if not (prov_s or prov_f):
             return False
         offset = clock.offset_ms()
@@ -136,9 +140,9 @@ class Ingest:
         if prov_s:
             self._held_samples = [Sample(s.name, s.unit, s.t_ms + offset, s.value)
                                   if s.t_ms < PLAUSIBLE_AFTER_MS else s for s in samples]
-        if prov_f:
-            self._held_frames = [Frame(f.bus, f.t_us + offset * 1000, f.can_id, f.extended, f.data)
-                                 if f.t_us < PLAUSIBLE_AFTER_US else f for f in frames]
+        shift = offset * 1000
+        for b in prov_f:
+            b.t_us = [t + shift if t < PLAUSIBLE_AFTER_US else t for t in b.t_us]
         return False
 
     def _flush(self) -> None:
@@ -160,7 +164,7 @@ class Ingest:
                 return self._failed(e)
         self._held_samples, self._held_frames = [], []
         self.stored["samples"] += len(samples)
-        self.stored["frames"] += len(frames)
+        self.stored["frames"] += sum(map(len, frames))
         self.last_commit = time.monotonic()
         if self.problem:
             log.info("ingest: storage works again (%s is over)", self.problem)
@@ -170,7 +174,7 @@ class Ingest:
         except STORAGE_ERRORS as e:
             self._note(e)
 
-    def _write(self, samples: list[Sample], frames: list[Frame], provisional: bool, clock) -> None:
+    def _write(self, samples: list[Sample], frames: list[FrameBatch], provisional: bool, clock) -> None:
         st = self.store
         if not (samples or frames):
             return
@@ -212,9 +216,10 @@ class Ingest:
     def _failed(self, e: BaseException) -> None:
         """Keeps what could not be written, within the memory bounds: frames go first."""
         self._note(e)
-        over_f = len(self._held_frames) - self.max_held_frames
+        held = self._held_frames
+        over_f = sum(map(len, held)) - self.max_held_frames
         if over_f > 0:
-            del self._held_frames[:over_f]
+            self._held_frames = _drop_oldest(held, over_f)
             self._drop("frames", over_f, "storage failing, memory bound")
         over_s = len(self._held_samples) - self.max_held_samples
         if over_s > 0:
@@ -227,5 +232,19 @@ class Ingest:
     def status(self) -> dict:
         return {"stored": dict(self.stored), "dropped": dict(self.dropped), "errors": self.errors,
                 "last_error": self.last_error, "problem": self.problem,
-                "held": {"samples": len(self._held_samples), "frames": len(self._held_frames)},
+                "held": {"samples": len(self._held_samples), "frames": sum(map(len, self._held_frames))},
                 "queued": self._q.qsize()}
+
+
+def _drop_oldest(batches: list[FrameBatch], n: int) -> list[FrameBatch]:
+    """``batches`` without their ``n`` oldest frames (batches are held in arrival order)."""
+    out = []
+    for b in batches:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        if n:
+            b = FrameBatch(b.bus, b.t_us[n:], b.keys[n:], b.data[n:])
+            n = 0
+        out.append(b)
+    return out

@@ -3,7 +3,8 @@
 Everything the agent collects is written here before anything is sent, and leaves only after
 the broker has acknowledged it:
 
-* ``samples``, ``frames`` and ``events`` hold data not yet sealed;
+* ``samples``, ``frames`` and ``events`` hold data not yet sealed; raw frames as one block of
+  columns per bus and group commit (agent.outbox.frame_blocks), not a row per frame;
 * sealing moves a batch of them into ``outbox`` as one finished envelope **in the same
   transaction** that takes the next uplink ``seq`` from ``meta``. An envelope therefore keeps its
   ``seq`` for ever: after a crash it is re-sent byte for byte, so the cloud's dedup on
@@ -23,6 +24,15 @@ Events, acks and every other table are never evicted for telemetry.
 
 A full disk or a read-only filesystem never loses an event that fits the in-memory bound: it
 waits in memory (``status()["memory_events"]``) and is written once the disk accepts it.
+
+Event bodies are stored as CBOR; with an ``event_codec`` (agent/owner/datakey.py
+``EventsAtRest``), the bodies it chooses (those carrying identity data, e.g. the VIN) are
+stored in the form it makes (encrypted) and opened again only to be sealed or exported.
+
+Dead letters: a stored row that cannot be sealed (a frame block or a sample the protocol cannot
+carry: written by an older agent, or damaged) is moved to ``quarantine`` with the reason, a
+``health`` event (kind ``quarantine``) says so, and sealing goes on with everything else. Such a
+row is never sent and never retried; it stays on the device for a technician (``dongle export``).
 """
 from __future__ import annotations
 
@@ -37,16 +47,25 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cbor2
 
 from drivers.core.clock import PLAUSIBLE_AFTER_MS, PLAUSIBLE_AFTER_US, Clock
-from drivers.core.model import Frame, Sample
+from agent.outbox import frame_blocks
 from agent.outbox.telemetry import FrameColumns
+from drivers.core.model import Frame, FrameBatch, Sample
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+#: 3: raw frames stored as blocks (agent.outbox.frame_blocks); the quarantine table.
+SCHEMA_VERSION = 3
+#: Dead letters kept at most (the oldest go beyond; each is one row that could not be sealed).
+QUARANTINE_MAX = 1000
+#: A sample row as the protocol can carry it (SQLite stores NaN as NULL, and keeps any type).
+_SAMPLE_OK = ("typeof(name) = 'text' AND length(name) > 0 AND typeof(unit) = 'text' "
+              "AND typeof(t_ms) = 'integer' AND t_ms >= 0 AND typeof(value) IN ('real', 'integer') "
+              "AND value BETWEEN -1.7976931348623157e308 AND 1.7976931348623157e308")
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,14 @@ CACHE_KIB = 512
 STORAGE_ERRORS = (sqlite3.OperationalError, sqlite3.DatabaseError, OSError)
 
 
+class EventCodec(Protocol):
+    """How event bodies are kept at rest: ``seal(body)`` gives the map stored (it keeps ``type``
+    and ``ts`` readable), ``open(stored)`` the body again (raising if it cannot)."""
+
+    def seal(self, body: dict) -> dict: ...
+    def open(self, stored: dict) -> dict: ...
+
+
 def storage_problem(e: BaseException) -> str:
     """``disk_full``, ``read_only`` or ``io_error`` for a storage exception."""
     text = str(e).lower()
@@ -97,14 +124,18 @@ def storage_problem(e: BaseException) -> str:
 
 class Store:
     def __init__(self, path: str | Path, *, clock: Clock | None = None,
-                 budget_bytes: int | None = None):
+                 budget_bytes: int | None = None, event_codec: EventCodec | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.clock = clock or Clock()
         self._lock = threading.RLock()
         self._depth = 0  # transaction nesting of the thread holding the lock
+        self._owner: int | None = None  # that thread, while _depth > 0
+        self._event_codec = event_codec
         self.non_finite = 0      # sample values dropped as NaN/inf (add_samples)
         self.events_invalid = 0  # events dropped as unsendable (seal_events)
+        self.quarantined = 0     # rows set aside as unsealable (see the module docstring)
+        self.unstorable = 0      # rows dropped as not even storable (add_samples)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._conn = conn
         conn.execute("PRAGMA journal_mode=WAL")
@@ -126,7 +157,9 @@ class Store:
     def _create(self) -> None:
         self.create_tables(
             "samples (id INTEGER PRIMARY KEY, name TEXT, unit TEXT, t_ms INTEGER, value REAL)",
-            "frames (id INTEGER PRIMARY KEY, bus TEXT, t_us INTEGER, can_id INTEGER, ext INTEGER, data BLOB)",
+            # t_us: the block's earliest frame time; n: its frames
+            "frames (id INTEGER PRIMARY KEY, bus TEXT, n INTEGER, t_us INTEGER, block BLOB)",
+            "quarantine (id INTEGER PRIMARY KEY, ts INTEGER, source TEXT, reason TEXT, row BLOB)",
             "events (id INTEGER PRIMARY KEY, ts INTEGER, body BLOB)",
             "outbox (seq INTEGER PRIMARY KEY, suffix TEXT, payload BLOB, priority INTEGER, "
             "created_ms INTEGER, content TEXT)",
@@ -136,6 +169,8 @@ class Store:
         if "content" not in {r[1] for r in self.query("PRAGMA table_info(outbox)")}:  # schema 1
             with self._txn() as c:
                 c.execute("ALTER TABLE outbox ADD COLUMN content TEXT")
+        if "can_id" in {r[1] for r in self.query("PRAGMA table_info(frames)")}:  # schema <= 2
+            self._migrate_frame_rows()
         if self.get_meta("schema_version") != SCHEMA_VERSION:
             self.set_meta("schema_version", SCHEMA_VERSION)
 
@@ -149,12 +184,47 @@ class Store:
             for i in indexes:
                 c.execute(f"CREATE INDEX IF NOT EXISTS {i}")
 
+    def _migrate_frame_rows(self) -> None:
+        """Schema 2 kept a row per frame: they become blocks (one per bus and 8,192 frames), in
+        one transaction, in their order; a row the protocol cannot carry goes to quarantine."""
+        with self._txn() as c:
+            c.execute("ALTER TABLE frames RENAME TO frames_v2")
+            c.execute("CREATE TABLE frames (id INTEGER PRIMARY KEY, bus TEXT, n INTEGER, t_us INTEGER, block BLOB)")
+            batches: dict[str, FrameBatch] = {}
+            bad = 0
+            for rid, bus, t_us, can_id, ext, data in c.execute(
+                    "SELECT id, bus, t_us, can_id, ext, data FROM frames_v2 ORDER BY id").fetchall():
+                frame = Frame(bus, t_us, can_id, bool(ext), data)
+                try:
+                    (batch,) = FrameBatch.of([frame])
+                    frame_blocks.decode(bus, frame_blocks.encode(batch.t_us, batch.keys, batch.data))
+                except (TypeError, ValueError, OverflowError) as e:
+                    self._quarantine(c, "frames", f"{e}", cbor2.dumps([rid, bus, t_us, can_id, ext, data]))
+                    bad += 1
+                    continue
+                b = batches.setdefault(str(bus), FrameBatch(str(bus), [], [], []))
+                b.t_us += batch.t_us
+                b.keys += batch.keys
+                b.data += batch.data
+            for b in batches.values():
+                self._insert_blocks(c, b)
+            c.execute("DROP TABLE frames_v2")
+            if bad:
+                self._quarantine_event(c, "frames", bad, "stored by an earlier agent, cannot be sent")
+        log.info("store: frame rows of schema 2 converted to blocks")
+
     def _txn(self):
         return _Transaction(self)
 
     def batch(self):
         """One transaction around several writes: ``with store.batch(): add_samples(); add_frames()``."""
         return _Transaction(self)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the calling thread is inside one of this store's transactions (work that
+        SQLite refuses there, such as a WAL checkpoint, must wait for the commit)."""
+        return self._depth > 0 and self._owner == threading.get_ident()
 
     # -- disk budget ----------------------------------------------------------------------
     def set_budget(self, budget_bytes: int) -> None:
@@ -252,16 +322,20 @@ class Store:
         return body
 
     def _evict_unsealed(self, table: str, reason: str) -> dict | None:
-        rows = self._conn.execute(f"SELECT id FROM {table} ORDER BY id LIMIT 20000").fetchall()
+        # 20,000 samples or 100 frame blocks (up to 819,200 frames) at a time
+        size = "n" if table == "frames" else "1"
+        rows = self._conn.execute(f"SELECT id, {size} FROM {table} ORDER BY id LIMIT ?",
+                                  (100 if table == "frames" else 20000,)).fetchall()
         if not rows:
             return None
+        dropped = sum(r[1] for r in rows)
         with self._txn() as c:
             seq = self._next_seq(c)  # burnt: the gap it leaves is the explanation's anchor
             c.execute(f"DELETE FROM {table} WHERE id<=?", (rows[-1][0],))
             body = {"type": "buffer_evicted", "ts": self.clock.now_ms(), "from_seq": seq, "to_seq": seq,
-                    "count": 1, "reason": f"{reason}: unsealed {table}", table: len(rows)}
+                    "count": 1, "reason": f"{reason}: unsealed {table}", table: dropped}
             self._insert_event(c, body)
-        self.evicted[table] += len(rows)
+        self.evicted[table] += dropped
         return body
 
     def record_loss(self, *, samples: int = 0, frames: int = 0, reason: str) -> dict | None:
@@ -278,37 +352,137 @@ class Store:
 
     # -- ingest ---------------------------------------------------------------------------
     def add_samples(self, samples: Iterable[Sample]) -> int:
-        """Stores samples; a non-finite value (NaN, ±inf, e.g. from a float DBC signal) is not a
-        measurement the protocol can carry: it is counted (``non_finite``, in ``status()``) and
-        dropped here, never stored (SQLite would turn NaN into NULL and break sealing)."""
-        rows, bad = [], 0
-        for x in samples:
-            v = float(x.value)
-            if math.isfinite(v):
-                rows.append((x.name, x.unit, int(x.t_ms), v))
-            else:
-                bad += 1
-        if bad:
+        """Stores samples. A value that is not a finite number (NaN, ±inf from a float DBC
+        signal; anything ``float()`` refuses) is not a measurement the protocol can carry: it is
+        counted (``non_finite``, in ``status()``) and dropped here, never stored (SQLite would
+        turn NaN into NULL). Names, units and times are checked when sealing (dead letters)."""
+        isfinite = math.isfinite
+        samples = samples if isinstance(samples, list) else list(samples)
+        try:
+            rows = [(x.name, x.unit, x.t_ms, float(x.value)) for x in samples]
+            ok = all(map(isfinite, [r[3] for r in rows]))
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            rows = []
+            for x in samples:
+                try:
+                    v = float(x.value)
+                except (TypeError, ValueError, OverflowError):
+                    continue
+                if isfinite(v):
+                    rows.append((x.name, x.unit, x.t_ms, v))
+            bad = len(samples) - len(rows)
             self.non_finite += bad
-            log.warning("store: %d non-finite sample value(s) dropped (%d so far)", bad, self.non_finite)
+            log.warning("store: %d sample value(s) that are not finite numbers dropped (%d so far)",
+                        bad, self.non_finite)
         if rows:
             with self._txn() as c:
-                c.executemany("INSERT INTO samples(name, unit, t_ms, value) VALUES (?,?,?,?)", rows)
-        return len(rows)
+                return self._insert_each(c, "INSERT INTO samples(name, unit, t_ms, value) VALUES (?,?,?,?)", rows)
+        return 0
 
-    def add_frames(self, frames: Iterable[Frame]) -> int:
-        rows = [(f.bus, int(f.t_us), int(f.can_id), int(f.extended), bytes(f.data)) for f in frames]
-        if rows:
-            with self._txn() as c:
-                c.executemany("INSERT INTO frames(bus, t_us, can_id, ext, data) VALUES (?,?,?,?,?)",
-                              rows)
-        return len(rows)
+    def _insert_each(self, c: sqlite3.Connection, sql: str, rows: list[tuple]) -> int:
+        """``executemany``; if one row cannot even be bound (a type or an integer SQLite has no
+        column for), the rows one by one, that one dropped and counted (``unstorable``)."""
+        c.execute("SAVEPOINT rows")
+        try:
+            c.executemany(sql, rows)
+            return len(rows)
+        except (sqlite3.InterfaceError, sqlite3.ProgrammingError, OverflowError, TypeError, ValueError):
+            c.execute("ROLLBACK TO rows")
+        finally:
+            c.execute("RELEASE rows")
+        n = 0
+        for row in rows:
+            try:
+                c.execute(sql, row)
+                n += 1
+            except (sqlite3.InterfaceError, sqlite3.ProgrammingError, OverflowError, TypeError, ValueError) as e:
+                self.unstorable += 1
+                log.error("store: a row cannot be stored (%s: %s); dropped (%d so far)", type(e).__name__, e,
+                          self.unstorable)
+        return n
+
+    def add_frames(self, frames: FrameBatch | Iterable[FrameBatch] | Iterable[Frame]) -> int:
+        """Stores raw frames: batches (one block per bus, split at ``BLOCK_MAX``) or Frame objects.
+        Frames reach the store checked (drivers.can); a block that still does not encode (a
+        payload over 255 bytes) raises, as any storage error does, and nothing is written."""
+        if isinstance(frames, FrameBatch):
+            batches = [frames]
+        else:
+            items = list(frames)
+            batches = items if items and isinstance(items[0], FrameBatch) else FrameBatch.of(items)
+        if len(batches) > 1:
+            batches = FrameBatch.join(batches)   # one block per bus and commit
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            return 0
+        with self._txn() as c:
+            for b in batches:
+                self._insert_blocks(c, b)
+        return sum(map(len, batches))
+
+    @staticmethod
+    def _insert_blocks(c: sqlite3.Connection, batch: FrameBatch) -> None:
+        c.executemany("INSERT INTO frames(bus, n, t_us, block) VALUES (?,?,?,?)",
+                      [(batch.bus, n, t, blob) for n, t, blob in frame_blocks.blocks(batch)])
+
+    # -- dead letters ---------------------------------------------------------------------
+    def _quarantine(self, c: sqlite3.Connection, source: str, reason: str, row: bytes) -> None:
+        c.execute("INSERT INTO quarantine(ts, source, reason, row) VALUES (?,?,?,?)",
+                  (self.clock.now_ms(), source, reason[:300], row))
+        c.execute("DELETE FROM quarantine WHERE id <= (SELECT max(id) FROM quarantine) - ?", (QUARANTINE_MAX,))
+        self.quarantined += 1
+
+    def _quarantine_event(self, c: sqlite3.Connection, source: str, count: int, reason: str) -> None:
+        log.error("store: %d %s row(s) cannot be sealed (%s): set aside in quarantine", count, source, reason)
+        self._insert_event(c, {"type": "health", "ts": self.clock.now_ms(), "kind": "quarantine",
+                               "level": "warn", "detail": {"table": source, "rows": count,
+                                                            "reason": reason[:300]}})
+
+    def _quarantine_bad_samples(self, c: sqlite3.Connection, upto: int) -> int:
+        """Moves sample rows up to id ``upto`` that the protocol cannot carry to quarantine."""
+        bad = c.execute(f"SELECT id, name, unit, t_ms, value FROM samples WHERE id <= ? AND NOT ({_SAMPLE_OK})",
+                        (upto,)).fetchall()
+        for row in bad:
+            self._quarantine(c, "samples", "not a sample the protocol can carry", cbor2.dumps(
+                [x if isinstance(x, (int, str, bytes)) or x is None else float(x) for x in row]))
+            c.execute("DELETE FROM samples WHERE id = ?", (row[0],))
+        if bad:
+            self._quarantine_event(c, "samples", len(bad), "name, unit, time or value the protocol cannot carry")
+        return len(bad)
+
+    def quarantine_oldest(self, *, samples: int = 0, frames: int = 0, reason: str) -> int:
+        """Moves the oldest ``samples`` sample rows and ``frames`` frames (whole blocks) to
+        quarantine, with the event: for a batch that fails to seal for a reason no check names
+        (the uplink narrows a failing batch down to one row first). Returns rows moved."""
+        moved = 0
+        with self._txn() as c:
+            for row in c.execute("SELECT id, name, unit, t_ms, value FROM samples ORDER BY id LIMIT ?",
+                                 (samples,)).fetchall():
+                self._quarantine(c, "samples", reason, cbor2.dumps(list(row)))
+                c.execute("DELETE FROM samples WHERE id = ?", (row[0],))
+                moved += 1
+            left = frames
+            for rid, bus, n, t_us, block in c.execute(
+                    "SELECT id, bus, n, t_us, block FROM frames ORDER BY id").fetchall():
+                if left <= 0:
+                    break
+                self._quarantine(c, "frames", reason, cbor2.dumps([rid, bus, n, t_us, bytes(block)]))
+                c.execute("DELETE FROM frames WHERE id = ?", (rid,))
+                left -= n
+                moved += 1
+            if moved:
+                self._quarantine_event(c, "samples" if samples and not frames else
+                                       "frames" if frames and not samples else "samples+frames", moved, reason)
+        return moved
 
     def _insert_event(self, c: sqlite3.Connection, body: dict) -> int:
         ts = int(body.get("ts", self.clock.now_ms()))
         if ts < PLAUSIBLE_AFTER_MS:
             self._note_provisional(c)
-        return c.execute("INSERT INTO events(ts, body) VALUES (?, ?)", (ts, cbor2.dumps(body))).lastrowid
+        stored = self._event_codec.seal(body) if self._event_codec is not None else body
+        return c.execute("INSERT INTO events(ts, body) VALUES (?, ?)", (ts, cbor2.dumps(stored))).lastrowid
 
     def add_event(self, body: dict) -> int | None:
         """Stores an event durably. If the disk refuses (full, read-only), the event waits in
@@ -391,8 +565,7 @@ class Store:
         with self._txn() as c:
             n = c.execute("UPDATE samples SET t_ms = t_ms + ? WHERE t_ms < ?",
                           (offset, PLAUSIBLE_AFTER_MS)).rowcount
-            n += c.execute("UPDATE frames SET t_us = t_us + ? WHERE t_us < ?",
-                           (offset * 1000, PLAUSIBLE_AFTER_US)).rowcount
+            n += self._retime_blocks(c, offset * 1000)
             for event_id, body in c.execute("SELECT id, body FROM events WHERE ts < ?",
                                             (PLAUSIBLE_AFTER_MS,)).fetchall():
                 doc = cbor2.loads(body)
@@ -412,6 +585,22 @@ class Store:
         log.info("store: %d rows stamped before clock sync re-timed (%s)", n,
                  "estimated" if estimated else "exact")
         return n
+
+    def _retime_blocks(self, c: sqlite3.Connection, shift_us: int) -> int:
+        """Adds ``shift_us`` to the provisional frame times in stored blocks; returns frames moved.
+        A block that does not decode is left for sealing to set aside."""
+        moved = 0
+        for rid, bus, block in c.execute("SELECT id, bus, block FROM frames WHERE t_us < ?",
+                                         (PLAUSIBLE_AFTER_US,)).fetchall():
+            try:
+                b = frame_blocks.decode(bus, block)
+            except frame_blocks.BlockError:
+                continue
+            moved += sum(1 for t in b.t_us if t < PLAUSIBLE_AFTER_US)
+            b.t_us = [t + shift_us if t < PLAUSIBLE_AFTER_US else t for t in b.t_us]
+            c.execute("UPDATE frames SET t_us = ?, block = ? WHERE id = ?",
+                      (min(b.t_us), frame_blocks.encode(b.t_us, b.keys, b.data), rid))
+        return moved
 
     # -- sealing --------------------------------------------------------------------------
     def _next_seq(self, c: sqlite3.Connection) -> int:
@@ -448,14 +637,15 @@ class Store:
         with self._txn() as c:
             rows = c.execute("SELECT id, body FROM events ORDER BY id LIMIT ?", (limit,)).fetchall()
             for event_id, raw in rows:
-                body = cbor2.loads(raw)
-                if prepare is not None:
-                    try:
+                stored = cbor2.loads(raw)
+                try:
+                    body = self._event_codec.open(stored) if self._event_codec is not None else stored
+                    if prepare is not None:
                         body = prepare(body)
-                    except Exception as e:
-                        self.events_invalid += 1
-                        log.error("store: event %r dropped, it cannot be sent: %s", body.get("type"), e)
-                        body = None
+                except Exception as e:
+                    self.events_invalid += 1
+                    log.error("store: event %r dropped, it cannot be sent: %s", stored.get("type"), e)
+                    body = None
                 if body is None:
                     c.execute("DELETE FROM events WHERE id=?", (event_id,))
                     continue
@@ -469,35 +659,62 @@ class Store:
                        max_samples: int, max_frames: int = 0) -> int | None:
         """Seals the oldest pending samples (and frames) into one telemetry envelope.
 
-        Frames reach ``build`` as :class:`~agent.telemetry.FrameColumns`, sorted into wire order
-        by SQLite (no object per row: a full batch is tens of thousands of frames).
-        ``build`` may raise (e.g. the envelope is too large): the transaction is rolled back and
-        nothing changes, so the caller can retry with a smaller batch.
+        Frames reach ``build`` as :class:`~agent.outbox.telemetry.FrameColumns`: the blocks'
+        columns per bus, in arrival order (no object per frame: a full batch is tens of
+        thousands). Exactly ``max_frames`` are taken when that many are pending (the last block
+        is split, its rest stays). Rows the protocol cannot carry are set aside first (module
+        doc, dead letters). ``build`` may raise (e.g. the envelope is too large): the
+        transaction is rolled back and nothing changes, so the caller can retry with a smaller
+        batch.
         """
         with self._txn() as c:
             samples: list[Sample] = []
             last_s = None
             if max_samples:
-                for r in c.execute("SELECT id, name, unit, t_ms, value FROM samples ORDER BY id LIMIT ?",
-                                   (max_samples,)):
-                    last_s = r[0]
-                    samples.append(Sample(r[1], r[2], r[3], r[4]))
+                last_s = self._last_row_id(c, "samples", max_samples)
+                if last_s is not None and self._quarantine_bad_samples(c, last_s):
+                    last_s = self._last_row_id(c, "samples", max_samples)
+                if last_s is not None:
+                    samples = [Sample(*r) for r in c.execute(
+                        "SELECT name, unit, t_ms, value FROM samples WHERE id <= ? ORDER BY id", (last_s,))]
             frames = FrameColumns()
-            last_f = self._last_row_id(c, "frames", max_frames) if max_frames else None
-            if last_f is not None:
-                for row in c.execute("SELECT bus, t_us, can_id, ext, data FROM frames WHERE id <= ? "
-                                     f"ORDER BY {', '.join(FrameColumns.WIRE_ORDER)}, id", (last_f,)):
-                    frames.add(*row)
+            taken: list[int] = []          # blocks sealed whole
+            rest: tuple[int, FrameBatch] | None = None  # (block id, frames left in it)
+            if max_frames:
+                bad = 0
+                for rid, n in c.execute("SELECT id, n FROM frames ORDER BY id LIMIT ?", (max_frames,)).fetchall():
+                    room = max_frames - len(frames)
+                    if room <= 0:
+                        break
+                    bus, block = c.execute("SELECT bus, block FROM frames WHERE id = ?", (rid,)).fetchone()
+                    try:
+                        batch = frame_blocks.decode(bus, block)
+                    except frame_blocks.BlockError as e:
+                        self._quarantine(c, "frames", str(e), cbor2.dumps([rid, bus, n, bytes(block)]))
+                        c.execute("DELETE FROM frames WHERE id = ?", (rid,))
+                        bad += 1
+                        continue
+                    if len(batch) <= room:
+                        frames.add(batch)
+                        taken.append(rid)
+                    else:
+                        frames.add(FrameBatch(bus, batch.t_us[:room], batch.keys[:room], batch.data[:room]))
+                        rest = rid, FrameBatch(bus, batch.t_us[room:], batch.keys[room:], batch.data[room:])
+                if bad:
+                    self._quarantine_event(c, "frames", bad, "stored frame blocks that cannot be sent")
             if not samples and not len(frames):
                 return None
             seq = self._next_seq(c)
             content = CONTENT_MIXED if samples and len(frames) else CONTENT_FRAMES if len(frames) else CONTENT_SIGNALS
             self._put_outbox(c, seq, "up/telemetry", build(seq, samples, frames), PRIO_TELEMETRY,
                              content)
-            if last_s is not None:
+            if samples:
                 c.execute("DELETE FROM samples WHERE id <= ?", (last_s,))
-            if last_f is not None:
-                c.execute("DELETE FROM frames WHERE id <= ?", (last_f,))
+            c.executemany("DELETE FROM frames WHERE id = ?", [(rid,) for rid in taken])
+            if rest is not None:
+                rid, left = rest
+                c.execute("UPDATE frames SET n = ?, t_us = ?, block = ? WHERE id = ?",
+                          (len(left), min(left.t_us), frame_blocks.encode(left.t_us, left.keys, left.data), rid))
             return seq
 
     @staticmethod
@@ -509,18 +726,18 @@ class Store:
         return row[0]
 
     def pending_count(self, table: str, limit: int) -> int:
-        """Unsealed rows in ``table`` (samples or frames), counted up to ``limit`` (cheap)."""
+        """Unsealed samples or frames, counted up to ``limit`` (cheap)."""
         if table not in ("samples", "frames"):
             raise ValueError(f"not a telemetry table: {table!r}")
         with self._lock:
-            return self._conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT ?)",
+            if table == "frames":
+                return min(limit, self._conn.execute("SELECT coalesce(sum(n), 0) FROM frames").fetchone()[0])
+            return self._conn.execute("SELECT count(*) FROM (SELECT 1 FROM samples LIMIT ?)",
                                       (limit,)).fetchone()[0]
 
     def pending_at_least(self, table: str, n: int) -> bool:
         """Whether ``table`` (samples or frames) holds at least ``n`` unsealed rows (cheap)."""
-        with self._lock:
-            return self._conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT ?)",
-                                      (n,)).fetchone()[0] >= n
+        return self.pending_count(table, n) >= n
 
     # -- sending --------------------------------------------------------------------------
     def outbox_items(self, limit: int, exclude: Iterable[int] = (), *, newest_first: bool = False,
@@ -563,15 +780,19 @@ class Store:
 
     # -- state ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
+        """Rows waiting per table (frames: frames, not blocks)."""
         with self._lock:
-            return {t: self._conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                    for t in ("samples", "frames", "events", "outbox")}
+            out = {t: self._conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                   for t in ("samples", "events", "outbox")}
+            out["frames"] = self._conn.execute("SELECT coalesce(sum(n), 0) FROM frames").fetchone()[0]
+        return {t: out[t] for t in ("samples", "frames", "events", "outbox")}
 
     def status(self) -> dict:
         return {"usage_bytes": self.usage_bytes(), "budget_bytes": self.budget_bytes,
                 "problem": self.problem, "memory_events": len(self._memory_events),
                 "evicted": dict(self.evicted), "daily_bytes": self.daily_bytes(),
-                "non_finite_dropped": self.non_finite, "events_invalid": self.events_invalid}
+                "non_finite_dropped": self.non_finite, "events_invalid": self.events_invalid,
+                "quarantined": self.quarantined, "unstorable": self.unstorable}
 
     def oldest_pending_ms(self) -> int | None:
         with self._lock:
@@ -646,6 +867,7 @@ class _Transaction:
             except BaseException:
                 s._lock.release()
                 raise
+            s._owner = threading.get_ident()
         s._depth += 1
         return s._conn
 
@@ -654,6 +876,7 @@ class _Transaction:
         try:
             s._depth -= 1
             if s._depth == 0:
+                s._owner = None
                 if exc_type is None:
                     try:
                         s._conn.execute("COMMIT")

@@ -1,27 +1,34 @@
 """Builds the columnar telemetry body of PROTOCOL §4 from stored samples and frames (pure).
 
-The format is fixed by the protocol (``t`` is an offset from ``t0``, never a per-element
-delta); the size comes from what the format leaves open (docs/store.md, "Wire format choices"):
+The body is valid by construction, so it is not validated again before sealing (a JSON Schema
+walk costs ~50 µs per raw frame): what goes in was checked where it entered — frames by the CAN
+reader (id range for the form, payload length) and again as stored blocks are read
+(agent.outbox.frame_blocks), sample values by the store (finite numbers) — and this module only
+rearranges it. Sizes come from what the format leaves open (docs/store.md, "Wire format choices"):
 
 * values that are whole numbers are sent as CBOR integers (1–3 bytes for typical values);
   other values are rounded to the nearest IEEE float32 (7 significant digits — finer than any
   OBD or DBC signal's resolution), which the deterministic CBOR of the envelope then writes in
   5 bytes instead of 9;
-* raw frames are ordered per bus by (id, time), not by time alone: payloads of one id sit
-  next to each other and their offsets rise in steps of the id's period, which zstd compresses
-  far better (about 20 % smaller on the real RAV4 drive). Columns stay aligned, so a receiver
-  that wants time order sorts by ``t``.
+* frame times, ``frame_t``: ``"t"`` (offsets from ``t0``; the default) with each bus's frames
+  ordered by (id, time): payloads of one id sit next to each other and their offsets rise in
+  steps of the id's period, which zstd compresses far better (about 20 % smaller on the real
+  RAV4 drive); or ``"dt"`` (PROTOCOL rev 1.1: time steps) with each bus's frames in time order,
+  as that form requires. On the RAV4 drive ``"t"`` is the smaller (docs/performance.md). Columns
+  stay aligned either way; a receiver that wants time order sorts by time.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import struct
 from collections.abc import Iterable
 
-from drivers.core.model import Frame, Sample
+from drivers.core.model import EXT_FLAG, EXT_MAX, Frame, FrameBatch, Sample
 
 _F32 = struct.Struct("<f")
 _F32_MAX = 3.4e38
+FRAME_T = ("t", "dt")
 
 
 def wire_value(v: float) -> int | float:
@@ -35,59 +42,70 @@ def wire_value(v: float) -> int | float:
 
 
 class FrameColumns:
-    """Raw frames as the columns of PROTOCOL §4 ``frames``: one group per bus, rows in the order
-    they are added, ``t`` still absolute (µs since the epoch) until :func:`telemetry_body` makes
-    it an offset from ``t0``.
+    """The raw frames of one envelope: one :class:`FrameBatch` per bus, frames in arrival order
+    (the body puts them in wire order)."""
 
-    This is how a batch of frames is held while it is sealed: four flat columns per bus instead
-    of a ``Frame`` object per row (a full batch is ~27,000 frames; this way its working set is
-    about a third). Rows should arrive in wire order, :data:`WIRE_ORDER` (the store sorts them
-    in SQL); :meth:`of` sorts ``Frame`` objects into it.
-    """
+    def __init__(self, batches: Iterable[FrameBatch] = ()) -> None:
+        self.buses: dict[str, FrameBatch] = {}
+        for b in batches:
+            self.add(b)
 
-    #: The order of rows on the wire, as ``frames`` columns of the store (see the module docstring).
-    WIRE_ORDER = ("bus", "ext", "can_id", "t_us")
-
-    def __init__(self) -> None:
-        self.groups: dict[str, dict] = {}
-        self.min_t_us: int | None = None
-        self._n = 0
-        self._ids: dict[int, int] = {}  # one int object per distinct id, not one per row
-
-    def add(self, bus: str, t_us: int, can_id: int, ext: bool, data: bytes) -> None:
-        col = self.groups.get(bus)
-        if col is None:
-            col = self.groups[bus] = {"bus": bus, "t": [], "id": [], "ext": [], "data": []}
-        col["t"].append(t_us)
-        col["id"].append(self._ids.setdefault(can_id, can_id))
-        col["ext"].append(bool(ext))
-        col["data"].append(data)
-        if self.min_t_us is None or t_us < self.min_t_us:
-            self.min_t_us = t_us
-        self._n += 1
+    def add(self, batch: FrameBatch) -> None:
+        have = self.buses.get(batch.bus)
+        if have is None:
+            self.buses[batch.bus] = FrameBatch(batch.bus, list(batch.t_us), list(batch.keys), list(batch.data))
+        else:
+            have.t_us += batch.t_us
+            have.keys += batch.keys
+            have.data += batch.data
 
     def __len__(self) -> int:
-        return self._n
+        return sum(map(len, self.buses.values()))
+
+    @property
+    def min_t_us(self) -> int | None:
+        return min((min(b.t_us) for b in self.buses.values() if b.t_us), default=None)
 
     @classmethod
     def of(cls, frames: Iterable[Frame]) -> FrameColumns:
-        cols = cls()
-        for f in sorted(frames, key=lambda f: (f.bus, f.extended, f.can_id, f.t_us)):
-            cols.add(f.bus, f.t_us, f.can_id, f.extended, f.data)
-        return cols
+        return cls(FrameBatch.of(frames))
 
 
-def telemetry_body(samples: list[Sample], frames: Iterable[Frame] | FrameColumns) -> dict:
-    """``t0`` is the earliest time in the batch (ms); signal offsets are ms, frame offsets µs.
+def _frame_group(b: FrameBatch, t0_us: int, frame_t: str) -> dict:
+    """One bus's frames as a ``frames`` list of the body, in wire order (see the module doc)."""
+    t, k, d = b.t_us, b.keys, b.data
+    order = sorted(range(len(k)), key=t.__getitem__)            # stable: ties keep arrival order
+    if frame_t == "t":
+        order.sort(key=k.__getitem__)                            # by (ext, id), then time
+    ts = list(map(t0_us.__rsub__, map(t.__getitem__, order)))
+    keys = list(map(k.__getitem__, order))
+    data = list(map(d.__getitem__, order))
+    if frame_t == "t":
+        n_std = bisect.bisect_left(keys, EXT_FLAG)                  # sorted: 11-bit ids first
+        ext = [False] * n_std + [True] * (len(keys) - n_std)
+        ids = keys[:n_std] + [x & EXT_MAX for x in keys[n_std:]]
+        return {"bus": b.bus, "t": ts, "id": ids, "ext": ext, "data": data}
+    ext = [x >= EXT_FLAG for x in keys]
+    ids = [x & EXT_MAX for x in keys]
+    dt = [y - x for x, y in zip([0] + ts, ts)]
+    return {"bus": b.bus, "dt": dt, "id": ids, "ext": ext, "data": data}
+
+
+def telemetry_body(samples: list[Sample], frames: FrameColumns | Iterable[Frame], *,
+                   frame_t: str = "t") -> dict:
+    """``t0`` is the earliest time in the batch (ms); signal offsets are ms, frame times µs in the
+    form ``frame_t`` (``"t"`` or ``"dt"``, see the module doc).
 
     Signals keep the order in which each (name, unit) first appears; values keep their order.
-    ``frames`` given as :class:`FrameColumns` become the body's columns (their ``t`` is turned
-    into offsets in place).
+    Frame lists are one per bus, buses in name order.
     """
+    if frame_t not in FRAME_T:
+        raise ValueError(f"frame_t must be 't' or 'dt', not {frame_t!r}")
     cols = frames if isinstance(frames, FrameColumns) else FrameColumns.of(frames)
     times = [s.t_ms for s in samples]
-    if cols.min_t_us is not None:
-        times.append(cols.min_t_us // 1000)
+    min_us = cols.min_t_us
+    if min_us is not None:
+        times.append(min_us // 1000)
     t0 = min(times) if times else 0
     signals: dict[tuple[str, str], dict] = {}
     for s in samples:
@@ -97,88 +115,18 @@ def telemetry_body(samples: list[Sample], frames: Iterable[Frame] | FrameColumns
         col["t"].append(s.t_ms - t0)
         col["v"].append(wire_value(s.value))
     body: dict = {"t0": t0, "signals": list(signals.values())}
-    if len(cols):
-        t0_us = t0 * 1000
-        for group in cols.groups.values():
-            t = group["t"]
-            for i in range(len(t)):
-                t[i] -= t0_us
-        body["frames"] = list(cols.groups.values())
+    if min_us is not None:
+        body["frames"] = [_frame_group(cols.buses[bus], t0 * 1000, frame_t) for bus in sorted(cols.buses)]
     return body
 
 
-# -- validation ----------------------------------------------------------------------------
-# jsonschema walks every element of every column: ~50 µs per raw frame, i.e. about a second
-# for a full 128 KiB envelope — more than building, compressing and encrypting it together.
-# The same rules (config/schemas/telemetry.json plus its in-code checks) are applied here
-# column by column; jsonschema still checks the structure, on a copy with every column cut to
-# its first element.
-
-_UINT_MAX = 2**64 - 1
-_POS_RANGES = {"lat": (-90, 90), "lon": (-180, 180), "speed": (0, math.inf), "course": (0, 360)}
-
-
-def _bad(where: str, what: str):
-    from agent.cloud.schemas import SchemaError
-    raise SchemaError("telemetry", f"{where}: {what}")
-
-
-def _uints(col, where: str) -> None:
-    for x in col:
-        if type(x) is not int or x < 0 or x > _UINT_MAX:
-            _bad(where, f"{x!r} is not an unsigned integer")
-
-
-def _numbers(col, where: str, lo: float = -math.inf, hi: float = math.inf) -> None:
-    for x in col:
-        if type(x) not in (int, float) or not math.isfinite(x) or not lo <= x <= hi:
-            _bad(where, f"{x!r} is not a finite number in [{lo}, {hi}]")
-
-
-def _same_length(group: dict, keys: tuple[str, ...], where: str) -> None:
-    lengths = {k: len(group[k]) for k in keys if isinstance(group.get(k), list)}
-    if len(set(lengths.values())) > 1:
-        _bad(where, f"columns differ in length: {lengths}")
-
-
-def _skeleton(body: dict) -> dict:
-    def cut(group: dict) -> dict:
-        return {k: (v[:1] if isinstance(v, list) else v) for k, v in group.items()}
-    out = dict(body)
-    if isinstance(body.get("signals"), list):
-        out["signals"] = [cut(s) if isinstance(s, dict) else s for s in body["signals"]]
-    if isinstance(body.get("frames"), list):
-        out["frames"] = [cut(f) if isinstance(f, dict) else f for f in body["frames"]]
-    if isinstance(body.get("positions"), dict):
-        out["positions"] = cut(body["positions"])
+def frame_times(group: dict) -> list[int]:
+    """A received ``frames`` list's times as offsets from ``t0`` (µs), whichever form it carries
+    (``t``, or rev 1.1 ``dt``): what a cloud reader does."""
+    if "t" in group:
+        return list(group["t"])
+    out, acc = [], 0
+    for step in group["dt"]:
+        acc += step
+        out.append(acc)
     return out
-
-
-def validate_telemetry(body: dict) -> None:
-    """Raises ``agent.schemas.SchemaError`` unless ``body`` is a valid telemetry body.
-
-    Equivalent to ``agent.schemas.validate("telemetry", body)``, in linear time with a small
-    constant."""
-    from agent.cloud import schemas
-    schemas.validate("telemetry", _skeleton(body))
-    for i, s in enumerate(body["signals"]):
-        _same_length(s, ("t", "v"), f"signals[{i}]")
-        _uints(s["t"], f"signals[{i}].t")
-        _numbers(s["v"], f"signals[{i}].v")
-    for i, g in enumerate(body.get("frames", ())):
-        where = f"frames[{i}]"
-        _same_length(g, ("t", "id", "ext", "data"), where)
-        _uints(g["t"], f"{where}.t")
-        for can_id, ext, data in zip(g["id"], g["ext"], g["data"]):
-            if type(ext) is not bool:
-                _bad(f"{where}.ext", f"{ext!r} is not a boolean")
-            if type(can_id) is not int or can_id < 0 or can_id > (0x1FFFFFFF if ext else 0x7FF):
-                _bad(f"{where}.id", f"{can_id!r} is not a valid {'extended' if ext else 'standard'} id")
-            if type(data) is not bytes or len(data) > 64:
-                _bad(f"{where}.data", "not a byte string of at most 64 bytes")
-    pos = body.get("positions")
-    if pos is not None:
-        _same_length(pos, ("t", "lat", "lon", "speed", "course"), "positions")
-        _uints(pos["t"], "positions.t")
-        for k, (lo, hi) in _POS_RANGES.items():
-            _numbers(pos[k], f"positions.{k}", lo, hi)

@@ -36,7 +36,7 @@ from agent.device import malloc
 from agent.cloud import protocol, schemas
 from drivers.core.clock import Clock
 from agent.outbox.store import PRIO_TELEMETRY, Store
-from agent.outbox.telemetry import telemetry_body, validate_telemetry
+from agent.outbox.telemetry import FRAME_T, telemetry_body
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,21 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL_S = 300.0
 #: zstd setting of telemetry bodies: the optimal parser with 3-byte matches (what zstd level 19
 #: uses on large inputs) over a 256 KiB window. On the real RAV4 drive it gives the bytes of level
-#: 19 (4.3 vs 5.2 per raw frame at level 3) at under half its CPU and a 3 MB compression context
-#: instead of 17 MB (bench/bench_store.py). Any receiver decodes it (no dictionary).
+#: 19 (4.4 vs 5.5 per raw frame at level 3) at a fraction of its CPU and a small compression
+#: context (bench/bench_store.py). A 64 K-entry match finder and a target length of 8 cost +0.1 %
+#: bytes against 256 K entries and 32 (the setting until 2026-12) at ~25 % less CPU, the largest
+#: single cost of ingest (docs/performance.md). Any receiver decodes it (no dictionary).
 TELEMETRY_ZSTD = zstandard.ZstdCompressionParameters(
-    window_log=18, chain_log=18, hash_log=18, search_log=1, min_match=3, target_length=32,
+    window_log=18, chain_log=16, hash_log=16, search_log=1, min_match=3, target_length=8,
     strategy=zstandard.STRATEGY_BTULTRA2)
 #: A telemetry batch aims at this fraction of the uplink limit (the rest absorbs the estimate's
 #: error; an envelope that still comes out too large is re-sealed smaller).
 FILL = 0.9
 #: Frames sealed in one call from which the freed heap is handed back (agent.malloc.trim).
 TRIM_AFTER_FRAMES = 5_000
+#: Rows set aside in a row by narrowing a failing batch (the failure named no row, see
+#: Uplink.seal_telemetry) before the failure is taken as the agent's own and the data is kept.
+BLIND_QUARANTINE_MAX = 10
 #: Fixed bytes of an envelope whatever it carries (header, HPKE key and tag, signature).
 ENVELOPE_OVERHEAD = 260
 #: Vehicle states (agent.vehicle_state) → the ``upload.by_state`` key that applies.
@@ -86,7 +91,11 @@ def upload_policy(doc: dict | None, state: str | None = None) -> UploadPolicy:
 
 
 class Sealer:
-    """Seals uplink bodies for one device: signed with its key, encrypted to the cloud."""
+    """Seals uplink bodies for one device: signed with its key, encrypted to the cloud.
+
+    Telemetry bodies are valid by construction (agent.outbox.telemetry) and are not validated
+    again: the JSON Schema walk would cost more than building, compressing and encrypting them.
+    Every other kind is validated before it is sealed."""
 
     def __init__(self, device_id: str, sign_key, cloud_enc_pub, *, clock: Callable[[], int] | None = None,
                  telemetry_zstd: protocol.ZstdLevel = TELEMETRY_ZSTD):
@@ -97,14 +106,11 @@ class Sealer:
         self.telemetry_zstd = telemetry_zstd
 
     def seal(self, kind: str, body: dict, seq: int) -> bytes:
-        # Telemetry bodies are large: validated column by column (same rules, linear time).
-        fast = kind == "telemetry"
-        if fast:
-            validate_telemetry(body)
+        telemetry = kind == "telemetry"
         return protocol.seal(kind, body, dev=self.device_id, seq=seq, signer=self._sign_key,
                              recipient=self._cloud_enc_pub, ts_ms=self._clock(),
-                             max_size=protocol.MAX_UPLINK, check_schema=not fast,
-                             zstd_level=self.telemetry_zstd if fast else protocol.DEFAULT_ZSTD_LEVEL)
+                             max_size=protocol.MAX_UPLINK, check_schema=not telemetry,
+                             zstd_level=self.telemetry_zstd if telemetry else protocol.DEFAULT_ZSTD_LEVEL)
 
 
 class _TokenBucket:
@@ -128,11 +134,15 @@ class Uplink:
                  config: Callable[[], dict] | None = None,
                  vehicle_state: Callable[[], str] | None = None,
                  batch_max_samples: int = 20_000, batch_max_frames: int = 40_000, max_inflight: int = 8,
-                 offline_seal_age_s: float = 3600.0,
+                 offline_seal_age_s: float = 3600.0, frame_t: str = "t",
                  heartbeat: Callable[[], None] | None = None,
                  body_filters: Sequence[Callable[[dict], dict | None]] = (),
                  event_filters: Sequence[Callable[[dict], dict | None]] = ()):
+        if frame_t not in FRAME_T:
+            raise ValueError(f"frame_t must be 't' or 'dt', not {frame_t!r}")
         self.store = store
+        #: Frame times sent as ``t`` or rev 1.1 ``dt`` (agent.outbox.telemetry; said in ``status``).
+        self.frame_t = frame_t
         # In order, every telemetry body before it is sealed (GNSS positions added, then the
         # privacy gate of PROTOCOL §6, last): called inside the sealing transaction, so rows
         # they take leave the store atomically with the envelope.
@@ -160,6 +170,7 @@ class Uplink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_seal = time.monotonic()
+        self._blind_quarantines = 0  # rows set aside in a row by narrowing, none sealed since
         self.sent = 0
         self.acked = 0
         self.sent_bytes = 0
@@ -225,24 +236,30 @@ class Uplink:
             self._wake.clear()
             if self._stop.is_set():
                 break
-            try:
-                self.seal_events()
-                policy = self.policy()
-                now = time.monotonic()
-                # A shorter interval (the car woke up) applies at once, not after the old one.
-                next_telemetry = min(next_telemetry, self._last_seal + policy.interval_s)
-                if now >= next_telemetry:
-                    next_telemetry = now + policy.interval_s
-                    if self.link.connected:
-                        self.seal_telemetry()
-                    else:
-                        self.seal_offline()
-                self.publish_pending(policy)
-            except Exception as e:  # the store or the link failed: report, keep the data, retry
-                self.errors += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.exception("uplink: cycle failed; retrying")
+            # Each step on its own: a failure in one (the store, the link, one bad row) is
+            # reported and retried next cycle, and never keeps the others from running.
+            failed = not self._step("sealing events", self.seal_events)
+            policy = self.policy()
+            now = time.monotonic()
+            # A shorter interval (the car woke up) applies at once, not after the old one.
+            next_telemetry = min(next_telemetry, self._last_seal + policy.interval_s)
+            if now >= next_telemetry:
+                next_telemetry = now + policy.interval_s
+                seal = self.seal_telemetry if self.link.connected else self.seal_offline
+                failed |= not self._step("sealing telemetry", seal)
+            failed |= not self._step("publishing", lambda: self.publish_pending(policy))
+            if failed:
                 self._stop.wait(1.0)
+
+    def _step(self, what: str, fn: Callable[[], object]) -> bool:
+        try:
+            fn()
+            return True
+        except Exception as e:  # the store or the link failed: report, keep the data, retry
+            self.errors += 1
+            self.last_error = f"{what}: {type(e).__name__}: {e}"
+            log.exception("uplink: %s failed; retrying", what)
+            return False
 
     def _clock_ready(self) -> bool:
         """Sealing needs true timestamps: the clock synchronised and provisional rows re-timed."""
@@ -315,20 +332,24 @@ class Uplink:
                        full_only: bool = False) -> list[int]:
         """Seals pending samples and frames, in batches that fit the 128 KiB uplink limit.
 
-        ``full_only``: one batch only (the caller checked it is full).
+        ``full_only``: one batch only (the caller checked it is full). A batch that fails to
+        seal for another reason than its size is halved until the failing row is alone, and that
+        row is set aside (``Store.quarantine_oldest``): one bad row never holds up the rest.
         """
         if not self._clock_ready():
             return []
         seqs: list[int] = []
         sealed: list[tuple[int, int, int]] = []
 
-        def build(seq: int, ss: list, ff: list) -> bytes:
-            env = self.sealer.seal("telemetry", self._finish_body(telemetry_body(ss, ff)), seq)
+        def build(seq: int, ss: list, ff) -> bytes:
+            body = self._finish_body(telemetry_body(ss, ff, frame_t=self.frame_t))
+            env = self.sealer.seal("telemetry", body, seq)
             sealed.append((len(ss), len(ff), len(env)))
             return env
 
+        narrow: tuple[int, int] | None = None   # a failing batch being narrowed down
         while True:
-            max_s, max_f = self._batch(samples, frames)
+            max_s, max_f = narrow or self._batch(samples, frames)
             try:
                 seq = self.store.seal_telemetry(build, max_samples=max_s, max_frames=max_f)
             except protocol.EnvelopeTooLarge as e:
@@ -341,8 +362,25 @@ class Uplink:
                 log.info("uplink: batch of %d samples / %d frames over the uplink limit (%d bytes); "
                          "sealing fewer", max_s, max_f, e.size)
                 continue
+            except Exception as e:
+                if max_s + max_f <= 1:
+                    if self._blind_quarantines >= BLIND_QUARANTINE_MAX:
+                        raise   # every row fails: a fault of the agent, not of the data; keep it all
+                    self._blind_quarantines += 1
+                    log.error("uplink: one %s cannot be sealed: %s: %s", "sample" if max_s else "frame",
+                              type(e).__name__, e)
+                    self.store.quarantine_oldest(samples=max_s, frames=max_f,
+                                                 reason=f"sealing failed: {type(e).__name__}: {e}")
+                    narrow = None
+                    continue
+                log.warning("uplink: a batch of %d samples / %d frames failed to seal (%s: %s); narrowing",
+                            max_s, max_f, type(e).__name__, e)
+                narrow = (max_s // 2, 0) if max_s > 1 else (max_s, 0) if max_s and max_f else (0, max_f // 2)
+                continue
             if seq is None:
                 break
+            narrow = None
+            self._blind_quarantines = 0
             self._learn(*sealed[-1])
             seqs.append(seq)
             self._last_seal = time.monotonic()

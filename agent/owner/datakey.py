@@ -9,6 +9,10 @@ wherever wear levelling left it, becomes unreadable at once.
 
 Each value is ``nonce(12) || ciphertext+tag``; the associated data names what the value is
 (e.g. ``b"location_positions"``), so a value cannot be moved into another field unnoticed.
+
+Events waiting in the store to be sealed for the uplink are kept the same way when they carry
+identity data (:data:`IDENTITY_EVENT_TYPES`: the ``vehicle`` event's VIN, the free text of
+``device_wiped.by``): :class:`EventsAtRest` is the store's event codec.
 """
 from __future__ import annotations
 
@@ -134,3 +138,36 @@ def get_secret_meta(store, key: DataKey, name: str, default: Any = None) -> Any:
         return key.open_obj(bytes.fromhex(raw["enc"]), b"meta:" + name.encode())
     except DataKeyError:
         return default
+
+
+#: Event types whose bodies identify the car or a person (docs/privacy.md, category
+#: "identity"): ``vehicle`` (the VIN) and ``device_wiped`` (``by``, free text given at the car).
+#: Every other event type carries vehicle, service or device data only.
+IDENTITY_EVENT_TYPES = frozenset({"vehicle", "device_wiped"})
+
+
+class EventsAtRest:
+    """The store's event codec (agent/outbox/store.py ``EventCodec``): a body of an
+    :data:`IDENTITY_EVENT_TYPES` type is stored as ``{"type", "ts", "enc"}``, ``enc`` the whole
+    body sealed under the data key (associated data ``event:<type>``); ``type`` and ``ts`` stay
+    readable for ordering, retention and the clock fix-up (which may move ``ts``: the stored one
+    wins). Other bodies are stored as they are."""
+
+    def __init__(self, key: DataKey):
+        self._key = key
+
+    def seal(self, body: dict) -> dict:
+        kind = body.get("type")
+        if kind not in IDENTITY_EVENT_TYPES:
+            return body
+        return {"type": kind, "ts": body.get("ts"), "enc": self._key.seal_obj(body, b"event:" + kind.encode())}
+
+    def open(self, stored: dict) -> dict:
+        """The body of ``stored``; raises :class:`DataKeyError` if it does not open (wiped)."""
+        if "enc" not in stored:
+            return stored
+        kind = str(stored.get("type"))
+        body = self._key.open_obj(bytes(stored["enc"]), b"event:" + kind.encode())
+        if stored.get("ts") is not None:
+            body["ts"] = stored["ts"]
+        return body

@@ -15,7 +15,7 @@ from typing import Any
 import cbor2
 
 from agent.owner import location as location_mod
-from agent.owner.datakey import KEY_FILE, DataKey, DataKeyError
+from agent.owner.datakey import KEY_FILE, DataKey, DataKeyError, EventsAtRest
 from agent.technician.control import open_store_readonly
 from drivers.core.clock import Clock
 
@@ -57,7 +57,7 @@ def _decode(table: str, row: dict, key: DataKey) -> dict:
             fix = key.open_obj(row.pop("blob"), location_mod.AAD)
             return {**row, **fix}
         if table == "events" and "body" in row:
-            row["body"] = cbor2.loads(row["body"])
+            row["body"] = EventsAtRest(key).open(cbor2.loads(row["body"]))
         elif table == "outbox":
             payload = row.pop("payload", b"") or b""
             row["bytes"] = len(payload)
@@ -73,6 +73,11 @@ def _decode(table: str, row: dict, key: DataKey) -> dict:
             row["doc"] = json.loads(row["doc"])
         elif table == "service_log" and "record" in row:
             row["record"] = cbor2.loads(row["record"])
+        elif table == "frames" and "block" in row:   # raw frames, a block of columns (docs/store.md)
+            from agent.outbox.frame_blocks import decode_frames
+            row.update(decode_frames(row["bus"], row.pop("block")))
+        elif table == "quarantine" and "row" in row:
+            row["row"] = cbor2.loads(row["row"])
     except (DataKeyError, ValueError, cbor2.CBORDecodeError) as e:
         row = {k: v for k, v in row.items() if k not in ("blob",)}
         row["unreadable"] = str(e)

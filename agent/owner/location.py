@@ -317,4 +317,7 @@ def _rebase(body: dict, t0: int) -> None:
     for sig in body.get("signals", []):
         sig["t"] = [t + shift for t in sig["t"]]
     for grp in body.get("frames", []):
-        grp["t"] = [t + shift * 1000 for t in grp["t"]]
+        if "dt" in grp:   # PROTOCOL rev 1.1 steps: only the first is an offset from t0
+            grp["dt"][0] += shift * 1000
+        else:
+            grp["t"] = [t + shift * 1000 for t in grp["t"]]

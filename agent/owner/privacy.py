@@ -14,6 +14,13 @@ config's ``privacy`` section, evaluated against the agent's clock every time it 
 when a category stops (withdrawn by config, expired, paused) the handler stops collecting at once
 (within 2 s), its unsent rows are deleted, SQLite's WAL is checkpointed and truncated (the store
 runs with ``secure_delete`` so freed pages are zeroed) and a ``privacy`` event gives the count.
+
+The secure flush (checkpoint and truncation) cannot run inside an open transaction (SQLite
+refuses: "database table is locked"), so a deletion made inside one — ``delete_data`` from the
+downlink worker — only records the flush as owed (meta ``privacy.flush_owed``, committed with the
+deletion); the caller runs :meth:`Privacy.flush_owed` after its commit. The privacy thread retries
+an owed flush every tick (a reader holding an old snapshot keeps it busy), and :meth:`start` runs
+one left owed by a crash.
 Rows older than ``retention_days`` are purged every minute, sent or not. :meth:`Privacy.body_filter`
 is the last look at every uplink body: whatever the store holds, no location or driving
 behaviour field leaves while its category is off.
@@ -53,6 +60,7 @@ LOCATION_FIELDS = frozenset({"positions", "lat", "lon", "latitude", "longitude",
 
 META_PAUSED = "privacy.paused"
 META_ANNOUNCED = "privacy.announced"
+META_FLUSH_OWED = "privacy.flush_owed"
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,7 @@ class Privacy:
         self.errors = 0
         self.last_error: str | None = None
         self.ignition_on: bool | None = None
+        self._flush_owed = bool(store.get_meta(META_FLUSH_OWED))
         # PROTOCOL §6: freed pages hold no deleted row (zeroed), for every table of the store.
         store.query("PRAGMA secure_delete=ON")
 
@@ -263,11 +272,16 @@ class Privacy:
                     self._announce(cat, state, deleted, who)
 
     def delete_data(self, categories: list[str]) -> dict[str, int]:
-        """The ``delete_data`` command: everything held of these categories, sent or not."""
-        counts = {}
-        with self._lock:
-            for cat in categories:
-                counts[cat] = self._purge(cat, "purge_all") if cat in CATEGORIES else 0
+        """The ``delete_data`` command: everything held of these categories, sent or not.
+        Raises ValueError for a category that is not one of :data:`CATEGORIES` (the command
+        schema refuses those before they get here). Called inside the downlink's transaction:
+        the deletion commits with the ack, and the caller runs :meth:`flush_owed` after the
+        commit. It takes no lock of its own (each handler's purge is one store transaction), so
+        it never waits for the privacy thread while the store is held."""
+        unknown = [c for c in categories if c not in CATEGORIES]
+        if unknown:
+            raise ValueError(f"unknown data categories {unknown} (known: {', '.join(CATEGORIES)})")
+        counts = {cat: self._purge(cat, "purge_all") for cat in categories}
         log.info("privacy: delete_data %s", counts)
         return counts
 
@@ -300,8 +314,35 @@ class Privacy:
                 self._error(f"{cat} {method}", e)
         if n:
             self.deleted[cat] += n
-            self.secure_flush()
+            self._owe_flush()
+            self.flush_owed()
         return n
+
+    def _owe_flush(self) -> None:
+        """Records that deleted rows may still be in the WAL (committed with the deletion when
+        inside a transaction), until :meth:`flush_owed` has truncated it."""
+        self._flush_owed = True
+        try:
+            self.store.set_meta(META_FLUSH_OWED, True)
+        except Exception as e:
+            self._error("recording the owed WAL flush", e)
+
+    def flush_owed(self) -> bool:
+        """Runs the secure flush if one is owed and the calling thread is not inside a store
+        transaction (then it stays owed for the caller to run after its commit). True when
+        nothing is owed any more."""
+        if not self._flush_owed:
+            return True
+        if self.store.in_transaction:
+            return False
+        if not self.secure_flush():
+            return False
+        self._flush_owed = False
+        try:
+            self.store.set_meta(META_FLUSH_OWED, None)
+        except Exception as e:
+            self._error("clearing the owed WAL flush", e)
+        return True
 
     def secure_flush(self) -> bool:
         """Moves the WAL into the database (whose deleted rows are zeroed) and truncates it, so
@@ -365,6 +406,7 @@ class Privacy:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self.reconcile("config")
+        self.flush_owed()   # one left owed by a crash between a deletion and its flush
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="privacy", daemon=True)
         self._thread.start()
@@ -383,6 +425,7 @@ class Privacy:
         """One look: expiry, and the retention purge when due. The thread calls it every
         ``tick_s``; tests call it after moving their clock."""
         self.reconcile(None)
+        self.flush_owed()
         if time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_every_s
             self.purge_expired_retention()

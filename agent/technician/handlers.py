@@ -4,11 +4,20 @@ Requests (``op``): ``status``, ``live``, ``dtc``, ``dtc_clear``, ``bookings``,
 ``booking_checkin``, ``booking_complete``, ``service_log``, ``config``, ``buffer``, ``capture``.
 
 ``dtc_clear`` is the only way trouble codes are cleared, whether the cloud asked for it
-(``clear_dtc`` leaves meta ``pending_clear_dtc``, see agent/cloud/commands.py) or not: the CLI asks
-the person at the terminal first and sends ``confirmed``; then, where the dongle has a button
-and technician mode is not on, the agent blinks the attention LED and waits for a press. Only
-then does it clear (mode 04), record who did it (table ``technician_log``) and send
-``dtc_cleared``.
+(``clear_dtc`` leaves meta ``pending_clear_dtc``, see agent/cloud/commands.py) or not. The CLI
+asks the person at the terminal first and sends ``confirmed``; that flag only says the dialogue
+took place (any client can set it), so the agent also needs one proof a client cannot forge:
+
+1. the **technician credential**: the requesting process is in the ``control.technician_group``
+   group (default ``dongle-tech``), as the kernel reports it for the socket (``SO_PEERGROUPS``,
+   :class:`~agent.technician.control.Peer`); an administrator grants it per technician
+   (``usermod -aG dongle-tech anna``), as with any other Unix privilege; or
+2. **presence at the car**: a short press of the dongle's button within the request (the
+   attention LED blinks fast), or technician mode, which a long press started.
+
+Without either (no credential, and no button, or the button not pressed in time) the request is
+refused and the refusal recorded. Then the agent clears (mode 04), records who did it and how
+(table ``technician_log``) and sends ``dtc_cleared``.
 
 ``booking_complete`` appends the service record to the chain (PROTOCOL §5), marks the booking
 completed and queues the ``service_record`` and ``booking`` events, all in one transaction.
@@ -17,16 +26,19 @@ Local settings: ``[control] socket``, ``group`` (agent/technician/control.py ser
 """
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from agent.cloud.bookings import safe_text
+from drivers.core.text import safe_text
 from drivers.core.clock import Clock
+from agent.technician import resolution
 from agent.technician.control import ControlError, ControlServer, Peer, Reply
 from agent.technician.service_log import ServiceLog, ServiceLogError
 
@@ -45,11 +57,12 @@ class Technician:
     bookings, the active config, the ingest's counters, the last vehicle seen). ``handlers``
     adds requests served by other components (the owner's ``privacy`` and ``wipe``)."""
 
-    def __init__(self, *, store, clock: Clock, socket_path, group: str, data_dir, device_id: str,
+    def __init__(self, *, store, clock: Clock, socket_path, group: str, technician_group: str, data_dir, device_id: str,
                  version: str, agent_status: Callable[[], dict], broker_endpoint: Callable[[], str],
                  obd=None, can=None, health=None, indicators=None, bookings, config,
                  ingest, identity, emit_event: Callable[[dict], None],
-                 battery_report: Callable[[], dict], handlers: dict | None = None):
+                 battery_report: Callable[[], dict], handlers: dict | None = None,
+                 dbc_paths: Sequence[str] = (), ev_profile: Callable[[], Any] = lambda: None):
         self._store = store
         self._clock = clock
         self._data_dir = Path(data_dir)
@@ -66,6 +79,9 @@ class Technician:
         self._ingest = ingest
         self._identity = identity
         self._emit_event = emit_event
+        self._dbc_paths = tuple(dbc_paths)
+        self._ev_profile = ev_profile
+        self._steps: tuple[Any, dict[str, float]] = (None, {})
         self.service_log = ServiceLog(store, clock=clock.now_ms)
         store.create_tables(
             "technician_log (id INTEGER PRIMARY KEY, ts INTEGER, action TEXT, by TEXT, detail TEXT)")
@@ -78,12 +94,19 @@ class Technician:
             **(handlers or {}),
         }
         self.server = ControlServer(socket_path, requests, group=group)
+        self.technician_group = technician_group
         self._stopping = threading.Event()
 
     # -- component ------------------------------------------------------------------------
     def start(self) -> None:
         self._stopping.clear()
         self.server.start()
+        try:
+            grp.getgrnam(self.technician_group)
+        except KeyError:
+            log.warning("control: the technician group %r does not exist: nobody holds the technician "
+                        "credential, so trouble codes are cleared only with the dongle's button "
+                        "(groupadd %s; docs/technician.md)", self.technician_group, self.technician_group)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -147,7 +170,8 @@ class Technician:
             "vehicle": {"vin": vehicle.get("vin") or obd.get("vin"), "protocol": vehicle.get("protocol") or obd.get("protocol")},
             "adapter": None if self._obd_poller is None else {"port": obd.get("port"), "connected": obd.get("connected"),
                                                    "protocol": obd.get("protocol")},
-            "buses": {n: {"state": b.get("state"), "frames": b.get("frames"), "errors": b.get("errors")}
+            "buses": {n: {k: b.get(k) for k in ("state", "frames", "errors", "drops", "queue_drops", "socket_drops",
+                                                "rcvbuf", "invalid", "unparsable")}
                       for n, b in ((st.get("can") or {}).get("buses") or {}).items()},
             "broker": {"connected": st["broker"]["connected"], "endpoint": self._broker_endpoint()},
             "config_version": st.get("config_version"),
@@ -169,10 +193,24 @@ class Technician:
                 "maintenance": {d["kind"]: d["level"] for d in snap["maintenance"]},
                 "dtc": snap["dtc"]["severity"]}
 
+    def resolutions(self) -> dict[str, float]:
+        """Signal name → resolution (agent/technician/resolution.py), worked out once per
+        config version and EV profile (the DBCs are parsed then, not on every request)."""
+        profile = self._ev_profile()
+        key = (self._config.version, getattr(profile, "name", None))
+        if self._steps[0] != key:
+            self._steps = (key, resolution.signal_resolutions(self._config.current(), self._dbc_paths,
+                                                              ev_profile=profile))
+        return self._steps[1]
+
     def live(self, req: dict, peer: Peer, reply: Reply) -> dict:
+        """The latest value of each signal, rounded to its resolution (given as ``resolution``,
+        ``null`` where unknown)."""
         latest = self._health.live() if self._health is not None else {}
         now = self._clock.now_ms()
-        return {"signals": [{"name": n, "value": v, "unit": u, "age_s": round((now - t) / 1000, 1)}
+        steps = self.resolutions()
+        return {"signals": [{"name": n, "value": resolution.shown(v, steps.get(n)), "unit": u,
+                             "resolution": steps.get(n), "age_s": round((now - t) / 1000, 1)}
                             for n, (t, v, u) in sorted(latest.items())]}
 
     def dtc(self, req: dict, peer: Peer, reply: Reply) -> dict:
@@ -182,7 +220,7 @@ class Technician:
             raise ControlError("no_adapter", "the vehicle did not answer the trouble code request "
                                              "(adapter disconnected or ignition off?)")
         codes = [{**c, "severity": code_severity(c["code"], c["state"], body["mil"])} for c in body["codes"]]
-        return {"codes": codes, "mil": body["mil"], "freeze": body.get("freeze"),
+        return {"codes": codes, "mil": body["mil"], "freeze": _freeze_shown(body.get("freeze")),
                 "severity": severity(body["codes"], body["mil"]), "ts": body["ts"],
                 "pending_clear_dtc": self._store.get_meta("pending_clear_dtc")}
 
@@ -193,7 +231,9 @@ class Technician:
         obd = self._obd()
         ind = self._indicators
         how = ["terminal"]
-        if ind is not None and ind.has_button:
+        if peer.in_group(self.technician_group):
+            how.append(f"credential {self.technician_group}")
+        elif ind is not None and ind.has_button:
             if ind.technician_mode:
                 how.append("technician mode")
             else:
@@ -205,6 +245,13 @@ class Technician:
                     raise ControlError("refused", f"not confirmed: the dongle's button was not pressed within "
                                                   f"{timeout:.0f} s; nothing was cleared")
                 how.append("button")
+        else:
+            self._record("dtc_clear_refused", peer.user, {"reason": "no button and no technician credential"})
+            raise ControlError("not_permitted",
+                               f"not permitted: this dongle has no button, so clearing trouble codes needs the "
+                               f"technician credential, and user {peer.user} is not in the "
+                               f"'{self.technician_group}' group (an administrator grants it: sudo usermod "
+                               f"-aG {self.technician_group} {peer.user}; then log in again); nothing was cleared")
         reply({"progress": "clearing trouble codes (mode 04)…"})
         cleared = obd.clear_dtcs(DTC_TIMEOUT_S)
         if cleared is None:
@@ -310,10 +357,26 @@ class Technician:
         return {"frames": total, "buses": sorted(buses), "seconds": seconds}
 
 
+def _freeze_shown(freeze: dict | None) -> dict | None:
+    """A freeze frame (``{"code", "values": {PID: {"value", "unit"}}}``) with each value rounded
+    to its PID's resolution (and the resolution given)."""
+    values = (freeze or {}).get("values")
+    if not isinstance(values, dict):
+        return freeze
+    steps = resolution.obd_steps({"name": pid, "pid": pid} for pid in values)
+    return {**freeze, "values": {pid: {**v, "value": resolution.shown(v.get("value"), steps.get(pid)),
+                                       "resolution": steps.get(pid)} if isinstance(v, dict) else v
+                                 for pid, v in values.items()}}
+
+
 def buffer_report(query, *, ingest_dropped: dict | None = None, now: int | None = None) -> dict:
     """Buffer depth per kind, oldest item, evictions — from the store (live or read-only)."""
     now = Clock().now_ms() if now is None else now
-    depth = {t: query(f"SELECT count(*) FROM {t}")[0][0] for t in ("samples", "frames", "events", "outbox")}
+    depth = {t: query(f"SELECT count(*) FROM {t}")[0][0] for t in ("samples", "events", "outbox")}
+    # raw frames are stored as blocks of n frames (agent/outbox/frame_blocks.py; schema 3)
+    depth["frames"] = query("SELECT coalesce(sum(n), 0) FROM frames")[0][0] if "n" in {
+        r[1] for r in query("PRAGMA table_info(frames)")} else query("SELECT count(*) FROM frames")[0][0]
+    depth = {t: depth[t] for t in ("samples", "frames", "events", "outbox")}
     oldest = {
         "samples": query("SELECT min(t_ms) FROM samples")[0][0],
         "frames": (lambda v: v // 1000 if v else None)(query("SELECT min(t_us) FROM frames")[0][0]),

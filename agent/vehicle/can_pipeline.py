@@ -1,8 +1,15 @@
 """Raw CAN to samples and frames: the buses of the local settings, decoded per the cloud config.
 
-One :class:`~agent.can_decode.CanDecoder` per DBC (buses sharing a DBC share a decoder); buses
-without a DBC only feed raw capture. A new config builds new decoders and swaps them in whole,
-then pushes the matching acceptance filters down to the interfaces.
+One :class:`~agent.vehicle.can_decode.CanDecoder` per DBC (buses sharing a DBC share a decoder);
+buses without a DBC only feed raw capture. A new config builds new decoders and swaps them in
+whole, then pushes the matching acceptance filters down to the interfaces that filter in the
+kernel (SocketCAN: ids nobody configured never reach Python). The other interfaces (slcan,
+udp_multicast, virtual) get none: python-can filters them in software, one Python loop over the
+filters per frame inside ``recv()``, which costs more than the decoders skipping an
+unconfigured id (counted in one C pass per batch).
+
+Frames travel as :class:`~drivers.core.model.FrameBatch` (one bus, columns): the reader's batch
+goes to the listeners, the decoders and, for what raw capture keeps, to ``put_frames`` as is.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent.vehicle.can_decode import CanDecoder
-from drivers.core.model import Frame, Sample
+from drivers.core.model import FrameBatch, Sample
 from drivers.can import CanReader, load_dbc
 
 if TYPE_CHECKING:
@@ -19,19 +26,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: python-can interfaces that filter in the kernel (module docstring).
+KERNEL_FILTERS = frozenset({"socketcan"})
+
 
 class CanPipeline:
     def __init__(self, bus_settings: Sequence[Mapping[str, Any]], can_config: Mapping[str, Any] | None,
-                 *, put_samples: Callable[[list[Sample]], None], put_frames: Callable[[list[Frame]], None],
-                 frame_listeners: Sequence[Callable[[list[Frame]], None]] = ()):
+                 *, put_samples: Callable[[list[Sample]], None], put_frames: Callable[[FrameBatch], None],
+                 frame_listeners: Sequence[Callable[[FrameBatch], None]] = ()):
         self._put_samples = put_samples
         self._put_frames = put_frames
         # Every received frame, before decoding (e.g. bus activity for power management).
-        self.frame_listeners: list[Callable[[list[Frame]], None]] = list(frame_listeners)
-        self._captures: list[Callable[[list[Frame]], None]] = []
+        self.frame_listeners: list[Callable[[FrameBatch], None]] = list(frame_listeners)
+        self._captures: list[Callable[[FrameBatch], None]] = []
         self._can_config = can_config
         # One decoder per DBC (None: buses without one, raw capture only).
         self._groups: dict[str | None, tuple[Database | None, list[str]]] = {}
+        #: Buses whose interface applies acceptance filters in the kernel.
+        self._kernel_filtered = {b["name"] for b in bus_settings if b.get("interface") in KERNEL_FILTERS}
         for b in bus_settings:
             path = b.get("dbc")
             if path not in self._groups:
@@ -66,13 +78,15 @@ class CanPipeline:
         for d, (_, names) in zip(self._decoders, self._groups.values()):
             f = d.can_filters
             for name in names:
-                # None = receive everything (raw capture of all ids). python-can reads [] as
-                # "no filtering" too, so a bus with nothing configured is read and ignored.
-                out[name] = f or None
+                # None = receive everything (raw capture of all ids, or no kernel filtering).
+                # python-can reads [] as "no filtering" too, so a bus with nothing configured
+                # is read and ignored.
+                out[name] = (f or None) if name in self._kernel_filtered else None
         return out
 
-    def add_capture(self, listener: Callable[[list[Frame]], None]) -> Callable[[], None]:
-        """``listener(frames)`` sees every frame the buses receive, the acceptance filters
+    def add_capture(self, listener: Callable[[FrameBatch], None]) -> Callable[[], None]:
+        """``listener(batch)`` sees every frame the buses receive (iterate a batch for
+        :class:`~drivers.core.model.Frame` objects), the acceptance filters
         lifted while any capture runs (``dongle capture``). Returns the function that ends it."""
         if not self._captures:
             self.reader.set_filters(None)
@@ -85,18 +99,19 @@ class CanPipeline:
                 self.reader.set_filters(self._filters())
         return remove
 
-    def _on_frames(self, frames: list[Frame]) -> None:
+    def _on_frames(self, batch: FrameBatch) -> None:
         for listener in (*self.frame_listeners, *self._captures):
-            listener(frames)
+            listener(batch)
         decoders = self._decoders
+        if not decoders:
+            return
         samples: list[Sample] = []
         for d in decoders:
-            for f in frames:
-                d.feed_into(f, samples)
-        raw = [f for f in frames if decoders and decoders[0].wants_raw(f)]
+            d.decode_batch(batch, samples)
         if samples:
             self._put_samples(samples)
-        if raw:
+        raw = decoders[0].raw_of(batch)
+        if raw is not None:
             self._put_frames(raw)
 
     def start(self) -> None:

@@ -28,11 +28,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
+
+from drivers.core.local_file import LocalFileError
 
 log = logging.getLogger(__name__)
 
@@ -324,19 +328,46 @@ def parse_profile(doc: Mapping[str, Any], origin: str = "<profile>") -> Profile:
                    probe_order=int(doc.get("probe_order", 100)), doc=doc)
 
 
-def load_profiles() -> dict[str, Profile]:
-    """Every profile shipped in ``config/ev_profiles``, by name. A malformed file is logged and
-    skipped (the others still load)."""
+class ProfileFileError(LocalFileError, ProfileError):
+    """A profile file that cannot be read or is malformed (``path``, ``message``)."""
+
+
+def _load_file(path: Any, origin: str) -> Profile:
+    """One profile file (a path or an importlib.resources entry); :class:`ProfileFileError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileFileError(str(path), f"cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        doc = json.loads(text)
+        if not isinstance(doc, dict):
+            raise ProfileError(f"{origin}: a profile is a JSON object")
+        return parse_profile(doc, origin)
+    except (ProfileError, ValueError, KeyError, TypeError, AttributeError) as e:
+        what = str(e).removeprefix(f"{origin}: ").removeprefix(origin).strip() or type(e).__name__
+        raise ProfileFileError(str(path), f"not a valid EV profile: {what}") from None
+
+
+def load_profiles(extra: Iterable[str | os.PathLike[str]] = (), *, strict: bool = False) -> dict[str, Profile]:
+    """Every profile shipped in ``config/ev_profiles``, then each file of ``extra`` (the local
+    setting ``ev.profiles``), by name: a local file with a shipped profile's name replaces it.
+
+    A malformed file: with ``strict`` (the daemon) :class:`ProfileFileError`, so the agent does
+    not start with a profile silently missing; otherwise logged and skipped (the others still load)."""
     out: dict[str, Profile] = {}
     folder = resources.files("agent.config").joinpath("ev_profiles")
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        if not entry.name.endswith(".json"):
-            continue
+    files = [(e, e.name, False) for e in sorted(folder.iterdir(), key=lambda e: e.name) if e.name.endswith(".json")]
+    files += [(Path(p), str(p), True) for p in extra]
+    for entry, origin, local in files:
         try:
-            profile = parse_profile(json.loads(entry.read_text(encoding="utf-8")), entry.name)
-        except (ProfileError, ValueError, KeyError, TypeError) as e:
-            log.error("EV profile %s not loaded: %s", entry.name, e)
+            profile = _load_file(entry, origin)
+        except ProfileFileError as e:
+            if strict:
+                raise
+            log.error("EV profile %s not loaded: %s", origin, e.message)
             continue
+        if profile.name in out and local:
+            log.info("EV profile %s: replaced by the local file %s", profile.name, origin)
         out[profile.name] = profile
     return out
 

@@ -3,7 +3,9 @@
 The OBD poller reports every (re)identification (VIN, protocol, ECUs); :class:`VehicleIdentity`
 sends a ``vehicle`` event when the dongle first sees a vehicle and whenever it changes, and tells
 its listeners (the EV reader picks its profile by VIN). The last vehicle seen is identity data:
-it is kept encrypted under the owner's data key (a wipe destroys that key first).
+it is kept encrypted under the owner's data key (a wipe destroys that key first), and so is the
+``vehicle`` event while it waits in the store to be sealed (agent/owner/datakey.py
+``EventsAtRest``). Logs name a VIN by its manufacturer code (WMI) only.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 from agent.owner import datakey as datakey_mod
 from agent.owner.datakey import DataKey
 from drivers.core.clock import Clock
+from drivers.core.text import safe_text
 from drivers.core.vin import validate as validate_vin
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ class VehicleIdentity:
         vin = info.get("vin")
         valid, reason = validate_vin(vin)
         if vin and not valid:
-            log.warning("vehicle: VIN %r is not valid (%s); reported as such", vin, reason)
+            log.warning("vehicle: VIN %s… is not valid (%s); reported as such", safe_text(vin[:3], 12), reason)
         profile = self._store.get_meta("ev_profile")
         seen = {"vin": vin, "protocol": info.get("protocol") or "", "profile": profile}
         if self.last() == seen:

@@ -8,9 +8,11 @@ ELM327 object (``OBD.interface``, an undocumented ``obd.elm327.ELM327``) and its
 - :func:`send_and_parse`: an AT command whose answer python-OBD parses into messages
   (``ELM327.send_and_parse``; ``OBD.query`` only sends OBD commands);
 - :func:`line_sender`: a command whose answer lines come back unparsed (the name-mangled
-  ``ELM327.__send``), for ISO-TP through the adapter (drivers/elm_isotp.py);
-- :func:`set_read_timeout`: the pyserial port's read timeout (the name-mangled ``ELM327.__port``;
-  python-OBD reads with 10 s and has no API to change it);
+  ``ELM327.__send``), for ISO-TP through the adapter (drivers/elm_isotp.py) and for the reader,
+  which sorts the adapter's status lines out (drivers/obd/elm_lines.py) before parsing;
+- :func:`line_parser`: python-OBD's parser of the connection's protocol (the name-mangled
+  ``ELM327.__protocol``), which turns data lines into messages; ``send_and_parse`` is these two
+  in one, without the look at the lines in between;
 - :func:`message_like`: a message built from another one's frames and ECU with new data
   (``obd.protocols.protocol.Message``), for answers that must be reshaped before python-OBD's
   decoders see them (multi-PID, mode 02 frame numbers);
@@ -35,16 +37,16 @@ try:
 except ImportError:  # reported by missing(); the calls below fail (and are caught) one by one
     ELM327 = None
 
-__all__ = ["Message", "VERSION", "line_sender", "message_like", "missing", "send_and_parse",
-           "set_read_timeout"]
+__all__ = ["Message", "VERSION", "line_parser", "line_sender", "message_like", "missing",
+           "send_and_parse"]
 
 log = logging.getLogger(__name__)
 
 #: The installed python-OBD's version.
 VERSION: str = getattr(obd, "__version__", "unknown")
 
-# name-mangled attributes of ELM327 (``self.__port``, ``def __send``)
-_PORT = "_ELM327__port"
+# name-mangled attributes of ELM327 (``self.__protocol``, ``def __send``)
+_PROTOCOL = "_ELM327__protocol"
 _SEND = "_ELM327__send"
 
 if getattr(obd, "console_handler", None) is not None:
@@ -68,19 +70,14 @@ def line_sender(conn: Any) -> Callable[[bytes], list[str]]:
     return getattr(conn.interface, _SEND)
 
 
-def set_read_timeout(conn: Any, seconds: float) -> bool:
-    """Sets the read timeout of ``conn``'s serial port; ``False`` (logged at debug) when the port
-    cannot be reached, and python-OBD's 10 s stays."""
-    port = getattr(_interface(conn), _PORT, None)
-    if port is None:
-        log.debug("python-OBD port not reachable; its 10 s read timeout stays")
-        return False
-    try:
-        port.timeout = seconds
-    except Exception:  # noqa: BLE001
-        log.debug("could not set the read timeout", exc_info=True)
-        return False
-    return True
+def line_parser(conn: Any) -> Callable[[list[str]], list[Message]]:
+    """python-OBD's parser for ``conn``'s protocol: answer lines (hex, no spaces or with) to
+    messages, frames that do not parse dropped. Raises ``AttributeError`` when the connection
+    has no protocol object."""
+    protocol = getattr(_interface(conn), _PROTOCOL)
+    if not callable(protocol):
+        raise AttributeError(f"{_PROTOCOL} is not a parser ({type(protocol).__name__})")
+    return protocol
 
 
 def message_like(template: Message, data: bytes | bytearray) -> Message:
@@ -93,7 +90,7 @@ def message_like(template: Message, data: bytes | bytearray) -> Message:
 
 def missing(conn: Any | None = None) -> list[str]:
     """What this module needs that the installed python-OBD does not have, one text each
-    (empty when all is there). With a connected ``obd.OBD``, its ELM327 object and serial port
+    (empty when all is there). With a connected ``obd.OBD``, its ELM327 object and protocol parser
     are checked too; without, only the classes."""
     gaps: list[str] = []
     if ELM327 is None:
@@ -119,9 +116,8 @@ def missing(conn: Any | None = None) -> list[str]:
         if not isinstance(elm, ELM327):
             gaps.append(f"obd.OBD.interface (an ELM327 object; got {type(elm).__name__})")
         else:
-            port = getattr(elm, _PORT, None)
-            if port is None:
-                gaps.append(f"obd.elm327.ELM327 instance attribute {_PORT} (the serial port)")
-            elif not hasattr(port, "timeout"):
-                gaps.append(f"{_PORT}.timeout (pyserial read timeout; got {type(port).__name__})")
+            protocol = getattr(elm, _PROTOCOL, None)
+            if not callable(protocol):
+                gaps.append(f"obd.elm327.ELM327 instance attribute {_PROTOCOL} (the protocol's "
+                            "line parser)")
     return gaps

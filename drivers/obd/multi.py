@@ -14,11 +14,15 @@ more ECUs. :class:`MultiPidCommand` appends it when asked; the caller learns the
 previous answer (:func:`frame_count`) and drops the hint where an adapter (or the emulator)
 answers ``?`` to it.
 
+Decoding: :meth:`MultiPidCommand.values` splits each ECU's answer into the PIDs' bytes and runs
+python-OBD's own decoder once per distinct answer (:class:`DecodeCache`; pint quantities and
+their unit texts were half the poller's CPU).
+
 Answer checks (:func:`answers_to`): python-OBD decodes whatever messages come back — a late
 answer to the previous request, or an ELM text such as ``NO DATA`` (which becomes an empty
 message that the DTC decoder reads as "no codes"). :func:`answers_to` keeps only messages whose
-first bytes echo the request (``0x40 + mode``, and the PID for modes 01, 02 and 09);
-:func:`adapter_error` names the ELM327 error text an answer held.
+first bytes echo the request (``0x40 + mode``, and the PID for modes 01, 02 and 09). What the
+ELM327's own texts mean is drivers/obd/elm_lines.py's.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from obd import OBDCommand, OBDResponse
 from obd.protocols import ECU
 
 from drivers.obd.elm327 import Message, message_like
+from drivers.obd.units import value_and_unit
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +41,6 @@ log = logging.getLogger(__name__)
 MAX_PIDS_PER_REQUEST = 6
 #: python-OBD / ELM327 protocol ids of ISO 15765-4 (CAN).
 CAN_PROTOCOL_IDS = frozenset({"6", "7", "8", "9"})
-#: Texts an ELM327 (or a clone) answers instead of data. Matched as prefixes, upper case.
-ELM_ERRORS = ("NO DATA", "?", "BUS INIT", "BUS BUSY", "BUS ERROR", "CAN ERROR", "DATA ERROR",
-              "FB ERROR", "STOPPED", "BUFFER FULL", "UNABLE TO CONNECT", "LV RESET", "ACT ALERT",
-              "<RX ERROR", "<DATA ERROR", "ERR", "SEARCHING")
 
 _PID_ECHO_MODES = (1, 2, 9)
 
@@ -73,6 +74,8 @@ class MultiPidCommand(OBDCommand):
             raise ValueError(f"response-count hint must be 1..15, not {count_hint}")
         self.commands = commands
         self.count_hint = count_hint
+        self._by_pid = {c.pid: c for c in commands}
+        self._ecus = {c.name: c.ecu for c in commands}
         self.request = b"01" + b"".join(c.command[2:] for c in commands)
         command = self.request + (b"%X" % count_hint if count_hint else b"")
         super().__init__("+".join(c.name for c in commands),
@@ -82,21 +85,78 @@ class MultiPidCommand(OBDCommand):
     def _decode(self, messages: list[Message]) -> dict[str, OBDResponse]:
         return decode_split(messages, self.commands)
 
+    def values(self, messages: Iterable[Message], cache: DecodeCache
+               ) -> dict[str, tuple[float, str]]:
+        """``{name: (value, unit text)}`` for the PIDs the answer holds: python-OBD's choice of
+        ECU (the first message from an ECU the PID's command accepts, in python-OBD's order) and
+        its decoder, through ``cache``."""
+        parts: dict[str, bytes] = {}
+        for message in messages:
+            ecu = message.ecu
+            for name, part in split_data(bytes(message.data), self._by_pid).items():
+                if name not in parts and self._ecus[name] & ecu:
+                    parts[name] = part
+        out: dict[str, tuple[float, str]] = {}
+        for cmd in self.commands:
+            part = parts.get(cmd.name)
+            if part is not None:
+                value = cache.value(cmd, part)
+                if value is not None:
+                    out[cmd.name] = value
+        return out
+
     def clone(self) -> "MultiPidCommand":
         return MultiPidCommand(self.commands, self.count_hint)
 
 
-def split_message(message: Message, commands: Iterable[OBDCommand]) -> dict[str, Message]:
-    """One ECU's answer ``41 p1 d.. p2 d..`` as ``{name: Message(41 p data)}``, for the PIDs of
-    ``commands`` it holds. Parsing stops at a PID that was not asked for (its length is unknown)
+class DecodeCache:
+    """``(value, unit text)`` of a python-OBD command's answer data (``41 0C 1A F8``), decoded
+    by python-OBD itself the first time a command sees that data and remembered after: python-OBD
+    builds a pint quantity per answer and pint's unit text costs as much again, while a live
+    PID's answers repeat (one-byte PIDs have 256 answers at most). At most ``per_command``
+    answers are kept per command (then that command's table starts afresh). One per reader
+    (not thread-safe)."""
+
+    _MISSING = object()
+
+    def __init__(self, per_command: int = 1024):
+        self.per_command = per_command
+        self._tables: dict[str, dict[bytes, tuple[float, str] | None]] = {}
+        self._template = Message([])
+        self.hits = self.misses = 0
+
+    def value(self, cmd: Any, data: bytes) -> tuple[float, str] | None:
+        table = self._tables.get(cmd.name)
+        if table is None:
+            table = self._tables[cmd.name] = {}
+        found = table.get(data, self._MISSING)
+        if found is not self._MISSING:
+            self.hits += 1
+            return found  # type: ignore[return-value]
+        self.misses += 1
+        message = message_like(self._template, data)
+        message.ecu = cmd.ecu  # python-OBD's ECU filter was applied by the caller
+        try:
+            response = cmd([message])
+            found = None if response.is_null() else value_and_unit(response.value)
+        except Exception:  # noqa: BLE001 - a decoder fed odd bytes must not stop the others
+            log.debug("decoding %s from %s failed", cmd.name, data.hex(), exc_info=True)
+            found = None
+        if len(table) >= self.per_command:
+            table.clear()
+        table[data] = found
+        return found
+
+
+def split_data(data: bytes, by_pid: dict[int, OBDCommand]) -> dict[str, bytes]:
+    """One ECU's answer ``41 p1 d.. p2 d..`` as ``{name: b"\\x41" + p + data}``, for the PIDs of
+    ``by_pid`` it holds. Parsing stops at a PID that was not asked for (its length is unknown)
     or at data cut short; what came before is kept."""
-    by_pid = {c.pid: c for c in commands}
-    data = bytes(message.data)
-    out: dict[str, Message] = {}
+    out: dict[str, bytes] = {}
     if len(data) < 2 or data[0] != 0x41:
         return out
-    i = 1
-    while i < len(data):
+    i, end = 1, len(data)
+    while i < end:
         cmd = by_pid.get(data[i])
         if cmd is None:
             if any(data[i:]):  # trailing zero padding is normal; anything else is worth a note
@@ -104,13 +164,19 @@ def split_message(message: Message, commands: Iterable[OBDCommand]) -> dict[str,
                           data.hex(), data[i])
             break
         size = cmd.bytes - 2
-        if i + 1 + size > len(data):
+        if i + 1 + size > end:
             log.debug("multi-PID answer %s: data of PID %02X cut short", data.hex(), data[i])
             break
         if cmd.name not in out:
-            out[cmd.name] = message_like(message, b"\x41" + data[i:i + 1 + size])
+            out[cmd.name] = b"\x41" + data[i:i + 1 + size]
         i += 1 + size
     return out
+
+
+def split_message(message: Message, commands: Iterable[OBDCommand]) -> dict[str, Message]:
+    """:func:`split_data` of a python-OBD message, as messages (with its frames and ECU)."""
+    parts = split_data(bytes(message.data), {c.pid: c for c in commands})
+    return {name: message_like(message, part) for name, part in parts.items()}
 
 
 def decode_split(messages: Iterable[Message], commands: Sequence[OBDCommand]
@@ -165,23 +231,3 @@ def answers_to(cmd: OBDCommand, messages: Iterable[Message] | None,
                request: bytes | None = None) -> list[Message]:
     """The messages that really answer ``cmd`` (see :func:`echoes`)."""
     return [m for m in messages or [] if m.parsed() and echoes(cmd, m, request)]
-
-
-def adapter_error(messages: Iterable[Message] | None) -> str | None:
-    """The ELM327 error text among ``messages`` (``"NO DATA"``, ``"CAN ERROR"``, ...), or the
-    first line that is neither data nor a known text; ``None`` when every line is data."""
-    unknown: str | None = None
-    for m in messages or []:
-        if m.parsed():
-            continue
-        try:
-            text = m.raw().strip()
-        except Exception:  # noqa: BLE001
-            text = ""
-        upper = text.upper()
-        for known in ELM_ERRORS:
-            if upper.startswith(known):
-                return text
-        if text and unknown is None:
-            unknown = text
-    return unknown

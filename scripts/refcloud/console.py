@@ -30,7 +30,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -39,19 +39,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.cloud import keys, protocol, topics
+from agent.outbox.telemetry import frame_times
 from drivers.core.clock import Clock
+from drivers.core.text import safe_text as _safe
 
 now_ms = Clock().now_ms
 
 log = logging.getLogger("cloud_console")
 
 PREFIX_ROOT = topics.ROOT
-
-
-def _safe(text: str, limit: int = 200) -> str:
-    """Shows untrusted text on a terminal: control characters escaped, length capped."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return out if len(out) <= limit else out[:limit] + "…"
 
 
 class Registry:
@@ -85,21 +81,30 @@ class Registry:
 
 
 class Ledger:
-    """The console's durable state: uplink (dev, seq) seen, and its own downlink seq per device."""
+    """The console's durable state: uplink (dev, seq) seen, and its own downlink seq per device.
 
-    def __init__(self, path: Path):
+    What was seen is kept per console (``console``: the demo's is ``"demo"``, ``listen``'s
+    ``"listen"``, the release tool's ``"release"``): two consoles on one run directory each
+    show every envelope once, and mark as duplicates only what reached *them* before. The
+    downlink seq and the configs the cloud sent are one per run directory (the device refuses
+    a seq it has seen)."""
+
+    def __init__(self, path: Path, console: str = "console"):
+        self.console = console
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS seen(dev TEXT, seq INTEGER, kind TEXT, ts INTEGER, "
-                        "PRIMARY KEY(dev, seq))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS seen_by(console TEXT, dev TEXT, seq INTEGER, kind TEXT, "
+                        "ts INTEGER, PRIMARY KEY(console, dev, seq))")
         self.db.execute("CREATE TABLE IF NOT EXISTS down_seq(dev TEXT PRIMARY KEY, seq INTEGER)")
         self.db.execute("CREATE TABLE IF NOT EXISTS evicted(dev TEXT, from_seq INTEGER, to_seq INTEGER)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS sent_config(dev TEXT PRIMARY KEY, body TEXT)")
         self.lock = threading.Lock()
 
     def first_time(self, dev: str, seq: int, kind: str) -> bool:
         with self.lock:
             try:
-                self.db.execute("INSERT INTO seen VALUES (?,?,?,?)", (dev, seq, kind, now_ms()))
+                self.db.execute("INSERT INTO seen_by VALUES (?,?,?,?,?)",
+                                (self.console, dev, seq, kind, now_ms()))
                 return True
             except sqlite3.IntegrityError:
                 return False
@@ -112,7 +117,8 @@ class Ledger:
         """Seqs below the highest seen that never arrived and that no ``buffer_evicted`` event
         explains: data loss (or envelopes still on their way — events overtake telemetry)."""
         with self.lock:
-            rows = [r[0] for r in self.db.execute("SELECT seq FROM seen WHERE dev=? ORDER BY seq", (dev,))]
+            rows = [r[0] for r in self.db.execute(
+                "SELECT seq FROM seen_by WHERE console=? AND dev=? ORDER BY seq", (self.console, dev))]
             explained = self.db.execute("SELECT from_seq, to_seq FROM evicted WHERE dev=?", (dev,)).fetchall()
         if not rows:
             return []
@@ -122,7 +128,8 @@ class Ledger:
 
     def devices(self) -> list[str]:
         with self.lock:
-            return [r[0] for r in self.db.execute("SELECT DISTINCT dev FROM seen")]
+            return [r[0] for r in self.db.execute("SELECT DISTINCT dev FROM seen_by WHERE console=?",
+                                                  (self.console,))]
 
     def next_down_seq(self, dev: str) -> int:
         with self.lock:
@@ -131,10 +138,62 @@ class Ledger:
             self.db.execute("INSERT OR REPLACE INTO down_seq VALUES (?, ?)", (dev, seq))
             return seq
 
+    def record_config(self, dev: str, body: dict) -> None:
+        """The last config the cloud sent ``dev`` (what its telemetry's signals are)."""
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO sent_config VALUES (?, ?)", (dev, json.dumps(body)))
+
+    def config(self, dev: str) -> dict | None:
+        with self.lock:
+            row = self.db.execute("SELECT body FROM sent_config WHERE dev=?", (dev,)).fetchone()
+        try:
+            return json.loads(row[0]) if row else None
+        except ValueError:
+            return None
+
+
+#: One line each, shown the first time a console shows what they explain.
+EXPLAIN_DUPLICATE = ("cloud: \"duplicate, ignored\": the device sent this envelope again (MQTT QoS 1 resends "
+                     "what the broker had not acknowledged when the link or the agent last stopped); the "
+                     "cloud has it already, by (device, seq), and keeps the first copy")
+EXPLAIN_DUPLICATE_ACK = ("cloud: an ack \"duplicate\": the broker keeps the cloud's last config and release "
+                         "for each device (MQTT retained messages) and hands them over again whenever the "
+                         "device subscribes; the device has them already and says so")
+
+
+class Screen:
+    """The lines a person reads on one console: each record's line and, the first time this
+    console shows something that needs it, the one line that explains it."""
+
+    def __init__(self):
+        self._explained: set[str] = set()
+
+    def lines(self, rec: dict, resolutions: dict[str, float] | None = None) -> list[str]:
+        out = []
+        body = rec.get("body") or {}
+        if rec.get("duplicate"):
+            why = "duplicate", EXPLAIN_DUPLICATE
+        elif rec.get("kind") == "ack" and body.get("status") == "duplicate":
+            why = "duplicate_ack", EXPLAIN_DUPLICATE_ACK
+        else:
+            why = None
+        if why and why[0] not in self._explained:
+            self._explained.add(why[0])
+            out.append(why[1])
+        out.append(format_record(rec, resolutions))
+        return out
+
 
 class CloudConsole:
+    """``on_record(rec)`` gets every record; ``on_line(text)`` the lines a person reads: each
+    record formatted (numbers at their signal's resolution: the device's config as this cloud
+    sent it, and ``dbc_paths`` for its CAN signals), and the first time something needs it, the
+    one line that explains it (a duplicate, a ``duplicate`` ack). ``name``: whose dedup state
+    this is (:class:`Ledger`)."""
+
     def __init__(self, run_dir: Path, *, on_record: Callable[[dict], None] | None = None,
-                 protocol_version: str = "5"):
+                 on_line: Callable[[str], None] | None = None, name: str = "console",
+                 dbc_paths: Iterable[str | Path] = (), protocol_version: str = "5"):
         self.run_dir = Path(run_dir)
         broker = json.loads((self.run_dir / "broker.json").read_text())
         self.host, self.port, self.ca_file = broker["host"], broker["port"], broker["ca_file"]
@@ -142,8 +201,12 @@ class CloudConsole:
         self.sign_key = keys.load_private_key(cloud / "cloud_sign.key", Ed25519PrivateKey)
         self.enc_key = keys.load_private_key(cloud / "cloud_enc.key", X25519PrivateKey)
         self.registry = Registry(self.run_dir / "devices")
-        self.ledger = Ledger(cloud / "console.db")
+        self.ledger = Ledger(cloud / "console.db", console=name)
         self.on_record = on_record or (lambda r: None)
+        self.on_line = on_line
+        self._dbc_paths = list(dbc_paths)
+        self._resolutions: dict[str, dict[str, float]] = {}
+        self.screen = Screen()
         self.records: list[dict] = []
         self._records_lock = threading.Lock()
         self.connected = threading.Event()
@@ -178,6 +241,20 @@ class CloudConsole:
         with self._records_lock:
             self.records.append(rec)
         self.on_record(rec)
+        if self.on_line is not None:
+            for line in self.lines(rec):
+                self.on_line(line)
+
+    def lines(self, rec: dict) -> list[str]:
+        """What a person sees of ``rec`` on this console (:class:`Screen`)."""
+        return self.screen.lines(rec, self.resolutions(rec["dev"]) if rec.get("kind") == "telemetry" else None)
+
+    def resolutions(self, dev: str) -> dict[str, float]:
+        """``{signal: resolution}`` of ``dev``'s telemetry, from the config this cloud sent it."""
+        if dev not in self._resolutions:
+            from agent.technician.resolution import signal_resolutions
+            self._resolutions[dev] = signal_resolutions(self.ledger.config(dev) or {}, self._dbc_paths)
+        return self._resolutions[dev]
 
     def _on_message(self, client, userdata, msg) -> None:
         parts = msg.topic.split("/")
@@ -185,17 +262,17 @@ class CloudConsole:
             return
         dev, suffix = parts[2], "/".join(parts[3:])
         try:
-            self.handle(dev, suffix, msg.payload)
+            self.handle(dev, suffix, msg.payload, retained=bool(msg.retain))
         except Exception:  # a console must survive anything a device sends
             log.exception("console: failed to handle a message on %s", msg.topic)
 
-    def handle(self, dev: str, suffix: str, payload: bytes) -> None:
+    def handle(self, dev: str, suffix: str, payload: bytes, *, retained: bool = False) -> None:
         if suffix == "status":
             try:
                 status = json.loads(payload) if payload else {}
             except ValueError:
                 status = {"invalid": payload[:100].hex()}
-            self._record({"dev": dev, "topic": "status", "status": status})
+            self._record({"dev": dev, "topic": "status", "status": status, "retained": retained})
             return
         kind = protocol.TOPIC_KINDS.get(suffix)
         reg = self.registry.get(dev)
@@ -233,6 +310,9 @@ class CloudConsole:
         env = protocol.seal(kind, body, dev=dev, seq=seq, signer=self.sign_key, recipient=enc_pub,
                             exp_ms=exp_ms)
         self.publish_raw(dev, f"down/{kind}", env, retain=kind in ("config", "release"))
+        if kind == "config":
+            self.ledger.record_config(dev, body)
+            self._resolutions.pop(dev, None)
         return seq, env
 
     def publish_raw(self, dev: str, suffix: str, payload: bytes, *, retain: bool = False) -> None:
@@ -253,25 +333,122 @@ class CloudConsole:
         return None
 
 
-def format_record(rec: dict) -> str:
+def frames(body: dict) -> list[tuple[str, int, int, bool, bytes]]:
+    """The raw frames of a telemetry body as ``(bus, t_us since the epoch, id, ext, data)``, in
+    the body's order, whichever form of frame times each list carries (``t``, or PROTOCOL rev 1.1
+    ``dt``: the first the offset from ``t0``, each later one the step from the previous)."""
+    t0_us = int(body.get("t0", 0)) * 1000
+    out = []
+    for g in body.get("frames", ()):
+        out += [(g["bus"], t0_us + t, i, e, d) for t, i, e, d in zip(frame_times(g), g["id"], g["ext"], g["data"])]
+    return out
+
+
+def _clock_time(ts_ms) -> str:
+    """``HH:MM:SS`` (local time) of a device timestamp, or ``?``."""
+    if isinstance(ts_ms, bool) or not isinstance(ts_ms, (int, float)):
+        return "?"
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(ts_ms / 1000))
+    except (OverflowError, OSError, ValueError):
+        return "?"
+
+
+def _dtc_text(body: dict) -> str:
+    """``MIL on; P0301 stored, permanent (Cylinder 1 Misfire Detected); freeze frame (P0301):
+    RPM=1174.5rpm SPEED=0km/h ...``: a ``dtc`` event for people (values at python-OBD's
+    resolution of each PID)."""
+    from agent.technician.resolution import pid_step, text as show
+    states: dict[str, list[str]] = {}
+    desc: dict[str, str] = {}
+    for c in body["codes"]:
+        if isinstance(c, dict) and isinstance(c.get("code"), str):
+            states.setdefault(c["code"], []).append(str(c.get("state")))
+            desc.setdefault(c["code"], str(c.get("desc") or ""))
+    codes = "; ".join(f"{code} {', '.join(st)}" + (f" ({desc[code]})" if desc[code] else "")
+                      for code, st in states.items()) or "no trouble codes"
+    text = f"MIL {'on' if body.get('mil') else 'off'}; {codes}"
+    freeze = body.get("freeze")
+    if isinstance(freeze, dict) and isinstance(freeze.get("values"), dict):
+        values = []
+        for name, v in freeze["values"].items():
+            if isinstance(v, dict) and isinstance(v.get("value"), (int, float)):
+                res = pid_step(name)
+                values.append(f"{name}={show(v['value'], res)}{v.get('unit') or ''}")
+        text += f"; freeze frame ({freeze.get('code')}): " + " ".join(values)
+    return _safe(text, 600)
+
+
+def _snapshot_text(detail: dict) -> str:
+    """The ``report`` command's snapshot for people: trips, engine starts and the last one's
+    battery readings, odometer, trouble codes, maintenance (the rest is in the JSON)."""
+    health = detail.get("health") if isinstance(detail.get("health"), dict) else {}
+    parts = []
+    trip = health.get("trip") if isinstance(health.get("trip"), dict) else {}
+    if trip:
+        parts.append(f"trips {trip.get('trips')}" + (" (in a trip)" if trip.get("in_trip") else ""))
+    if "engine_starts" in health:
+        parts.append(f"engine starts {health['engine_starts']}")
+    battery = health.get("battery_12v") if isinstance(health.get("battery_12v"), dict) else {}
+    if battery.get("ts") is not None:
+        volts = ", ".join(f"{label} {battery[k]:.2f} V" for k, label in (("rest_v", "resting"), ("crank_min_v", "cranking"))
+                          if isinstance(battery.get(k), (int, float)))
+        parts.append(f"last start {_clock_time(battery['ts'])}: {volts or 'not measured'} ({battery.get('level')})")
+    elif battery:
+        parts.append(f"battery {battery.get('level')}")
+    odometer = health.get("odometer_km")
+    parts.append(f"odometer {odometer:,.1f} km" if isinstance(odometer, (int, float)) else "odometer unknown")
+    dtc = health.get("dtc") if isinstance(health.get("dtc"), dict) else {}
+    if dtc:
+        codes = ", ".join(f"{c.get('code')} {c.get('state')}" for c in dtc.get("codes") or [] if isinstance(c, dict))
+        parts.append(f"trouble codes {codes or 'none'} ({dtc.get('severity')})")
+    for d in health.get("maintenance") or []:
+        if isinstance(d, dict):
+            left = f", {d['due_in_km']:,.0f} km left" if isinstance(d.get("due_in_km"), (int, float)) else ""
+            parts.append(f"{d.get('kind')} {d.get('level')}{left}")
+    return _safe("; ".join(parts), 600)
+
+
+def format_record(rec: dict, resolutions: dict[str, float] | None = None) -> str:
+    """One line for a record. Telemetry values are shown at their signal's resolution
+    (``resolutions``: ``{name: step}``, agent/technician/resolution.py), else at 6 digits."""
+    from agent.technician.resolution import text as show
     dev = _safe(rec["dev"], 64)
     if rec.get("topic") == "status":
         st = rec["status"]
-        return f"[{dev}] status   {_safe(st.get('state'))} agent={_safe(st.get('agent'))} config_version={st.get('config_version')}"
+        # a retained status is the last one the broker holds, from before this console connected
+        last = " (the last status, held by the broker)" if rec.get("retained") else ""
+        return (f"[{dev}] status   {_safe(st.get('state'))} agent={_safe(st.get('agent'))} "
+                f"config_version={st.get('config_version')} frame_t={_safe(st.get('frame_t', 't'))}{last}")
     if "rejected" in rec:
         return f"[{dev}] REJECTED {rec['topic']}: {rec['rejected']} {_safe(rec.get('detail', ''))}"
     dup = " (duplicate, ignored)" if rec["duplicate"] else ""
     body, kind, seq = rec["body"], rec["kind"], rec["seq"]
+    resolutions = resolutions or {}
     if kind == "telemetry":
-        parts = [f"{_safe(s['name'], 40)}={s['v'][-1]:g}{_safe(s['unit'], 10)} (n={len(s['v'])})"
+        parts = [f"{_safe(s['name'], 40)}={show(s['v'][-1], resolutions.get(s['name']))}"
+                 f"{_safe(s['unit'], 10)} (n={len(s['v'])})"
                  for s in body.get("signals", []) if s["v"]]
-        nframes = sum(len(f["id"]) for f in body.get("frames", []))
-        if nframes:
-            parts.append(f"frames={nframes}")
+        rows = frames(body)
+        if rows:
+            span = (max(r[1] for r in rows) - min(r[1] for r in rows)) / 1e6
+            parts.append(f"frames={len(rows)} over {span:.1f} s")
         return f"[{dev}] seq={seq:<6} telemetry  " + "  ".join(parts) + dup
     if kind == "event":
+        etype = body.get("type")
         fields = {k: v for k, v in body.items() if k not in ("type", "ts")}
-        return f"[{dev}] seq={seq:<6} event {_safe(body.get('type'))}: {_safe(json.dumps(fields, default=str), 300)}{dup}"
+        text = _safe(json.dumps(fields, default=str), 300) if fields else ""
+        if etype == "health" and body.get("kind") == "snapshot" and isinstance(body.get("detail"), dict):
+            return f"[{dev}] seq={seq:<6} event health snapshot: {_snapshot_text(body['detail'])}{dup}"
+        if etype == "dtc" and isinstance(body.get("codes"), list):
+            return f"[{dev}] seq={seq:<6} event dtc: {_dtc_text(body)}{dup}"
+        if etype in ("trip_start", "trip_end"):
+            # the trip's own moments: its first and last sample that showed the car in use
+            when = f" at {_clock_time(body.get('ts'))}"
+            if "odometer_km" not in fields:
+                text = f"{text} (odometer unknown)" if text else "(odometer unknown)"
+            return f"[{dev}] seq={seq:<6} event {_safe(etype)}{when}: {text}{dup}"
+        return f"[{dev}] seq={seq:<6} event {_safe(etype)}: {text or '{}'}{dup}"
     return f"[{dev}] seq={seq:<6} {kind}: {_safe(json.dumps(body, default=str), 300)}{dup}"
 
 
@@ -291,13 +468,13 @@ def _ranges(seqs: list[int]) -> str:
 def _cmd_listen(args) -> int:
     out = open(args.jsonl, "a") if args.jsonl else None
 
-    def show(rec: dict) -> None:
-        print(format_record(rec), flush=True)
+    def write(rec: dict) -> None:
         if out:
             out.write(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)) + "\n")
             out.flush()
 
-    console = CloudConsole(Path(args.run_dir), on_record=show)
+    console = CloudConsole(Path(args.run_dir), on_record=write, on_line=lambda line: print(line, flush=True),
+                           name="listen", dbc_paths=args.dbc)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -390,8 +567,7 @@ def _cmd_release(args) -> int:
             return
         _, is_ack, is_update = c
         if is_ack or is_update or rec.get("topic") == "status":
-            # "duplicate" here only means another console (the demo's) shares the ledger
-            print(format_record({**rec, "duplicate": False} if "seq" in rec else rec), flush=True)
+            print(format_record(rec), flush=True)
         check(rec)
 
     def check(rec: dict) -> None:
@@ -407,7 +583,7 @@ def _cmd_release(args) -> int:
             outcome["state"] = body["state"]
             done.set()
 
-    console = CloudConsole(run_dir, on_record=show)
+    console = CloudConsole(run_dir, on_record=show, name="release")
     console.start()
     try:
         if not console.connected.wait(15):
@@ -449,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("listen", help="show everything the fleet sends, verified and decrypted")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--jsonl", help="also append every record to this JSON Lines file")
+    p.add_argument("--dbc", action="append", default=[], metavar="FILE",
+                   help="show the CAN signals of the configs this cloud sent at their DBC resolution")
     p.set_defaults(func=_cmd_listen)
     p = sub.add_parser("publish", help="seal and publish one downlink message")
     p.add_argument("--run-dir", required=True)

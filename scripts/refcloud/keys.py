@@ -42,10 +42,7 @@ def generate_cloud_keys(out_dir: str | os.PathLike[str], force: bool = False) ->
     keys.write_private_key(paths["cloud_enc.key"], enc, force=force)
     keys.write_public_key(paths["cloud_sign.pub"], sign.public_key())
     keys.write_public_key(paths["cloud_enc.pub"], enc.public_key())
-    result = {"kid_sign": keys.key_id(sign.public_key()), "kid_enc": keys.key_id(enc.public_key()), "paths": paths}
-    print(f"kid_sign  {result['kid_sign']}")
-    print(f"kid_enc   {result['kid_enc']}")
-    return result
+    return {"kid_sign": keys.key_id(sign.public_key()), "kid_enc": keys.key_id(enc.public_key()), "paths": paths}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,10 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite existing keys")
     args = parser.parse_args(argv)
     try:
-        generate_cloud_keys(args.out, force=args.force)
+        result = generate_cloud_keys(args.out, force=args.force)
     except (FileExistsError, keys.KeyFileError, OSError) as e:
         print(f"cloud_keys: {e}", file=sys.stderr)
         return 1
+    # the key ids (PROTOCOL §1: kid) that envelopes signed or sealed with these keys carry
+    print(f"kid_sign  {result['kid_sign']}")
+    print(f"kid_enc   {result['kid_enc']}")
     return 0
 
 

@@ -210,6 +210,7 @@ class ElmEmulator:
             self._sync(deadline)  # scenario set, interpreter reading commands
             self.python(_DTC_FRAMES_PATCH)
             self.python(_MULTI_PID_PATCH)
+            self._configure()
         except BaseException:
             self.kill()
             raise
@@ -221,6 +222,10 @@ class ElmEmulator:
         log.info("ELM327-emulator pid %s scenario %s on %s", self._proc.pid, self.scenario,
                  self.port)
         return self.port
+
+    def _configure(self) -> None:
+        """Runs once the emulator takes commands and before :attr:`port` is handed out (or the
+        link made): a subclass sets its scenario up here (scripts/vehicle_sim/elm_twin.py)."""
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ends the emulator (SIGTERM, then SIGKILL if it lingers) and removes the link.

@@ -5,7 +5,10 @@ The ELM327-emulator answers at once; a real car's ECU takes tens of milliseconds
 command line to the emulator's pty; OBD requests (hex lines) are held ``delay_s`` first (the
 ECU round trip), adapter commands (``AT...``) go on at once (in order). Answers come back as
 they are, or through ``mangle(bytes) -> bytes`` (to drop or corrupt characters in tests).
-Thread-based, for tests and bench/bench_obd.py.
+``intercept(line) -> bytes | None`` plays a bad adapter: it sees each command line (without its
+CR) and may answer it itself (the bytes are written to the client as they are, so include the
+``\r\r>`` prompt, or leave it out to play an adapter that never ends its answer); ``None``
+forwards the line as usual. Thread-based, for tests and bench/bench_obd.py.
 """
 from __future__ import annotations
 
@@ -27,10 +30,13 @@ _HEX_LINE = re.compile(rb"^[0-9A-Fa-f ]+$")
 
 class PtyRelay:
     def __init__(self, target: str, delay_s: float = 0.05, *,
-                 mangle: Callable[[bytes], bytes] | None = None):
+                 mangle: Callable[[bytes], bytes] | None = None,
+                 intercept: Callable[[bytes], bytes | None] | None = None):
         self.target = target
         self.delay_s = delay_s
         self.mangle = mangle
+        self.intercept = intercept
+        self.intercepted = 0  # command lines answered by ``intercept``
         self.requests = 0  # OBD requests relayed
         self.lines: collections.deque[bytes] = collections.deque(maxlen=1000)  # latest commands
         self._master: int | None = None
@@ -105,6 +111,13 @@ class PtyRelay:
                     line, pending = pending.split(b"\r", 1)
                     due = time.monotonic()
                     self.lines.append(line.strip())
+                    intercept = self.intercept
+                    answer = intercept(line.strip()) if intercept is not None else None
+                    if answer is not None:
+                        self.intercepted += 1
+                        if answer:
+                            os.write(master, answer)
+                        continue
                     if line.strip() and _HEX_LINE.match(line):
                         due += self.delay_s
                         self.requests += 1

@@ -31,6 +31,48 @@ class ReplayStats:
     passes: int = 0
 
 
+class Sender:
+    """Sends frames by recorded channel: ``bus`` and ``channel_map`` as :func:`replay` takes them.
+    A failed send (full kernel buffer, adapter gone) is counted and logged once per
+    :meth:`new_pass`; frames of unselected channels are counted as skipped. Shared with
+    scripts/vehicle_sim/can_twin.py."""
+
+    def __init__(self, bus: can.BusABC | Mapping[str, can.BusABC],
+                 channel_map: Mapping[str, str] | None, stats: ReplayStats, *,
+                 send_timeout_s: float = 1.0, what: str = "replay"):
+        self.bus = bus
+        self.channel_map = channel_map
+        self.stats = stats
+        self.send_timeout_s = send_timeout_s
+        self.what = what
+        self._single = isinstance(bus, can.BusABC)
+        self._errors_logged = False
+
+    def new_pass(self) -> None:
+        self._errors_logged = False
+
+    def send(self, msg: can.Message, channel: str) -> None:
+        channel_map = self.channel_map
+        if self._single:
+            if channel_map is not None and channel not in channel_map:
+                self.stats.skipped += 1
+                return
+            target = self.bus
+        else:
+            target = self.bus.get(channel_map.get(channel, "") if channel_map is not None else channel)
+            if target is None:
+                self.stats.skipped += 1
+                return
+        try:
+            target.send(msg, timeout=self.send_timeout_s)
+            self.stats.sent += 1
+        except can.CanError as e:
+            self.stats.failed += 1
+            if not self._errors_logged:
+                log.warning("%s: send failed (%s); counting further failures", self.what, e)
+                self._errors_logged = True
+
+
 def _scaled(messages: Iterable[can.Message], speed: float) -> Iterator[can.Message]:
     t0: float | None = None
     for msg in messages:
@@ -56,9 +98,9 @@ def replay(log_path: str | Path, bus: can.BusABC | Mapping[str, can.BusABC], spe
     if speed < 0:
         raise ValueError("speed must be >= 0")
     stats = ReplayStats()
-    single = isinstance(bus, can.BusABC)
+    sender = Sender(bus, channel_map, stats, send_timeout_s=send_timeout_s)
     while True:
-        errors_logged = False
+        sender.new_pass()
         with can.LogReader(str(log_path)) as reader:
             messages: Iterable[can.Message] = reader
             if speed > 0:
@@ -70,25 +112,7 @@ def replay(log_path: str | Path, bus: can.BusABC | Mapping[str, can.BusABC], spe
                 if msg.is_error_frame:
                     stats.skipped += 1
                     continue
-                channel = str(msg.channel) if msg.channel is not None else ""
-                if single:
-                    if channel_map is not None and channel not in channel_map:
-                        stats.skipped += 1
-                        continue
-                    target = bus
-                else:
-                    target = bus.get(channel_map.get(channel, "") if channel_map is not None else channel)
-                    if target is None:
-                        stats.skipped += 1
-                        continue
-                try:
-                    target.send(msg, timeout=send_timeout_s)
-                    stats.sent += 1
-                except can.CanError as e:
-                    stats.failed += 1
-                    if not errors_logged:
-                        log.warning("replay: send failed (%s); counting further failures", e)
-                        errors_logged = True
+                sender.send(msg, str(msg.channel) if msg.channel is not None else "")
         stats.passes += 1
         if not loop or (stop_event is not None and stop_event.is_set()):
             return stats
