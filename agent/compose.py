@@ -241,7 +241,7 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         from agent.vehicle.can_pipeline import CanPipeline
         bus_activity = BusActivity() if s.power is not None else None
         can = CanPipeline(s.can.buses, config.current().get("can"), put_samples=ingest.put_samples,
-                          put_frames=ingest.put_frames,
+                          put_frames=ingest.put_frames, clock_us=clock.now_us,
                           frame_listeners=[bus_activity.note_frames] if bus_activity else ())
     obd = None
     if s.obd.enabled:

@@ -49,6 +49,9 @@ _OWN_KEYS = frozenset({"name", "dbc"})
 #: clock; otherwise (seconds since boot, as in recordings, zero, or a wall clock the agent does
 #: not trust yet: a Pi boots at a stale saved time) the frame is stamped with the clock itself.
 _TRUST_WINDOW_US = 60_000_000
+#: Message timestamps outside these (seconds since the epoch) are not epoch time.
+_EPOCH_MIN_S = 1_500_000_000.0
+_EPOCH_MAX_S = 4_102_444_800.0
 
 # SocketCAN error-frame classes (linux/can/error.h), carried in the error frame's id.
 _CAN_ERR_CRTL = 0x004
@@ -180,12 +183,22 @@ def open_buses(bus_settings: Sequence[Mapping[str, Any]],
     return buses
 
 
-def trusted_timestamp(ts_s: float, now_us: int) -> float:
-    """A received message's own timestamp ``ts_s`` (kernel or adapter time, seconds) when it
-    agrees with the agent's clock ``now_us`` to within a minute; otherwise (seconds since boot,
-    as in recordings, zero, or a system time the clock does not trust yet, which makes
-    ``now_us`` provisional) ``now_us`` itself."""
-    return ts_s if abs(ts_s * 1_000_000 - now_us) <= _TRUST_WINDOW_US else now_us / 1_000_000
+def wall_agrees(now_us: int, wall_us: int) -> bool:
+    """The agent's clock (``now_us``) and the system's wall clock (``wall_us``, what the kernel
+    stamps frames with) agree to within :data:`_TRUST_WINDOW_US`: a Pi booted at a stale saved
+    time and not yet synchronised makes them disagree (the agent's clock is then provisional)."""
+    return abs(now_us - wall_us) <= _TRUST_WINDOW_US
+
+
+def trusted_timestamp(ts_s: float, now_us: int, wall_us: int) -> float:
+    """A received message's own timestamp ``ts_s`` (kernel or adapter time, seconds) when it is
+    epoch time and the system clock behind it agrees with the agent's (:func:`wall_agrees`);
+    otherwise (seconds since boot, as in recordings, zero, or a stale system clock) ``now_us``,
+    the agent's clock, in seconds. The reader applies the same rule per frame, with
+    :func:`wall_agrees` re-checked once a second."""
+    if _EPOCH_MIN_S <= ts_s <= _EPOCH_MAX_S and wall_agrees(now_us, wall_us):
+        return ts_s
+    return now_us / 1_000_000
 
 
 def _shutdown_quietly(bus: can.BusABC | None) -> None:
@@ -284,6 +297,8 @@ class CanReader:
         self._states = {name: _BusState(name, bus) for name, bus in buses.items()}
         self._on_frames = on_frames
         self._clock_us = clock_us or Clock().now_us
+        self._wall_ok = False          # wall_agrees(), as last checked
+        self._wall_checked_at = -1e9   # time.monotonic() of that check
         self._reopen = reopen
         self._queue_size = queue_size
         self._batch_max = batch_max
@@ -476,7 +491,12 @@ class CanReader:
                 or len(msg.data) > (64 if msg.is_fd else 8):
             self._on_invalid(st, msg)
             return
-        msg.timestamp = trusted_timestamp(msg.timestamp, clock_us())
+        mono = time.monotonic()
+        if mono >= self._wall_checked_at + 1.0:
+            self._wall_checked_at = mono
+            self._wall_ok = wall_agrees(clock_us(), time.time_ns() // 1000)
+        if not (self._wall_ok and _EPOCH_MIN_S <= msg.timestamp <= _EPOCH_MAX_S):
+            msg.timestamp = clock_us() / 1_000_000
         if len(queue) >= limit:
             st.drops += 1
         else:

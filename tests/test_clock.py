@@ -122,11 +122,11 @@ def test_a_can_frame_keeps_the_kernel_timestamp_only_when_the_clock_agrees():
     clock = m.clock()
     msg = can.Message(timestamp=STALE_NS / 1e9, arbitration_id=0x123, data=b"\x01")
     # the kernel stamped it with the stale wall clock; the agent's clock is provisional
-    assert round(trusted_timestamp(msg.timestamp, clock.now_us()) * 1e6) == m.mono // 1000
+    assert round(trusted_timestamp(msg.timestamp, clock.now_us(), m.wall // 1000) * 1e6) == m.mono // 1000
     m.timesync(TRUE_NS)
     m.tick(1)   # the kernel's word is re-read once a second
     msg = can.Message(timestamp=m.wall / 1e9 - 0.002, arbitration_id=0x123, data=b"\x01")
-    assert abs(round(trusted_timestamp(msg.timestamp, clock.now_us()) * 1e6) - (m.wall // 1000 - 2000)) <= 1
+    assert abs(round(trusted_timestamp(msg.timestamp, clock.now_us(), m.wall // 1000) * 1e6) - (m.wall // 1000 - 2000)) <= 1
 
 
 @pytest.fixture

@@ -34,8 +34,10 @@ class Cloud:
         self.enc_pub = self.c.registry.get(DEV)[1]
 
     def acks(self, kind=None):
+        """The acks the cloud received, each envelope once: an envelope sent again because its
+        PUBACK was lost (the same (dev, seq), PROTOCOL §2.4's at-least-once) is not another ack."""
         return [r for r in self.c.records if r.get("kind") == "ack" and r["dev"] == DEV
-                and (kind is None or r["body"]["ref_kind"] == kind)]
+                and not r["duplicate"] and (kind is None or r["body"]["ref_kind"] == kind)]
 
     def wait_ack(self, kind, seq, timeout=30):
         rec = self.c.wait_for(lambda r: r.get("kind") == "ack" and r["body"]["ref_kind"] == kind

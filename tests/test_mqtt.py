@@ -247,6 +247,7 @@ def test_uplink_is_acknowledged_and_the_largest_envelopes_pass_both_ways(
     cloud.subscribe(f"{PREFIX}/{dev}/#")
     h = links(any_broker, dev)
     cloud.expect(online(f"{PREFIX}/{dev}/status"))  # its SUBSCRIBE was processed before this
+    assert h.link.wait_connected(20)   # the link publishes once its SUBACK is in, just after
 
     rng = random.Random(19)
     small, largest_up = b"\x83small", rng.randbytes(envelope.MAX_UPLINK)

@@ -52,9 +52,17 @@ def format_status(st: dict) -> str:
                                + (", in a trip" if h.get("trip") else "")))
     if st.get("pending_clear_dtc"):
         rows.append(("cloud request", "clear trouble codes (confirm with: dongle dtc clear)"))
+    gpio = st.get("gpio") or {}
+    if gpio:
+        rows.append(("GPIO", f"pin backend {gpio['backend']}" if gpio.get("backend") else
+                     f"LEDs and button off ({gpio.get('backend_error') or 'no pin backend'})"))
     for k, v in (st.get("last_errors") or {}).items():
         rows.append((f"last error {k}", v))
-    return pairs(rows)
+    text = pairs(rows)
+    if st.get("update"):
+        from agent.update.updater import format_status as update_text
+        text += "\nupdates:\n" + "\n".join("  " + line for line in update_text(st["update"]).splitlines())
+    return text
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -181,6 +181,8 @@ class Technician:
             "technician_mode": bool(self._indicators is not None and self._indicators.technician_mode),
             "pending_clear_dtc": self._store.get_meta("pending_clear_dtc"),
             "health": self._health_summary(),
+            "gpio": {k: (st.get("gpio") or {}).get(k) for k in ("backend", "backend_fallbacks", "backend_error")},
+            "update": st.get("update"),
             "last_errors": errors,
         }
 

@@ -93,7 +93,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     st["current"], st["previous"] = layout.current_version(), layout.previous_version()
     st["slots"] = layout.installed()
     st["work"] = state.load_work(layout)
-    print(json.dumps(st, indent=1, sort_keys=True))
+    from agent.cli.common import emit_json
+    emit_json(st)   # the shape of every `--json` answer of the dongle CLI: {"ok": true, ...}
     return 0
 
 

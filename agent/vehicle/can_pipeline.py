@@ -33,7 +33,10 @@ KERNEL_FILTERS = frozenset({"socketcan"})
 class CanPipeline:
     def __init__(self, bus_settings: Sequence[Mapping[str, Any]], can_config: Mapping[str, Any] | None,
                  *, put_samples: Callable[[list[Sample]], None], put_frames: Callable[[FrameBatch], None],
-                 frame_listeners: Sequence[Callable[[FrameBatch], None]] = ()):
+                 frame_listeners: Sequence[Callable[[FrameBatch], None]] = (),
+                 clock_us: Callable[[], int] | None = None):
+        """``clock_us``: the agent's clock, which stamps frames whose own timestamp it does not
+        trust (drivers/can.py ``trusted_timestamp``)."""
         self._put_samples = put_samples
         self._put_frames = put_frames
         # Every received frame, before decoding (e.g. bus activity for power management).
@@ -52,7 +55,7 @@ class CanPipeline:
         self._decoders: list[CanDecoder] = []
         self.problems: list[str] = []
         self.apply_can_config(can_config)
-        self.reader = CanReader.from_settings(bus_settings, self._on_frames, self._filters())
+        self.reader = CanReader.from_settings(bus_settings, self._on_frames, self._filters(), clock_us=clock_us)
 
     def apply_config(self, doc: Mapping[str, Any]) -> list[str]:
         """The ``can`` part of a cloud config (PROTOCOL §4)."""
