@@ -177,13 +177,15 @@ class Technician:
             "config_version": st.get("config_version"),
             "buffer": {"depth": st["buffer"], "oldest_age_s": None if oldest is None else round((self._clock.now_ms() - oldest) / 1000, 1)},
             "disk": {"data_dir": str(data_dir), "free_bytes": disk.free, "total_bytes": disk.total, "db_bytes": db_bytes},
-            "clock": {"synced": self._clock.is_synced(), "now_ms": self._clock.now_ms()},
+            "clock": {**self._clock.status(), "now_ms": self._clock.now_ms()},
             "technician_mode": bool(self._indicators is not None and self._indicators.technician_mode),
             "pending_clear_dtc": self._store.get_meta("pending_clear_dtc"),
             "health": self._health_summary(),
-            "gpio": {k: (st.get("gpio") or {}).get(k) for k in ("backend", "backend_fallbacks", "backend_error")},
+            "gpio": st.get("gpio"),
             "update": st.get("update"),
             "last_errors": errors,
+            # the components' own reports, for --json readers (a technician's script, the device VM tests)
+            **{k: st.get(k) for k in ("can", "obd", "store", "ingest", "uplink", "power")},
         }
 
     def _health_summary(self) -> dict | None:
