@@ -470,7 +470,7 @@ def _updater(s: Settings, *, clock: Clock, version: str, emit_event: Callable[[d
     """The updater and the ``down/release`` handler (docs/updates.md).
 
     Updates are optional: without ``[update]``, with ``enabled = false``, or when it cannot be
-    used (no pinned TUF root, an install root the agent cannot write), there is no updater and
+    used (no pinned TUF root, an update work directory it cannot write), there is no updater and
     a ``down/release`` is answered ``rejected`` "updates not configured" (naming what is missing).
 
     What the updater is given: ``health`` — store open and writing, broker connected, and the
@@ -498,7 +498,7 @@ def _updater(s: Settings, *, clock: Clock, version: str, emit_event: Callable[[d
     from agent.update import slots
     from agent.update.updater import Updater
     try:
-        slots.prepare(us.layout())   # the install root must be writable: say so now, not later
+        slots.prepare_work(us.layout())   # its own update directory (never the install root)
     except OSError as e:
         log.error("update: updates disabled: %s", e)
         return None, not_configured(f"{UPDATES_NOT_CONFIGURED}: {e}"[:300])

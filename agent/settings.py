@@ -231,6 +231,7 @@ class UpdateSettings:
     root: Path = Path("/opt/dongle")                 # install layout (agent.update.slots)
     tuf_root: Path = Path("/etc/dongle/keys/tuf_root.json")   # pinned at provisioning
     metadata_dir: Path = Path("/var/lib/dongle/tuf")
+    work_dir: Path = Path("/var/lib/dongle/update")  # the agent's: staging, requests (not /opt)
     ca_file: Path | None = None                      # None: the system's CA bundle
     hardware_id: str = "dongle-pi-v1"
     mcu_hardware_id: str = "dongle-mcu-v1"
@@ -255,7 +256,7 @@ class UpdateSettings:
 
     def layout(self):
         from agent.update.slots import Layout
-        return Layout(Path(self.root), self.python)
+        return Layout(Path(self.root), self.python, Path(self.work_dir))
 
 
 @dataclass(frozen=True)
@@ -442,6 +443,8 @@ def load(path: str | os.PathLike = DEFAULT_PATH, *, check_files: bool = True) ->
             defaults["tuf_root"] = keys.sign_key.parent / "tuf_root.json"
         if not update.get("metadata_dir"):
             defaults["metadata_dir"] = sections["device"].data_dir / "tuf"
+        if not update.get("work_dir"):
+            defaults["work_dir"] = sections["device"].data_dir / "update"
         if defaults:
             sections["update"] = replace(u, **defaults)
     settings = Settings(path=path, raw=data, **sections)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.update import updater  # noqa: E402
 from agent.update.slots import Layout  # noqa: E402
-from agent.update.tuf_client import TufClient  # noqa: E402
+from agent.update.tuf_client import NetworkSource, TufClient  # noqa: E402
 from scripts.testbed.devca import DevCA  # noqa: E402
 from scripts.refcloud.release import PYVER, ReleaseRepo, release_body, stage_agent, stage_deps  # noqa: E402
 from scripts.testbed.tuf_server import TufServer  # noqa: E402
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 tuf = TufClient(meta, repo.root_path, ca_file=ca.ca_cert_path)
                 if delta_from:  # the device runs the base version already
                     rel0 = release_body("agent", "1.0.0", 1, srv.url, "agent/1.0.0/bundle.tar.zst")
-                    tar, comp, _ = updater.fetch_agent(tuf, layout, rel0, "dongle-pi-v1",
-                                                       max_bytes=1 << 30)
+                    tar, comp, _ = updater.fetch_agent(NetworkSource(tuf, srv.url, layout), layout,
+                                                       rel0, "dongle-pi-v1", max_bytes=1 << 30)
                     updater.install_slot(layout, rel0, tar, comp)
                     updater.activate_on_trial(layout, rel0)
                     # A new release brings new targets, snapshot and timestamp metadata: make the
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                                    f"agent/{version}/bundle.tar.zst", delta_from=delta_from,
                                    delta_target=delta_from and f"agent/{version}/delta-from-{delta_from}.zst")
                 t0 = time.perf_counter()
-                tar, comp, how = updater.fetch_agent(tuf, layout, rel, "dongle-pi-v1",
-                                                     max_bytes=1 << 30)
+                tar, comp, how = updater.fetch_agent(NetworkSource(tuf, srv.url, layout), layout,
+                                                     rel, "dongle-pi-v1", max_bytes=1 << 30)
                 t1 = time.perf_counter()
                 updater.install_slot(layout, rel, tar, comp)
                 updater.activate_on_trial(layout, rel)

@@ -351,7 +351,7 @@ def test_install_dry_run_changes_nothing_and_shows_the_plan():
     assert "dry run: nothing will be changed" in out
     fresh = before["/opt/dongle"] is None
     if fresh:  # on a machine where it was never installed, every step is in the plan
-        assert "python3 -m venv /opt/dongle/venv" in out
+        assert "python3 -m venv /opt/dongle/slots/" in out and "/opt/dongle/current" in out
         assert "/etc/dongle/agent.toml" in out and "agent.example.toml" in out
         assert "systemctl enable dongle-agent.service" in out
         assert "install -d -o dongle -g dongle -m 0750 /var/lib/dongle" in out
@@ -359,7 +359,7 @@ def test_install_dry_run_changes_nothing_and_shows_the_plan():
         assert "useradd --system --gid dongle" in out
     # never started by the installer: only once provisioned
     assert "systemctl start" not in "\n".join(ln for ln in out.splitlines() if ln.startswith("+"))
-    assert "/opt/dongle/venv/bin/pip install" in out and str(ROOT) in out
+    assert re.search(r"/opt/dongle/slots/[^/ ]+/bin/pip install", out) and str(ROOT) in out
 
 
 def test_install_rejects_unknown_arguments():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.cloud import schemas
+from agent.cloud import protocol, schemas
 from agent.update import state
 from scripts.testbed import updates as demo_update
 from scripts.refcloud.console import release
@@ -38,7 +38,7 @@ def dongle(fleet):
                                    restart_s=0.3, args=("--log-level", "DEBUG")).start()
     try:
         assert _online(fleet.console, FACTORY), svc.log_text()[-5000:]
-        yield fleet.console, svc, layout
+        yield fleet.console, svc, layout, srv
     finally:
         svc.stop()
         srv.stop()
@@ -72,7 +72,7 @@ def _ack(console, seq: int) -> dict | None:
 
 
 def test_release_updates_the_running_agent_which_reports_good(dongle) -> None:
-    console, svc, layout = dongle
+    console, svc, layout, _ = dongle
     seq, body = release(console, DEV, "1.0.1")
     assert body["delta_from"] == FACTORY            # from the version the device reported
     assert _ack(console, seq)["status"] == "accepted", svc.log_text()[-5000:]
@@ -100,7 +100,7 @@ def test_release_updates_the_running_agent_which_reports_good(dongle) -> None:
 
 
 def test_broken_release_rolls_back_by_itself(dongle) -> None:
-    console, svc, layout = dongle
+    console, svc, layout, _ = dongle
     seq, body = release(console, DEV, "1.0.2", broken=True)
     assert _ack(console, seq)["status"] == "accepted", svc.log_text()[-5000:]
 
@@ -127,6 +127,39 @@ def test_broken_release_rolls_back_by_itself(dongle) -> None:
     seq2, _ = console.publish(DEV, "release", body)
     ack = _ack(console, seq2)
     assert ack["status"] == "rejected" and "blocked_counter" in ack["reason"]
+
+
+def _publish_unchecked(console, body: dict) -> int:
+    """What a buggy or hostile backend can send: signed and sealed, but never held against the
+    release schema on the cloud side (the console's own publish checks it)."""
+    _, enc_pub = console.registry.get(DEV)
+    seq = console.ledger.next_down_seq(DEV)
+    env = protocol.seal("release", body, dev=DEV, seq=seq, signer=console.sign_key,
+                        recipient=enc_pub, check_schema=False)
+    console.publish_raw(DEV, "down/release", env, retain=True)
+    return seq
+
+
+NOT_VERSIONS = ["../../etc", "/", "1..2", "1.2.", ".1", "1.0/../../x", "9" * 65, ""]
+
+
+def test_a_release_whose_version_is_not_a_plain_version_is_rejected_before_any_download(dongle) -> None:
+    """Issue 20 item 6: such a release was acked ``accepted``, retried for ever, and kept every
+    lower counter out ("counter N is pending"). Now: ``rejected`` naming the version, nothing
+    fetched, nothing pending, and the next good release goes through."""
+    console, svc, layout, srv = dongle
+    built = demo_update.build_release(console.run_dir, "1.0.1")
+    srv.reset_counters()
+    for i, version in enumerate(NOT_VERSIONS):
+        body = built.body(srv.url)
+        body.update(version=version, release_counter=100 + i)
+        ack = _ack(console, _publish_unchecked(console, body))
+        assert ack["status"] == "rejected", (version, ack, svc.log_text()[-3000:])
+        assert "version" in ack["reason"], ack
+    assert not [r for r in srv.requests if r[0].startswith("/targets/")]
+    assert state.load_work(layout)["pending"] == {}
+    seq = _publish_unchecked(console, built.body(srv.url))      # counter 2: lower than all above
+    assert _ack(console, seq)["status"] == "accepted", svc.log_text()[-3000:]
 
 
 def test_release_without_updates_configured_is_rejected(fleet) -> None:

@@ -39,6 +39,7 @@ def _reset(layout: Layout) -> None:
     slots.set_link(layout.current, f"slots/{OLD}")
     slots.remove_link(layout.previous)
     shutil.rmtree(layout.slot(NEW), ignore_errors=True)
+    shutil.rmtree(layout.staging, ignore_errors=True)   # download it again
     with state.locked(layout) as st:
         st["trial"] = None
 
@@ -60,7 +61,7 @@ def _phase(layout: Layout) -> str:
     """Where the kill landed, judging by what it left behind."""
     if list(layout.slots.glob("*.partial")):
         return "install"
-    if list(layout.downloads.glob("*.part")):
+    if list(layout.staging.glob("*.part")):
         return "download"
     if layout.current_version() == NEW:
         return "activated"

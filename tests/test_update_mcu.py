@@ -42,7 +42,8 @@ def world(tmp_path: Path):
             schemas.validate("event", body)
             events.append(body)
 
-        up = Updater(UpdateSettings(root=tmp_path / "opt", tuf_root=repo.root_path,
+        up = Updater(UpdateSettings(root=tmp_path / "opt", work_dir=tmp_path / "work",
+                                    tuf_root=repo.root_path,
                                     metadata_dir=tmp_path / "meta", ca_file=ca.ca_cert_path,
                                     max_rate_kib_s=0, mcu_trial_s=2),
                      emit_event=emit, parked=lambda: True, supply_v=lambda: 12.5,
@@ -66,7 +67,7 @@ def test_mcu_update_through_tuf(world) -> None:
     assert sim.fw_state.label == "committed"
     assert [e["state"] for e in events if "bytes_done" not in e] == \
         ["downloading", "installed", "good"]
-    st = state.load(up.layout)
+    st = state.load_work(up.layout)
     assert st["mcu"]["release_counter"] == 5 and st["mcu"]["version"] == "2.0.0"
     out = up.handle_release(opened(_release(srv, "2.0.0", 5), 2))
     assert out.status == "rejected" and out.reason.startswith("stale_counter")
@@ -79,7 +80,7 @@ def test_mcu_image_that_never_confirms_rolls_back(world) -> None:
     assert sim.version == "1.0.0"
     [rb] = [e for e in events if e["state"] == "rolled_back"]
     assert rb["component"] == "mcu" and "rolled back" in rb["reason"]
-    assert state.load(up.layout)["mcu"]["blocked_counter"] == 6
+    assert state.load_work(up.layout)["mcu"]["blocked_counter"] == 6
     out = up.handle_release(opened(_release(srv, "2.0.1", 6), 2))
     assert out.status == "rejected" and out.reason.startswith("blocked_counter")
 

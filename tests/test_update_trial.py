@@ -53,7 +53,8 @@ def poststop(layout: Layout, result: str, code: str, status: str) -> None:
 
 
 def rolled_back_report(layout: Layout) -> dict:
-    [report] = state.load(layout)["reports"]
+    [queued] = state.load(layout)["reports"]
+    report = queued["body"]
     schemas.validate("event", report)
     assert report["state"] == "rolled_back" and report["component"] == "agent"
     assert report["from"] == "1.0.0" and report["to"] == "1.1.0"
@@ -94,41 +95,74 @@ class FakeClock:
         return self.t
 
 
-def test_no_broker_rolls_back(layout: Layout) -> None:
+def _updater(layout: Layout, tmp: Path, health, clock) -> tuple[Updater, list[dict], list[int]]:
+    events: list[dict] = []
+    restarts: list[int] = []
+    up = Updater(UpdateSettings(root=layout.root, work_dir=layout.work, tuf_root=tmp / "none.json",
+                                metadata_dir=tmp / "meta", python=layout.python, stable_s=300,
+                                trial_s=900),
+                 emit_event=events.append, health=health, clock_synced=lambda: True,
+                 monotonic=clock, restart=lambda: restarts.append(1))
+    return up, events, restarts
+
+
+def apply(layout: Layout, tmp: Path) -> str:
+    """dongle-update-install.service, for real: a separate process (settings from a file)."""
+    toml = tmp / "installer.toml"
+    toml.write_text(f'[device]\nid = "test-0001"\ndata_dir = "{tmp / "data"}"\n\n[update]\nenabled = true\n'
+                    f'root = "{layout.root}"\nwork_dir = "{layout.work}"\n'
+                    f'tuf_root = "{tmp / "none.json"}"\npython = "{layout.python}"\n')
+    r = subprocess.run([sys.executable, "-m", "agent.update.cli", "--config", str(toml), "apply"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_no_broker_rolls_back(layout: Layout, tmp_path: Path) -> None:
+    """The in-agent monitor decides; the agent asks the installer, which rolls back; the
+    agent, no longer on the slot ``current`` names, restarts."""
     clock = FakeClock()
-    mon = trial.TrialMonitor(layout, lambda: {"store": True, "broker": False, "vehicle": None},
-                             stable_s=300, trial_s=900, monotonic=clock)
     assert prestart(layout) == "trial"
+    up, events, restarts = _updater(layout, tmp_path,
+                                    lambda: {"store": True, "broker": False, "vehicle": None}, clock)
     for _ in range(8):
         clock.t += 100
-        assert mon.tick() is None
+        assert up.step() == []
     clock.t += 100
-    assert mon.tick() == "rolled_back"
+    assert up.step() == ["agent:rollback", "agent:waiting (installer: rollback)"]
+    assert layout.current_version() == "1.1.0"        # the agent cannot do it itself
+    assert '"result": "done"' in apply(layout, tmp_path)
     assert_back_on_old(layout)
     assert rolled_back_report(layout)["reason"].startswith("no_broker")
+    assert up.step() == ["agent:restart"] and restarts == [1]
+    assert [e["state"] for e in events] == ["rolled_back"]
 
 
-def test_good_only_after_every_check_held_for_the_stable_time(layout: Layout) -> None:
+def test_good_only_after_every_check_held_for_the_stable_time(layout: Layout, tmp_path: Path) -> None:
     clock = FakeClock()
     health = {"store": True, "broker": True, "vehicle": None}
-    mon = trial.TrialMonitor(layout, lambda: health, stable_s=300, trial_s=900, monotonic=clock)
     assert prestart(layout) == "trial"
-    assert mon.tick() is None
+    up, events, restarts = _updater(layout, tmp_path, lambda: health, clock)
+    assert up.step() == []
     clock.t += 200
     health["vehicle"] = False                # car on, vehicle link broken: stability restarts
-    assert mon.tick() is None
+    assert up.step() == []
     clock.t += 200
     health["vehicle"] = True
-    assert mon.tick() is None
+    assert up.step() == []
     clock.t += 299
-    assert mon.tick() is None
+    assert up.step() == []
     clock.t += 1
-    assert mon.tick() == "good"
+    assert up.step() == ["agent:good", "agent:waiting (installer: good)"]
+    assert state.load(layout)["trial"] is not None
+    assert '"result": "done"' in apply(layout, tmp_path)
     st = state.load(layout)
     assert st["trial"] is None and st["agent"]["release_counter"] == 2
     assert st["agent"]["version"] == "1.1.0" and layout.current_version() == "1.1.0"
+    assert up.step() == [] and restarts == []            # the slot it runs is still current
+    assert [(e["state"], e["to"]) for e in events] == [("good", "1.1.0")]
     assert prestart(layout) == "normal"       # later starts are not counted
-    assert mon.tick() is None
+    assert apply(layout, tmp_path) == "nothing to do"     # each request is carried out once
 
 
 def test_restart_requests_and_clean_stops_are_not_failures(layout: Layout) -> None:
@@ -167,7 +201,8 @@ def test_rolled_back_release_is_reported_and_not_retried(layout: Layout, tmp_pat
         poststop(layout, "signal", "killed", "SEGV")
     assert layout.current_version() == "1.0.0"
     events: list[dict] = []
-    up = Updater(UpdateSettings(root=layout.root, tuf_root=tmp_path / "none.json",
+    up = Updater(UpdateSettings(root=layout.root, work_dir=layout.work,
+                                tuf_root=tmp_path / "none.json",
                                 metadata_dir=tmp_path / "meta", python=layout.python),
                  emit_event=events.append, clock_synced=lambda: True)
     assert up.flush_reports() == 1                       # what the agent does at start

@@ -19,67 +19,31 @@ from scripts.refcloud.keys import generate_cloud_keys
 from scripts.testbed.devca import DevCA
 from scripts.refcloud.release import PYVER, signer_for
 from scripts.testbed.tuf_server import TufServer
-from tests.support.updates import HW, Env, build_repo, layout_for, make_tree, opened
+from tests.support.updates import (HW, INSTALLED, Env, Harness, build_repo, install, layout_for,
+                                   make_tree)
 from scripts.testbed.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def env(tmp_path: Path):
-    repo = build_repo(tmp_path, [("1.0.0", 1), ("1.1.0", 2)])
+def env(tmp_path: Path, request):
+    """Parametrize with ``indirect=True`` and a bool: the repository's ``consistent_snapshot``."""
+    repo = build_repo(tmp_path, [("1.0.0", 1), ("1.1.0", 2)],
+                      consistent_snapshot=getattr(request, "param", True))
     ca = DevCA(tmp_path / "pki")
     with TufServer(repo.repo, ca) as srv:
         yield Env(tmp_path, repo, srv, ca, layout_for(tmp_path))
 
 
-class Harness:
-    def __init__(self, env: Env, **settings):
-        self.env = env
-        self.events: list[dict] = []
-        self.restarts = 0
-        self.parked: bool | None = True
-        self.volts: float | None = 12.6
-        s = UpdateSettings(root=env.layout.root, tuf_root=env.repo.root_path,
-                           metadata_dir=env.tmp / "device-meta", ca_file=env.ca.ca_cert_path,
-                           python=env.layout.python, max_rate_kib_s=0, compile_bytecode=False,
-                           **settings)
-        self.updater = Updater(s, emit_event=self._emit, parked=lambda: self.parked,
-                               supply_v=lambda: self.volts, restart=self._restart,
-                               health=lambda: {"store": True, "broker": True},
-                               clock_synced=lambda: True)
-
-    def _emit(self, body: dict) -> None:
-        schemas.validate("event", body)   # every event body is a valid PROTOCOL §4 event
-        self.events.append(body)
-
-    def _restart(self) -> None:
-        self.restarts += 1
-
-    def send(self, body: dict, seq: int = 1):
-        out = self.updater.handle_release(opened(body, seq))
-        if out.after_commit:
-            out.after_commit()
-        return out
-
-    def states(self) -> list[str]:
-        """States without the progress events (``downloading`` with ``bytes_done``)."""
-        return [e["state"] for e in self.events if "bytes_done" not in e]
-
-    def rejection(self) -> str:
-        rejected = [e for e in self.events if e["state"] == "rejected"]
-        assert len(rejected) == 1, self.events
-        return rejected[0]["reason"]
+BOTH_LAYOUTS = pytest.mark.parametrize("env", [True, False], ids=["consistent", "plain"],
+                                      indirect=True)
 
 
-def install(h: Harness, version: str, counter: int, **kw) -> list[str]:
-    assert h.send(h.env.release(version, counter, **kw)).status == "accepted"
-    return h.updater.step()
-
-
+@BOTH_LAYOUTS
 def test_full_install_then_delta_update(env: Env) -> None:
     h = Harness(env)
-    assert install(h, "1.0.0", 1) == ["agent:trial"]
+    assert install(h, "1.0.0", 1) == INSTALLED
     assert env.layout.current_version() == "1.0.0"
     assert h.states() == ["downloading", "installed", "trial"]
     progress = [e for e in h.events if "bytes_done" in e]
@@ -90,7 +54,7 @@ def test_full_install_then_delta_update(env: Env) -> None:
     assert install(h, "1.1.0", 2, delta_from="1.0.0") == ["agent:waiting (trial of 1.0.0)"]
     assert env.layout.current_version() == "1.0.0" and h.restarts == 1
     trial.mark_good(env.layout)
-    assert h.updater.step() == ["agent:trial"]
+    assert h.cycle() == INSTALLED
     fetched = [p for p, status, n, _ in env.server.requests if p.startswith("/targets/")]
     assert len(fetched) == 1 and "delta-from-1.0.0" in fetched[0]
     assert env.layout.current_version() == "1.1.0"
@@ -112,12 +76,13 @@ def test_delta_falls_back_to_the_full_bundle(env: Env) -> None:
     trial.mark_good(env.layout)
     (env.layout.slot("1.0.0") / ".bundle.tar.zst").unlink()   # no base to patch
     env.server.reset_counters()
-    assert install(h, "1.1.0", 2, delta_from="1.0.0") == ["agent:trial"]
+    assert install(h, "1.1.0", 2, delta_from="1.0.0") == INSTALLED
     fetched = [p for p, *_ in env.server.requests if p.startswith("/targets/")]
     assert len(fetched) == 1 and fetched[0].endswith("bundle.tar.zst")
     assert [e["via"] for e in h.events if e["state"] == "installed"] == ["full", "full"]
 
 
+@BOTH_LAYOUTS
 def test_download_resumes_with_range(env: Env) -> None:
     tuf = env.tuf(chunk=4096)
     info, url = tuf.target_info(env.url, "agent/1.0.0/bundle.tar.zst")
@@ -139,18 +104,66 @@ def test_download_resumes_with_range(env: Env) -> None:
     assert status == 206 and ranged and sent == info.length - seen[-1]
 
 
+def _target_requests(env: Env) -> list[tuple[str, int, int, bool]]:
+    return [r for r in env.server.requests if r[0].startswith("/targets/")]
+
+
+@BOTH_LAYOUTS
+def test_a_target_republished_between_attempts_is_not_resumed_onto_old_bytes(env: Env) -> None:
+    """Issue 20 item 10/11: the link drops mid-download, the repository re-publishes the
+    target (same path, other bytes), and the next attempt must fetch the new bytes from the
+    start instead of appending them to the old ones."""
+    h = Harness(env, retry_s=0)
+    env.server.cut_targets_after(17_000)       # of ~20.7 kB: the client has a chunk or two
+    assert install(h, "1.0.0", 1) == ["agent:retry"]
+    [(_, status, sent, _)] = _target_requests(env)
+    assert (status, sent) == (200, 17_000)
+    rebuilt = make_tree(env.tmp / "trees", "1.0.0", seed=2)   # same version, other bytes
+    env.repo.add_agent_release("1.0.0", 1, rebuilt, hardware_ids=[HW])
+    env.repo.publish()
+    env.server.reset_counters()
+    assert h.cycle() == INSTALLED
+    [(_, status, sent, ranged)] = _target_requests(env)
+    assert status == 200 and not ranged and sent == env.repo.target_file(
+        "agent/1.0.0/bundle.tar.zst").stat().st_size
+    assert "rejected" not in h.states()
+
+
+def test_a_slow_drip_server_is_cut_at_the_deadline_and_the_bytes_kept(env: Env) -> None:
+    """Issue 20 item 12: a server that sends a few bytes at a time (each read well inside the
+    per-read timeout) must not hold a download forever. At 400 bytes/s the ~20 kB bundle would
+    take about a minute; the deadline (1 s floor here, plus twice the time at the rate cap) cuts
+    the attempt, which keeps what it got and is resumed."""
+    h = Harness(env, tuf=env.tuf(deadline_floor_s=1.0), retry_s=0)
+    env.server.slow_drip(400)
+    assert install(h, "1.0.0", 1) == ["agent:retry"]
+    act = h.updater.status()["activity"]
+    assert act["state"] == "retrying" and "deadline" in act["error"], act
+    [(_, _, dripped, _)] = wait_until(lambda: _target_requests(env), 20, what="the cut request")
+    assert 0 < dripped < env.repo.target_file("agent/1.0.0/bundle.tar.zst").stat().st_size
+    env.server.slow_drip(None)
+    env.server.reset_counters()
+    assert h.cycle() == INSTALLED
+    [(_, status, _, ranged)] = _target_requests(env)
+    assert status == 206 and ranged     # resumed: the dripped bytes were kept
+
+
 def test_conditions_wait_for_parked_and_supply(env: Env) -> None:
     h = Harness(env)
     h.parked, h.volts = False, 11.0
     assert h.send(env.release("1.0.0", 1, parked=True, min_supply_v=12.0)).status == "accepted"
-    assert h.updater.step() == ["agent:waiting (parked)"]
-    assert env.layout.current_version() is None and env.layout.slot("1.0.0").is_dir()
+    assert h.cycle() == ["agent:waiting (parked)"]
+    # downloaded and verified while driving; nothing installed, nothing asked of the installer
+    assert env.layout.current_version() is None and env.layout.installed() == []
+    assert [p.name for p in env.layout.staging.iterdir() if p.is_file()] == [
+        env.layout.staged_name(env.repo.targets.signed.targets["agent/1.0.0/bundle.tar.zst"].hashes)]
+    assert not env.layout.request_file.exists()
     assert h.updater.status()["activity"]["waiting_for"] == "parked"
     h.parked = True
-    assert h.updater.step()[0].startswith("agent:waiting (supply")
+    assert h.cycle()[0].startswith("agent:waiting (supply")
     env.server.reset_counters()
     h.volts = 12.4
-    assert h.updater.step() == ["agent:trial"]
+    assert h.cycle() == INSTALLED
     assert not [r for r in env.server.requests if r[0].startswith("/targets/")]  # not fetched again
     assert env.layout.current_version() == "1.0.0"
 
@@ -160,7 +173,8 @@ def test_conditions_wait_for_parked_and_supply(env: Env) -> None:
 def _assert_untouched(env: Env) -> None:
     assert env.layout.current_version() is None
     assert env.layout.installed() == []
-    assert state.load(env.layout)["pending"] == {}
+    assert state.load_work(env.layout)["pending"] == {}
+    assert not env.layout.request_file.exists()
 
 
 def test_flipped_bits_are_rejected(env: Env) -> None:
@@ -171,7 +185,7 @@ def test_flipped_bits_are_rejected(env: Env) -> None:
     h = Harness(env)
     assert install(h, "1.0.0", 1) == ["agent:rejected (hash_mismatch)"]
     assert h.rejection().startswith("hash_mismatch")
-    assert not list(env.layout.downloads.glob("*.part"))  # bad bytes are never resumed from
+    assert not list(env.layout.staging.glob("*"))  # bad bytes are never resumed from
     _assert_untouched(env)
 
 
@@ -263,4 +277,26 @@ def test_rejected_release_can_come_again_and_status_shows_it(env: Env) -> None:
     install(h, "1.0.0", 1)
     assert h.updater.status()["activity"]["reason"] == "expired_metadata"
     env.repo.refresh_timestamp()   # the repository host re-signs
-    assert install(h, "1.0.0", 1) == ["agent:trial"]
+    assert install(h, "1.0.0", 1) == INSTALLED
+
+
+@pytest.mark.parametrize("version,plain", [
+    ("1.2.0", True), ("1.2.0-rc1", True), ("0.1.0+3", True), ("20261203_1", True),
+    ("9" * 64, True), ("9" * 65, False), ("../../etc", False), ("/", False), ("1..2", False),
+    ("1.2.", False), (".1", False), ("1.0/x", False), ("", False), ("1.0.partial", False),
+    ("1 2", False), ("1.2\n", False)])
+def test_the_schema_and_the_updater_agree_on_what_a_version_is(env: Env, version, plain) -> None:
+    """The downlink holds a release against config/schemas/release.json; the updater checks
+    the version again (it names a slot directory): one rule, two places, the same answers."""
+    body = env.release("1.0.0", 1)
+    body["version"] = version
+    try:
+        schemas.validate("release", body)
+        schema_ok = True
+    except schemas.SchemaError:
+        schema_ok = False
+    out = Harness(env).send(body)
+    assert schema_ok is plain
+    assert (out.status == "accepted") is plain, out
+    if not plain:
+        assert out.reason.startswith("invalid_version: version:"), out

@@ -6,8 +6,8 @@ A bundle holds one slot's tree relative to the slot directory (``lib/python3.X/s
 always gives the same bytes (sorted names, mtime 0, uid/gid 0, no user names, modes normalised to
 0644/0755), so a delta between two bundles only carries what changed.
 
-The tar carries no links and no absolute paths; :func:`extract` uses tarfile's ``data`` filter
-anyway (defence in depth behind TUF) and refuses anything else.
+The tar carries no links and no absolute paths; :func:`extract` checks that anyway (defence in
+depth behind TUF) and refuses anything else.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import os
 import stat
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import zstandard
 
@@ -139,14 +139,91 @@ def read_manifest(tar: bytes) -> dict:
         raise BundleError(f"bundle has no readable {MANIFEST}: {e}") from e
 
 
-def extract(tar: bytes, dest: Path) -> None:
-    """Extracts into ``dest`` (which must exist); only regular files and directories."""
+def read_manifest_file(slot: Path) -> dict:
+    """The MANIFEST.json of an installed slot."""
+    try:
+        doc = json.loads((Path(slot) / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{slot}: no readable {MANIFEST}: {e}") from e
+    if not isinstance(doc, dict):
+        raise BundleError(f"{slot}: {MANIFEST} is not an object")
+    return doc
+
+
+def _same_file(old: Path, data: bytes, mode: int) -> bool:
+    try:
+        st = os.lstat(old)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != len(data) or stat.S_IMODE(st.st_mode) != mode:
+            return False
+        with open(old, "rb") as f:
+            return f.read() == data
+    except OSError:
+        return False
+
+
+def _link_bytecode(old_src: Path, new_src: Path) -> None:
+    """The installed slot's ``__pycache__`` entries of an unchanged module, linked beside the
+    new slot's link to the same source (same inode, same mtime: the bytecode is valid for it)."""
+    cache = old_src.parent / "__pycache__"
+    try:
+        pycs = [p for p in cache.iterdir() if p.name.startswith(old_src.stem + ".")
+                and p.name.endswith(".pyc") and p.name.count(".") == 2]
+    except OSError:
+        return
+    if pycs:
+        (new_src.parent / "__pycache__").mkdir(exist_ok=True)
+        for pyc in pycs:
+            try:
+                os.link(pyc, new_src.parent / "__pycache__" / pyc.name)
+            except OSError:
+                pass   # compiled again instead
+
+
+def extract(tar: bytes, dest: Path, reuse: Path | None = None) -> int:
+    """Extracts into ``dest`` (which must exist): regular files and directories only, names
+    relative and without ``..``, modes 0644/0755, owned by whoever extracts. Done member by
+    member rather than with tarfile's ``data`` filter, which Debian 12's Python (3.11.2, the
+    Pi's) does not have: ``extractall(filter=...)`` came with 3.11.4.
+
+    ``reuse``: an installed slot; a file it has with the same bytes and mode is hard-linked
+    instead of written (with the bytecode compiled for it), so a release that changes a few
+    modules writes a few files. Slots are never modified in place, so sharing inodes is safe.
+    Returns how many files were linked."""
+    dest = Path(dest)
+    linked = 0
     try:
         with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as t:
             members = t.getmembers()
             for m in members:
                 if not (m.isfile() or m.isdir()):
                     raise BundleError(f"bundle member {m.name!r} is not a file or directory")
-            t.extractall(dest, members=members, filter="data")
+                rel = PurePosixPath(m.name)
+                if rel.is_absolute() or not rel.parts or ".." in rel.parts or "" in rel.parts:
+                    raise BundleError(f"bundle member {m.name!r} is not a relative path inside it")
+            for m in members:
+                parts = PurePosixPath(m.name).parts
+                target = dest.joinpath(*parts)
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    target.chmod(0o755)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = t.extractfile(m)
+                if src is None:
+                    raise BundleError(f"bundle member {m.name!r} has no data")
+                with src:
+                    data = src.read()
+                mode = 0o755 if m.mode & 0o111 else 0o644
+                old = Path(reuse).joinpath(*parts) if reuse is not None else None
+                if old is not None and _same_file(old, data, mode):
+                    os.link(old, target)
+                    linked += 1
+                    if target.suffix == ".py":
+                        _link_bytecode(old, target)
+                    continue
+                with open(target, "wb") as out:
+                    out.write(data)
+                target.chmod(mode)
     except (tarfile.TarError, OSError) as e:
         raise BundleError(f"extracting the bundle: {e}") from e
+    return linked

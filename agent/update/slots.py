@@ -2,14 +2,21 @@
 
 ::
 
-    /opt/dongle/                   Layout.root (configurable; tests use a tmp dir)
+    /opt/dongle/                   Layout.root (configurable; tests use a tmp dir): root's,
+                                   read-only for the agent
       slots/<version>/             one complete agent environment per version (a venv)
       slots/<version>.partial/     an install in progress: never run, removed on the next try
       current -> slots/<version>   what systemd starts (ExecStart=/opt/dongle/current/bin/...)
       previous -> slots/<version>  the last good version, kept for rollback
       venv -> current              compatibility with ExecStart=/opt/dongle/venv/bin/dongle-agent
-      update/state.json            update state (agent.update.state)
-      update/downloads/            *.part files of resumable downloads
+      update/state.json            the install state (agent.update.state)
+      update/tuf/                  the installer's own trusted TUF metadata
+    /var/lib/dongle/update/        Layout.work: the agent's (it writes nothing else of these)
+      state.json                   its work state: pending releases, MCU counters, the request
+      staging/<algo>-<hash>.part   resumable downloads, named by the signed hash
+      staging/<algo>-<hash>        verified downloads, for the installer to verify again
+      staging/metadata/            the TUF metadata the agent verified them with
+      request.json                 what the agent asks the installer to do (agent.update.request)
 
 Invariants, whatever the moment of a power cut:
 
@@ -33,6 +40,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +48,10 @@ from agent.update import bundle
 
 log = logging.getLogger(__name__)
 
-VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+#: A plain version (config/schemas/release.json ``$defs.version`` says the same): alphanumeric
+#: segments joined by one of ``.+_-``, at most 64 characters, not ending in ``.partial``.
+VERSION_RE = re.compile(r"^[0-9A-Za-z]+([.+_-][0-9A-Za-z]+)*$")
+VERSION_MAX = 64
 BUNDLE_COPY = ".bundle.tar.zst"   # the installed bundle, kept as the base of the next delta
 
 
@@ -48,9 +59,12 @@ class SlotError(Exception):
     """A slot that cannot be installed or activated."""
 
 
-def check_version(version: str) -> str:
-    if not VERSION_RE.match(version) or version.endswith(".partial") or ".." in version:
-        raise SlotError(f"invalid version {version!r}")
+def check_version(version: object) -> str:
+    """``version`` if it is a plain version (it names a directory), else SlotError."""
+    if not isinstance(version, str) or len(version) > VERSION_MAX \
+            or not VERSION_RE.fullmatch(version) or version.endswith(".partial"):
+        raise SlotError(f"invalid version {str(version)[:80]!r}: not a plain version "
+                        f"(alphanumeric segments joined by . + _ -, at most {VERSION_MAX} characters)")
     return version
 
 
@@ -58,6 +72,49 @@ def check_version(version: str) -> str:
 class Layout:
     root: Path
     python: str = "/usr/bin/python3"   # the device's interpreter the venvs are based on
+    #: The agent's own update directory (None: ``<root>/work``, for tools and tests that keep
+    #: both in one tree; on a device it is /var/lib/dongle/update, see UpdateSettings.work_dir).
+    work_dir: Path | None = None
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir is not None else self.root / "work"
+
+    @property
+    def staging(self) -> Path:
+        return self.work / "staging"
+
+    @property
+    def staged_metadata(self) -> Path:
+        return self.staging / "metadata"
+
+    @property
+    def request_file(self) -> Path:
+        return self.work / "request.json"
+
+    @property
+    def work_state_file(self) -> Path:
+        return self.work / "state.json"
+
+    @property
+    def installer_metadata(self) -> Path:
+        return self.update_dir / "tuf"
+
+    def staged_name(self, hashes: Mapping[str, str]) -> str:
+        """A verified target's name in the staging area: its signed hash, never its path (a
+        target re-published under the same path must not resume onto the old bytes)."""
+        algo = "sha256" if "sha256" in hashes else min(hashes)
+        digest = hashes[algo]
+        if not re.fullmatch(r"[0-9a-f]{16,128}", digest) or not re.fullmatch(r"[a-z0-9_-]{1,16}", algo):
+            raise SlotError(f"unusable target hash {algo}:{digest[:80]!r}")
+        return f"{algo}-{digest}"
+
+    def staged_file(self, hashes: Mapping[str, str]) -> Path:
+        return self.staging / self.staged_name(hashes)
+
+    def part_file(self, hashes: Mapping[str, str]) -> Path:
+        """The resumable download of that target (renamed to :meth:`staged_file` once verified)."""
+        return self.staging / (self.staged_name(hashes) + ".part")
 
     @property
     def slots(self) -> Path:
@@ -74,10 +131,6 @@ class Layout:
     @property
     def update_dir(self) -> Path:
         return self.root / "update"
-
-    @property
-    def downloads(self) -> Path:
-        return self.update_dir / "downloads"
 
     @property
     def state_file(self) -> Path:
@@ -167,8 +220,18 @@ def remove_link(link: Path) -> None:
 # --- install --------------------------------------------------------------------------------------
 
 def prepare(layout: Layout) -> None:
-    for d in (layout.root, layout.slots, layout.update_dir, layout.downloads):
+    """The installer's directories (root's on a device)."""
+    for d in (layout.root, layout.slots, layout.update_dir):
         d.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_work(layout: Layout) -> None:
+    """The agent's directories (OSError if it cannot write them)."""
+    for d in (layout.work, layout.staging):
+        d.mkdir(parents=True, exist_ok=True)
+    probe = layout.work / ".writable"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def finalize(slot: Path, python: str, *, compile_bytecode: bool = True) -> None:
@@ -184,9 +247,11 @@ def finalize(slot: Path, python: str, *, compile_bytecode: bool = True) -> None:
     (slot / "pyvenv.cfg").write_text(
         f"home = {home}\ninclude-system-site-packages = false\nversion = {ver}\n")
     if compile_bytecode:
+        # Timestamp-checked bytecode (the default): what install.sh's pip writes too, and a
+        # module linked unchanged from the previous slot keeps its valid .pyc (same inode, same
+        # mtime), which compile_dir then skips.
         for site in slot.glob("lib/python*/site-packages"):
-            compileall.compile_dir(str(site), quiet=1, workers=1,
-                                   invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            compileall.compile_dir(str(site), quiet=1, workers=1)
 
 
 def install(layout: Layout, version: str, tar: bytes, *, compressed: bytes | None = None,
@@ -195,7 +260,8 @@ def install(layout: Layout, version: str, tar: bytes, *, compressed: bytes | Non
 
     Idempotent: an existing complete slot is kept; a leftover ``.partial`` is discarded and
     redone. ``compressed`` (the bundle as downloaded) is kept in the slot as the base of the
-    next delta; if not given, the tar is compressed quickly here.
+    next delta; if not given, the tar is compressed quickly here. Files the current slot has
+    with the same bytes are hard-linked from it (bundle.extract), with their bytecode.
     """
     prepare(layout)
     final = layout.slot(version)
@@ -207,14 +273,15 @@ def install(layout: Layout, version: str, tar: bytes, *, compressed: bytes | Non
         log.info("update: discarding an interrupted install of %s", version)
         shutil.rmtree(partial)
     partial.mkdir()
-    bundle.extract(tar, partial)
+    current = layout.current_version()
+    linked = bundle.extract(tar, partial, reuse=layout.slot(current) if current else None)
     finalize(partial, layout.python, compile_bytecode=compile_bytecode)
     (partial / BUNDLE_COPY).write_bytes(compressed if compressed is not None
                                         else bundle.compress(tar, level=3))
     fsync_tree(partial)
     os.rename(partial, final)
     fsync_dir(layout.slots)
-    log.info("update: installed slot %s", version)
+    log.info("update: installed slot %s (%d files shared with %s)", version, linked, current)
     return final
 
 

@@ -11,15 +11,23 @@ vehicle link works if the car is on, and all that has held for ``stable_s`` seco
   before ``ExecStart=`` resolves the ``current`` link, so that start already runs the old slot.
 * **hang** — the watchdog (``WatchdogSec=``) kills the wedged agent, ``poststop`` records
   ``watchdog`` and the restart counts like a crash.
-* **no broker / unhealthy** — the in-agent monitor rolls back after ``trial_s`` seconds of this
-  run without reaching good, and asks for a restart.
+* **no broker / unhealthy** — the in-agent monitor decides on a rollback after ``trial_s``
+  seconds of this run without reaching good; the agent cannot change its code itself, so it
+  asks the installer (agent.update.request: ``rollback``), which rolls back, and the agent
+  restarts into the old slot.
 * And if even ``prestart`` cannot run (a slot too broken to start Python), the unit fails after
   ``StartLimitBurst=`` and ``OnFailure=dongle-agent-rollback.service`` runs the *previous*
   slot's ``dongle-update rollback``.
 
+*Good* is the monitor's decision too, carried out by the installer (request ``good``): the
+counter becomes the installed one, old slots go and a ``good`` report is queued.
+
 A rollback flips ``current`` back, blocks the release's counter (it is not retried until a
 higher ``release_counter`` arrives) and queues a ``rolled_back`` report with the reason; the
 agent sends it as an ``update`` event when it runs again.
+
+The functions that change the install state (begin, on_prestart, on_poststop, roll_back,
+mark_good) run as root: in the hooks, the rollback unit and the installer, never in the agent.
 """
 from __future__ import annotations
 
@@ -95,17 +103,19 @@ def _roll_back_locked(layout: Layout, st: dict, reason: str) -> bool:
         st["trial"] = None
         return False
     state.block(st, "agent", int(t.get("release_counter", 0)))
-    st["pending"].pop("agent", None)
     st["trial"] = None
-    st["reports"].append(update_event("agent", good, bad or t["version"], "rolled_back", reason))
+    state.add_report(st, update_event("agent", good, bad or t["version"], "rolled_back", reason))
     log.warning("update: %s rolled back to %s: %s", bad, good, reason)
     return True
 
 
-def roll_back(layout: Layout, reason: str) -> bool:
-    """Rolls the trial version back (no-op outside a trial). True if it rolled back."""
+def roll_back(layout: Layout, reason: str, version: str | None = None) -> bool:
+    """Rolls the trial version back (no-op outside a trial, or when ``version`` is given and
+    another one is on trial). True if it rolled back."""
     with state.locked(layout) as st:
-        if not st.get("trial") or st["trial"].get("version") != layout.current_version():
+        t = st.get("trial")
+        if not t or t.get("version") != layout.current_version() \
+                or (version is not None and t.get("version") != version):
             return False
         return _roll_back_locked(layout, st, reason)
 
@@ -142,46 +152,53 @@ def on_poststop(layout: Layout, env: Mapping[str, str]) -> None:
             del t["failures"][:-10]
 
 
-def mark_good(layout: Layout) -> dict | None:
-    """Ends the trial: the version's counter becomes the installed one. Returns the trial."""
+def mark_good(layout: Layout, version: str | None = None) -> dict | None:
+    """Ends the trial of ``version`` (default: whatever is on trial and current): its counter
+    becomes the installed one and a ``good`` report is queued. Returns the trial, or None if
+    that version is not on trial."""
     with state.locked(layout) as st:
         t = st.get("trial")
-        if not t or t.get("version") != layout.current_version():
+        if not t or t.get("version") != layout.current_version() \
+                or (version is not None and t.get("version") != version):
             return None
         state.raise_counter(st, "agent", int(t["release_counter"]), t["version"])
-        # Only this version's release is done: a newer one may be waiting for the trial to end.
-        if (st["pending"].get("agent") or {}).get("release", {}).get("version") == t["version"]:
-            st["pending"].pop("agent", None)
         st["trial"] = None
-        return t
+        state.add_report(st, update_event("agent", t.get("from"), t["version"], "good"))
+    slots.gc(layout)
+    return t
 
 
 Health = Callable[[], Mapping[str, bool | None]]
 
 
 class TrialMonitor:
-    """In the agent: decides *good* or rolls back on a timeout (see the module docstring).
+    """In the agent: decides *good* or *rollback* (see the module docstring); the installer
+    carries the decision out.
 
     ``health()`` returns ``{"store": bool, "broker": bool, "vehicle": bool | None}``; ``None``
-    means not required now (car off). ``tick()`` is called periodically; it returns ``"good"``,
-    ``"rolled_back"`` or ``None``.
+    means not required now (car off). ``running`` is the version this agent runs: only a run of
+    the version on trial is judged. ``tick()`` is called periodically; it returns ``"good"`` or
+    ``"rollback"`` once (``reason`` says why for a rollback), else None.
     """
 
     def __init__(self, layout: Layout, health: Health, *, stable_s: float = 300,
-                 trial_s: float = 900, monotonic: Callable[[], float] = time.monotonic):
+                 trial_s: float = 900, monotonic: Callable[[], float] = time.monotonic,
+                 running: str | None = None):
         self.layout = layout
         self.health = health
         self.stable_s = stable_s
         self.trial_s = trial_s
+        self.running = running if running is not None else layout.current_version()
         self._mono = monotonic
         self._started = monotonic()
         self._healthy_since: float | None = None
         self.last: dict[str, bool | None] = {}
-        self.finished: dict | None = None   # the trial record that became good
+        self.verdict: str | None = None     # "good" or "rollback", once decided
+        self.reason: str | None = None
 
     def tick(self) -> str | None:
         t = active(self.layout)
-        if t is None:
+        if t is None or t.get("version") != self.running or self.verdict is not None:
             return None
         now = self._mono()
         h = dict(self.health())
@@ -191,10 +208,9 @@ class TrialMonitor:
             if self._healthy_since is None:
                 self._healthy_since = now
             if now - self._healthy_since >= self.stable_s:
-                self.finished = mark_good(self.layout)
-                if self.finished:
-                    log.info("update: %s is good", t["version"])
-                    return "good"
+                log.info("update: %s is good", t["version"])
+                self.verdict = "good"
+                return self.verdict
         else:
             self._healthy_since = None
         if now - self._started >= self.trial_s:
@@ -205,8 +221,9 @@ class TrialMonitor:
                 reason = f"unhealthy: {', '.join(failing)} not working after {self.trial_s:.0f} s"
             else:
                 reason = f"unstable: not {self.stable_s:.0f} s healthy within {self.trial_s:.0f} s"
-            if roll_back(self.layout, reason):
-                return "rolled_back"
+            log.warning("update: %s fails its trial: %s", t["version"], reason)
+            self.verdict, self.reason = "rollback", reason
+            return self.verdict
         return None
 
     def status(self) -> dict:

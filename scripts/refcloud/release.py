@@ -1,6 +1,6 @@
 """Release tool: builds agent bundles, deltas and MCU images into a TUF repository.
 
-    python -m scripts.refcloud.release init REPO --keys KEYS
+    python -m scripts.refcloud.release init REPO --keys KEYS [--no-consistent-snapshot]
     python -m scripts.refcloud.release agent REPO --keys KEYS --version 1.2.0 --counter 12 \
         [--tree DIR | --stage [--deps [--arch aarch64] [--wheelhouse DIR]]] \
         [--delta-from 1.1.0 ...] [--hardware-id dongle-pi-v1]
@@ -17,7 +17,10 @@ anything. The timestamp role expires after ``--expires-s`` (default one day), so
 mirror stops being believed within a day; the host re-signs it with ``timestamp``.
 
 Repository: ``REPO/metadata/`` (``N.root.json``, ``N.targets.json``, ``N.snapshot.json``,
-``timestamp.json``; consistent snapshots) and ``REPO/targets/<dir>/<sha256>.<name>``.
+``timestamp.json``) and ``REPO/targets/<dir>/<sha256>.<name>``: consistent snapshots, the
+default. ``init --no-consistent-snapshot`` builds the other standard form (root's
+``consistent_snapshot: false``): clients then fetch ``snapshot.json``/``targets.json`` and
+``REPO/targets/<dir>/<name>`` (written too; the versioned copies stay beside them).
 
 Targets and their custom fields (checked by the device, agent/update/updater.py):
 
@@ -123,8 +126,10 @@ class ReleaseRepo:
 
     @classmethod
     def init(cls, repo: Path, keys: Path, *,
-             expiry: Mapping[str, dt.timedelta] | None = None) -> ReleaseRepo:
-        """Creates the keys (unless they exist) and version 1 of every role."""
+             expiry: Mapping[str, dt.timedelta] | None = None,
+             consistent_snapshot: bool = True) -> ReleaseRepo:
+        """Creates the keys (unless they exist) and version 1 of every role. The root's
+        ``consistent_snapshot`` decides the file names clients ask for (module docstring)."""
         repo, keys = Path(repo), Path(keys)
         exp = {**DEFAULT_EXPIRY, **(expiry or {})}
         tmp = cls.__new__(cls)
@@ -133,7 +138,7 @@ class ReleaseRepo:
             if not tmp._key_path(role).exists():
                 _write_key(tmp._key_path(role), Ed25519PrivateKey.generate())
         signers = {role: load_signer(tmp._key_path(role)) for role in ROLES}
-        root = Root(expires=_now() + exp["root"], consistent_snapshot=True)
+        root = Root(expires=_now() + exp["root"], consistent_snapshot=consistent_snapshot)
         for role in ROLES:
             root.add_key(signers[role].public_key, role)
         (repo / "metadata").mkdir(parents=True, exist_ok=True)
@@ -200,31 +205,39 @@ class ReleaseRepo:
 
     # --- targets ------------------------------------------------------------------------------
 
+    @property
+    def consistent_snapshot(self) -> bool:
+        return bool(self.root.signed.consistent_snapshot)
+
+    def _stored(self, info: TargetFile) -> Path:
+        """Where the target's bytes are served from: ``<dir>/<sha256>.<name>`` with consistent
+        snapshots, ``<dir>/<name>`` without (TUF specification §5.7.3)."""
+        dirname, _, base = info.path.rpartition("/")
+        if self.consistent_snapshot:
+            base = f"{info.hashes['sha256']}.{base}"
+        return self.targets_dir / dirname / base
+
     def add_target(self, path: str, data: bytes, custom: dict[str, Any]) -> TargetFile:
         info = TargetFile.from_data(path, data, ["sha256"])
         info.unrecognized_fields["custom"] = custom
-        digest = info.hashes["sha256"]
-        dirname, _, base = path.rpartition("/")
-        out = self.targets_dir / dirname / f"{digest}.{base}"
+        out = self._stored(info)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
         self.targets.signed.targets[path] = info
         return info
 
     def target_bytes(self, path: str) -> bytes:
-        info = self.targets.signed.targets[path]
-        dirname, _, base = path.rpartition("/")
-        return (self.targets_dir / dirname / f"{info.hashes['sha256']}.{base}").read_bytes()
+        return self.target_file(path).read_bytes()
 
     def target_file(self, path: str) -> Path:
-        info = self.targets.signed.targets[path]
-        dirname, _, base = path.rpartition("/")
-        return self.targets_dir / dirname / f"{info.hashes['sha256']}.{base}"
+        return self._stored(self.targets.signed.targets[path])
 
     def add_agent_release(self, version: str, counter: int, tree: Path, *,
                           hardware_ids: Iterable[str] = (AGENT_HW,),
-                          delta_from: Iterable[str] = ()) -> dict[str, str]:
-        """Adds the bundle of ``tree`` and deltas from earlier versions; returns target paths."""
+                          delta_from: Iterable[str] = (), level: int = bundle.LEVEL) -> dict[str, str]:
+        """Adds the bundle of ``tree`` and deltas from earlier versions; returns target paths.
+        ``level``: the bundle's zstd level (19 by default: a full bundle with its dependencies
+        takes over a minute to build; tests use 3)."""
         hw = [hardware_ids] if isinstance(hardware_ids, str) else list(hardware_ids)
         manifest = {"component": "agent", "version": version, "release_counter": counter,
                     "python": PYVER}
@@ -233,7 +246,7 @@ class ReleaseRepo:
                 "hardware_ids": hw, "tar_sha256": hashlib.sha256(tar).hexdigest(),
                 "tar_size": len(tar)}
         out = {"target": f"agent/{version}/bundle.tar.zst"}
-        self.add_target(out["target"], bundle.compress(tar), {**base, "kind": "bundle"})
+        self.add_target(out["target"], bundle.compress(tar, level), {**base, "kind": "bundle"})
         for old in delta_from:
             old_tar = bundle.decompress(self.target_bytes(f"agent/{old}/bundle.tar.zst"))
             path = f"agent/{version}/delta-from-{old}.zst"
@@ -337,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("repo", type=Path)
         p.add_argument("--keys", type=Path, required=True)
     sub.choices["init"].add_argument("--timestamp-expires-s", type=int, default=86400)
+    sub.choices["init"].add_argument("--no-consistent-snapshot", dest="consistent_snapshot",
+                                     action="store_false",
+                                     help="root with consistent_snapshot: false (plain file names)")
     a = sub.choices["agent"]
     a.add_argument("--version", required=True)
     a.add_argument("--counter", type=int, required=True)
@@ -350,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --deps: take the wheels from this wheelhouse (offline)")
     a.add_argument("--delta-from", action="append", default=[])
     a.add_argument("--hardware-id", action="append")
+    a.add_argument("--level", type=int, default=bundle.LEVEL, help="zstd level of the bundle")
     m = sub.choices["mcu"]
     m.add_argument("--version", required=True)
     m.add_argument("--counter", type=int, required=True)
@@ -362,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "init":
             r = ReleaseRepo.init(args.repo, args.keys, expiry={
-                "timestamp": dt.timedelta(seconds=args.timestamp_expires_s)})
+                "timestamp": dt.timedelta(seconds=args.timestamp_expires_s)},
+                consistent_snapshot=args.consistent_snapshot)
             print(r.root_path)
             return 0
         repo = ReleaseRepo(args.repo, args.keys)
@@ -380,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                     stage_deps(tree, arch=args.arch, wheels=args.wheelhouse)
             out = repo.add_agent_release(args.version, args.counter, tree,
                                          hardware_ids=args.hardware_id or [AGENT_HW],
-                                         delta_from=args.delta_from)
+                                         delta_from=args.delta_from, level=args.level)
             repo.publish()
             print(json.dumps(out, indent=1))
         elif args.cmd == "mcu":

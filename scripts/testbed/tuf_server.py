@@ -7,7 +7,18 @@ counters of what it sent, so tests can check resumption and the bench can count 
     with TufServer(repo_dir, DevCA(pki_dir)) as srv:
         print(srv.url)           # https://localhost:PORT   (the repository's base URL)
 
-    python -m scripts.testbed.tuf_server REPO --pki DIR [--port 8443]
+    python -m scripts.testbed.tuf_server REPO --pki DIR [--port 8443] [--ip 10.0.2.100] [--drip-bps N]
+
+Faults a network inflicts, on ``/targets/`` responses only (metadata is served normally):
+
+* ``srv.cut_targets_after(n)``: the next target response is cut (connection closed) after ``n``
+  bytes of its body, as a lost link does; later ones are whole again.
+* ``srv.slow_drip(bps, chunk=64)``: every target response trickles ``chunk`` bytes at a time at
+  ``bps`` bytes/s, each write well inside any per-read timeout (a slow-drip server);
+  ``srv.slow_drip(None)`` ends it.
+
+``ips``: extra IP addresses for the certificate (e.g. the device VM's view of the host,
+``scripts.testbed.devicevm.GUEST_FWD_ADDR``), besides 127.0.0.1 and ::1.
 """
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ import re
 import ssl
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -67,15 +79,28 @@ class _Handler(SimpleHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
         sent = 0
+        target = self.path.startswith("/targets/")
+        cut, (drip_bps, drip_chunk) = (self.server.take_cut(), self.server.drip) if target \
+            else (None, (None, 0))
+        step = drip_chunk if drip_bps else 64 * 1024
         try:
             with open(path, "rb") as f:
                 f.seek(start)
                 while sent < length:
-                    chunk = f.read(min(64 * 1024, length - sent))
+                    n = min(step, length - sent)
+                    if cut is not None:
+                        n = min(n, cut - sent)
+                        if n <= 0:
+                            self.close_connection = True
+                            break       # the link goes down mid-body
+                    chunk = f.read(n)
                     if not chunk:
                         break
                     self.wfile.write(chunk)
+                    self.wfile.flush()
                     sent += len(chunk)
+                    if drip_bps:
+                        time.sleep(len(chunk) / drip_bps)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             pass  # the client went away (killed mid-download): normal here
         finally:
@@ -94,7 +119,14 @@ class _Server(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.bytes_sent = 0
         self.requests: list[tuple[str, int, int, bool]] = []  # (path, status, bytes, ranged)
+        self.cut_after: int | None = None        # cut the next target response after N bytes
+        self.drip: tuple[float | None, int] = (None, 0)   # (bytes/s, bytes per write)
         super().__init__(addr, lambda *a: _Handler(*a, directory=self.directory))
+
+    def take_cut(self) -> int | None:
+        with self.lock:
+            cut, self.cut_after = self.cut_after, None
+            return cut
 
     def count(self, path: str, n: int, status: int, *, ranged: bool = False) -> None:
         with self.lock:
@@ -107,8 +139,8 @@ class _Server(ThreadingHTTPServer):
 
 class TufServer:
     def __init__(self, directory: Path, ca: DevCA, *, host: str = "127.0.0.1", port: int = 0,
-                 name: str = "localhost"):
-        cert, key = ca.issue_server(name, ("127.0.0.1", "::1"),
+                 name: str = "localhost", ips: tuple[str, ...] = ()):
+        cert, key = ca.issue_server(name, ("127.0.0.1", "::1", *ips),
                                     out_dir=Path(ca.directory) / "tuf-server")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -130,6 +162,16 @@ class TufServer:
     def requests(self) -> list[tuple[str, int, int, bool]]:
         with self._httpd.lock:
             return list(self._httpd.requests)
+
+    def cut_targets_after(self, n: int) -> None:
+        """The next ``/targets/`` response is cut after ``n`` body bytes (see the module doc)."""
+        with self._httpd.lock:
+            self._httpd.cut_after = n
+
+    def slow_drip(self, bps: float | None, chunk: int = 64) -> None:
+        """``/targets/`` responses trickle at ``bps`` bytes/s (None: full speed again)."""
+        with self._httpd.lock:
+            self._httpd.drip = (bps, chunk) if bps else (None, 0)
 
     def reset_counters(self) -> None:
         with self._httpd.lock:
@@ -162,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pki", type=Path, required=True, help="dev CA directory (scripts/testbed/devca.py)")
     ap.add_argument("--port", type=int, default=8443)
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--ip", action="append", default=[],
+                    help="an extra IP address for the certificate (repeatable)")
+    ap.add_argument("--drip-bps", type=float, help="slow-drip every target response at this rate")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    srv = TufServer(args.repo, DevCA(args.pki), host=args.host, port=args.port).start()
+    srv = TufServer(args.repo, DevCA(args.pki), host=args.host, port=args.port,
+                    ips=tuple(args.ip)).start()
+    srv.slow_drip(args.drip_bps)
     print(srv.url, flush=True)
     try:
         threading.Event().wait()

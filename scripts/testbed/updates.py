@@ -14,6 +14,7 @@ Run directory (next to scripts/testbed/devenv.py's layout)::
                   sit on a networked machine.
     tuf.json      {"url": ...} of the repository server while the demo runs
     opt/          the demo dongle's install layout: slots/<v>/, current, previous, update/
+    opt-work/     its update work directory (on a device /var/lib/dongle/update)
 
 Demo bundles are *code-only*: a slot holds the agent's own packages (agent, drivers,
 firmware_bridge, config), a ``dongle_agent-<version>.dist-info`` (so the agent reports the
@@ -180,6 +181,11 @@ def install_root(run_dir: Path) -> Path:
     return Path(run_dir) / "opt"
 
 
+def work_dir(root: Path) -> Path:
+    """The demo dongle's update work directory (its /var/lib/dongle/update), beside ``root``."""
+    return Path(root).parent / f"{Path(root).name}-work"
+
+
 def factory_install(run_dir: Path, root: Path | None = None, version: str = FACTORY_VERSION, *,
                     compile_bytecode: bool = True, fresh: bool = False) -> Layout:
     """Lays the agent out as the first slot of ``root`` (once): the factory image is an
@@ -187,9 +193,11 @@ def factory_install(run_dir: Path, root: Path | None = None, version: str = FACT
     device's current and only slot with its counter recorded. Deltas of later releases apply
     to it. ``fresh``: wipe the layout and install this checkout again as a new release
     (``<version>+<counter>``), as a technician re-flashing the dongle would."""
-    layout = Layout(Path(root or install_root(run_dir)), base_python())
+    root = Path(root or install_root(run_dir))
+    layout = Layout(root, base_python(), work_dir(root))
     if fresh:
         shutil.rmtree(layout.root, ignore_errors=True)
+        shutil.rmtree(layout.work, ignore_errors=True)
         counter = max(agent_releases(repository(run_dir)).values(), default=0) + 1
         version = f"{version}+{counter}"
     if layout.current_version() is not None:
@@ -226,7 +234,8 @@ def settings_problem(layout: Layout, config: Path) -> str | None:
 
 def update_settings(root: Path, **overrides: Any) -> dict[str, Any]:
     """The ``[update]`` section of the demo dongle's agent.toml (scripts/devenv.make_device)."""
-    return {"enabled": True, "root": str(root), "ca_file": "ca.pem", "python": base_python(),
+    return {"enabled": True, "root": str(root), "work_dir": str(work_dir(root)),
+            "ca_file": "ca.pem", "python": base_python(),
             "stable_s": 20.0, "trial_s": 180.0, "poll_s": 2.0, "retry_s": 10.0,
             "max_rate_kib_s": 0, **overrides}
 
@@ -242,7 +251,8 @@ class Run:
 
 
 class AgentService:
-    """What systemd does with dongle-agent.service and the update drop-in, for one agent:
+    """What systemd does with dongle-agent.service, the update drop-in and the installer's
+    path unit, for one agent:
 
     * ``ExecStartPre=-current/bin/dongle-update prestart`` (counts trial starts, rolls a crash
       loop back), then ``ExecStart=current/bin/dongle-agent --config FILE`` resolved after it;
@@ -251,17 +261,21 @@ class AgentService:
     * ``Restart=on-failure`` after ``restart_s`` (the unit: 10 s), ``RestartForceExitStatus=75``
       (the agent asks to be started again from another slot), ``RestartPreventExitStatus=2``;
     * ``StartLimitBurst=``/``StartLimitIntervalSec=``, and on failure ``OnFailure=`` →
-      ``previous/bin/dongle-update rollback``, then a fresh start if it rolled back.
+      ``previous/bin/dongle-update rollback``, then a fresh start if it rolled back;
+    * dongle-update-install.path: when the agent's request file changes,
+      ``current/bin/dongle-update --config FILE apply`` (the installer), one run at a time.
 
-    Not emulated: the watchdog (``WatchdogSec=``), ``Type=notify`` readiness and the sandboxing.
-    The helpers get the install root as ``$DONGLE_ROOT`` (on a device it is /opt/dongle).
+    Not emulated: the watchdog (``WatchdogSec=``), ``Type=notify`` readiness, the sandboxing
+    and the users: here the agent and the installer are the same user (the device VM tests,
+    tests/device/, run the real units). The helpers get the install root as ``$DONGLE_ROOT``
+    (on a device it is /opt/dongle).
     """
 
     def __init__(self, root: Path, config: Path, log_path: Path, *, restart_s: float = 0.5,
                  start_limit_burst: int = 10, start_limit_interval_s: float = 600,
                  stop_timeout_s: float = 30, args: tuple[str, ...] = ()):
         self.root = Path(root)
-        self.layout = Layout(self.root)
+        self.layout = Layout(self.root, work_dir=work_dir(self.root))
         self.config = Path(config)
         self.log_path = Path(log_path)
         self.restart_s = restart_s
@@ -269,6 +283,7 @@ class AgentService:
         self.stop_timeout_s = stop_timeout_s
         self.args = tuple(args)
         self.runs: list[Run] = []
+        self.installs: list[int] = []       # exit codes of the installer's runs
         self.failed = threading.Event()     # the unit gave up (and nothing was rolled back)
         self.stopped = threading.Event()    # inactive: stopped, exited 0 or failed
         self._stop = threading.Event()
@@ -276,6 +291,10 @@ class AgentService:
         self._lock = threading.Lock()
         self._starts: list[float] = []
         self._thread: threading.Thread | None = None
+        self._path_unit: threading.Thread | None = None
+        from agent import settings as settings_mod
+        us = settings_mod.load(self.config, check_files=False).update
+        self.request_file = us.layout().request_file if us else None
         env = {k: v for k, v in os.environ.items()
                if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "NOTIFY_SOCKET",
                             "WATCHDOG_USEC", "WATCHDOG_PID")}
@@ -290,6 +309,10 @@ class AgentService:
         self.stopped.clear()
         self._thread = threading.Thread(target=self._run, name="agent-service", daemon=True)
         self._thread.start()
+        if self.request_file is not None:
+            self._path_unit = threading.Thread(target=self._watch_requests, name="install-path",
+                                               daemon=True)
+            self._path_unit.start()
         return self
 
     def stop(self, timeout: float = 60) -> None:
@@ -301,6 +324,24 @@ class AgentService:
             proc.send_signal(signal.SIGTERM)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._path_unit is not None:
+            self._path_unit.join(timeout)
+
+    def _watch_requests(self) -> None:
+        """dongle-update-install.path (PathChanged=): the installer once per change."""
+        def stamp() -> tuple[int, int] | None:
+            try:
+                st = self.request_file.stat()
+            except OSError:
+                return None
+            return st.st_ino, st.st_mtime_ns
+        seen = stamp()
+        while not self._stop.wait(0.1):
+            now = stamp()
+            if now is not None and now != seen:
+                seen = now
+                rc = self._helper("--config", str(self.config), "apply")
+                self.installs.append(rc)
 
     @property
     def running_version(self) -> str | None:
