@@ -318,15 +318,15 @@ class DongleVM:
         return "\n".join(m if isinstance(m := e.get("MESSAGE", ""), str) else bytes(m).decode(errors="replace")
                          for e in self.journal(*args, units=units))
 
-    def diagnose(self, lines: int = 60) -> str:
+    def diagnose(self, lines: int = 80) -> str:
         """The end of the journal of the agent and of the units around it (the installer, the
         rollback), and the agent's status, for a failing test's message."""
         if not self.vm.running:
             return "(the VM is not running)"
         out = self.vm.run(f"journalctl -u dongle-agent -u dongle-update-install -u dongle-agent-rollback "
                           f"-n {lines} --no-pager; systemctl status dongle-agent "
-                          "--no-pager -n 0; dongle status --json", 120)
-        return out[1][-8000:] + out[2][-2000:]
+                          "--no-pager -n 0; dongle status --json; /opt/dongle/current/bin/dongle-update status", 120)
+        return out[1][-12000:] + out[2][-2000:]
 
     def wait(self, pred, timeout: float, what: str, *, interval: float = 0.02):
         """``wait_until``, with the agent's journal and status in the message when it times out."""

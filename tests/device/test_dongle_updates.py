@@ -142,11 +142,20 @@ def publish(d: DongleVM, body: dict) -> dict:
     return rec["body"]
 
 
+END = ("good", "rolled_back", "rejected")
+
+
 def update_event(d: DongleVM, version: str, state: str, timeout: float) -> dict:
-    rec = d.wait(lambda: _first(d, lambda r: r.get("kind") == "event" and r["body"].get("type") == "update"
-                                and r["body"].get("to") == version and r["body"].get("state") == state),
-                 timeout, f"update event {version} {state}", interval=0.5)
-    return rec["body"]
+    """The first ``update`` event of ``version`` in ``state``; fails at once if the update ended
+    otherwise (another of :data:`END`)."""
+    def seen():
+        rec = _first(d, lambda r: r.get("kind") == "event" and r["body"].get("type") == "update"
+                     and r["body"].get("to") == version and r["body"].get("state") in (state, *END))
+        if rec is not None and rec["body"]["state"] != state:
+            raise AssertionError(f"waiting for {version} {state}, the update ended {rec['body']}\n"
+                                 f"--- in the guest:\n{d.diagnose()}")
+        return rec
+    return d.wait(seen, timeout, f"update event {version} {state}", interval=0.5)["body"]
 
 
 def states(d: DongleVM, version: str) -> list[str]:
@@ -200,7 +209,8 @@ def test_a_good_release_goes_trial_then_good(dongle: DongleVM, releases: Release
     mark = len(dongle.cloud.console.records)
     ack = publish(dongle, releases.build(GOOD))
     assert ack["status"] == "accepted", ack
-    good = update_event(dongle, GOOD, "good", 1500)
+    update_event(dongle, GOOD, "installed", 900)
+    good = update_event(dongle, GOOD, "good", 600)
     assert good["from"] == FACTORY
     got = states(dongle, GOOD)
     assert got.index("downloading") < got.index("installed") < got.index("trial") < got.index("good"), got
