@@ -186,9 +186,13 @@ def fsync_tree(root: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Writes ``path`` whole or not at all, with exactly ``mode``: the umask does not apply (the
+    root hooks run under the agent unit's UMask=0027, which made the install state 0640 root's,
+    unreadable to the agent)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        os.fchmod(fd, mode)
         os.write(fd, data)
         os.fsync(fd)
     finally:

@@ -7,12 +7,16 @@
   serves a whole test session (about 2-3 minutes on amd64).
 - :class:`Cloud`: on the host, the development CA, the broker (its certificate also names the
   guest's forward address), the cloud keys and the reference console, which verifies every
-  envelope and deduplicates on (dev, seq): the tests count from there.
-- :class:`DongleVM`: the VM with the broker reachable at ``mqtts://10.0.2.100:8883`` (guestfwd)
-  and, optionally, the ELM327-emulator's pty as the guest's serial port. ``provision()`` does
-  docs/install.md steps 5 and 6 in the guest (``dongle provision`` as the dongle user, the CSR
-  signed by the CA on the host, ``agent.toml`` edited from the installed example), ``start()``
-  is ``systemctl start dongle-agent``.
+  envelope and deduplicates on (dev, seq): the tests count from there. With
+  ``repository=True`` also the update repository: TUF metadata and targets
+  (scripts/refcloud/release.py, ``cloud.repo``) served over HTTPS by
+  scripts/testbed/tuf_server.py (``cloud.tuf``, its certificate from the same CA).
+- :class:`DongleVM`: the VM with the broker reachable at ``mqtts://10.0.2.100:8883`` (guestfwd),
+  the repository (if any) at :data:`GUEST_REPOSITORY` and, optionally, the ELM327-emulator's pty
+  as the guest's serial port. ``provision()`` does docs/install.md steps 5 and 6 in the guest
+  (``dongle provision`` as the dongle user, with ``--tuf-root`` when the cloud has a
+  repository, the CSR signed by the CA on the host, ``agent.toml`` edited from the installed
+  example), ``start()`` is ``systemctl start dongle-agent``.
 
 The guest's kernel clock starts unsynchronised, as a Pi's does, and the guest cannot reach an
 NTP server (guestfwd carries TCP only): :meth:`DongleVM.timesync` does what systemd-timesyncd
@@ -46,6 +50,9 @@ from scripts.testbed.wait import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("DEVICEVM_DIR", "/var/tmp/dongle-devicevm"))
 BROKER_GUEST_PORT = 8883
+REPO_GUEST_PORT = 8443
+#: The update repository as the guest sees it (``release.repository`` in a ``down/release``).
+GUEST_REPOSITORY = f"https://{GUEST_FWD_ADDR}:{REPO_GUEST_PORT}"
 WHEEL_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
 
 # What systemd-timesyncd does when its first NTP answer arrives (timesyncd-manager.c,
@@ -139,9 +146,11 @@ def installed_overlay(arch: str, image: Path, workdir: Path) -> tuple[Path, dict
 
 class Cloud:
     """CA, broker, cloud keys and the reference console in ``run_dir`` (scripts/testbed/devenv
-    layout); the broker's certificate names the address the guest dials."""
+    layout); the broker's certificate names the address the guest dials. ``repository``: also
+    a TUF repository (``run_dir/tuf``, keys in ``run_dir/tuf-keys``: scripts/testbed/updates.py's
+    layout) and its HTTPS server, whose certificate names the guest's address too."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, repository: bool = False):
         from scripts.refcloud.console import CloudConsole
         self.run_dir = run_dir
         self.ca = devenv.make_cloud(run_dir)
@@ -149,12 +158,28 @@ class Cloud:
         self.console = CloudConsole(run_dir)
         self.console.start()
         assert self.console.connected.wait(15), "the console could not connect to the broker"
+        self.repo = self.tuf = None
+        if repository:
+            from scripts.testbed import updates
+            from scripts.testbed.tuf_server import TufServer
+            self.repo = updates.repository(run_dir)
+            self.tuf = TufServer(self.repo.repo, self.ca, ips=(GUEST_FWD_ADDR,)).start()
+
+    @property
+    def forwards(self) -> dict[int, int]:
+        """Guest port on GUEST_FWD_ADDR -> host port: the broker, and the repository if any."""
+        fw = {BROKER_GUEST_PORT: self.broker.port}
+        if self.tuf is not None:
+            fw[REPO_GUEST_PORT] = self.tuf.port
+        return fw
 
     def records(self, dev: str, kind: str | None = None) -> list[dict]:
         return [r for r in list(self.console.records)
                 if r.get("dev") == dev and (kind is None or r.get("kind") == kind)]
 
     def close(self) -> None:
+        if self.tuf is not None:
+            self.tuf.stop()
         self.console.stop()
         self.broker.stop()
 
@@ -165,11 +190,12 @@ class Cloud:
 
 def edit_toml(text: str, values: Mapping[str, object]) -> str:
     """``agent.toml`` as a technician edits it: ``{"section.key": value}`` replaces the key's
-    line in its section (the example has every key)."""
+    line in its section, uncommenting it if the example has it commented out (``# key = ...``;
+    the example has every key)."""
     for dotted, value in values.items():
         section, key = dotted.split(".")
         lit = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
-        pattern = re.compile(rf"(^\[{re.escape(section)}\]\n(?:(?!^\[).*\n)*?){re.escape(key)} = [^\n#]*?(\s*(#.*)?)$",
+        pattern = re.compile(rf"(^\[{re.escape(section)}\]\n(?:(?!^\[).*\n)*?)(?:# )?{re.escape(key)} = [^\n#]*?(\s*(#.*)?)$",
                              re.M)
         text, n = pattern.subn(lambda m: f"{m.group(1)}{key} = {lit}{m.group(2)}", text, count=1)
         if n != 1:
@@ -190,7 +216,7 @@ class DongleVM:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(installed),
                             str(overlay)], check=True)
         self.vm = DeviceVM(arch, workdir, image=image, serials=serials,
-                           forwards={BROKER_GUEST_PORT: cloud.broker.port}, disks=disks,
+                           forwards=cloud.forwards, disks=disks,
                            kernel_args=kernel_args, qemu_args=qemu_args)
 
     # -- life cycle --------------------------------------------------------------------------
@@ -230,13 +256,18 @@ class DongleVM:
 
     def provision(self, *, toml: Mapping[str, object] | None = None, extra_toml: str = "") -> str:
         """docs/install.md steps 5-6: keys made in the guest, the CSR signed by the cloud's CA,
-        agent.toml edited from the installed example. Returns the agent.toml written."""
+        agent.toml edited from the installed example; with the cloud's repository, its root
+        metadata pinned (``--tuf-root``). Returns the agent.toml written."""
         cloud_dir = self.cloud.run_dir / "cloud"
         for name in ("cloud_sign.pub", "cloud_enc.pub"):
             self.vm.put(f"/tmp/{name}", (cloud_dir / name).read_bytes(), mode=0o644)
+        tuf_root = ""
+        if self.cloud.repo is not None:
+            self.vm.put("/tmp/tuf_root.json", self.cloud.repo.root_path.read_bytes(), mode=0o644)
+            tuf_root = " --tuf-root /tmp/tuf_root.json"
         rc, out, err = self.as_dongle(f"dongle provision --device-id {self.device_id} --cloud-sign-pub "
-                                      "/tmp/cloud_sign.pub --cloud-enc-pub /tmp/cloud_enc.pub "
-                                      "--out /etc/dongle/keys")
+                                      "/tmp/cloud_sign.pub --cloud-enc-pub /tmp/cloud_enc.pub"
+                                      f"{tuf_root} --out /etc/dongle/keys")
         assert rc == 0, out + err
         ddir = self.cloud.run_dir / "devices" / self.device_id
         ddir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +277,7 @@ class DongleVM:
         self.vm.put("/etc/dongle/keys/tls.crt", (ddir / "tls.crt").read_bytes())
         self.vm.put("/etc/dongle/keys/ca.pem", self.cloud.ca.ca_cert_path.read_bytes())
         self.sh("cd /etc/dongle/keys && chown dongle:dongle tls.crt ca.pem && chmod 0644 tls.crt ca.pem"
-                " && rm /tmp/cloud_sign.pub /tmp/cloud_enc.pub")
+                " && rm -f /tmp/cloud_sign.pub /tmp/cloud_enc.pub /tmp/tuf_root.json")
         values = {"device.id": self.device_id, "mqtt.url": f"mqtts://{GUEST_FWD_ADDR}:{BROKER_GUEST_PORT}",
                   "mqtt.backoff_max_s": 5.0, "obd.enabled": False, "update.enabled": False,
                   "power.enabled": False}
@@ -276,23 +307,31 @@ class DongleVM:
         assert rc == 0, out + err
         return json.loads(out)
 
-    def journal(self, *args: str) -> list[dict]:
-        """The agent's journal entries (``journalctl -u dongle-agent -o json``)."""
-        out = self.sh("journalctl -u dongle-agent -o json --no-pager " + " ".join(args), 120)
+    def journal(self, *args: str, units: tuple[str, ...] = ("dongle-agent",)) -> list[dict]:
+        """The units' journal entries (``journalctl -u UNIT... -o json``; the agent's by default)."""
+        us = " ".join(f"-u {u}" for u in units)
+        out = self.sh(f"journalctl {us} -o json --no-pager " + " ".join(args), 120)
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
-    def diagnose(self, lines: int = 60) -> str:
-        """The end of the agent's journal and its status, for a failing test's message."""
+    def log(self, *args: str, units: tuple[str, ...] = ("dongle-agent",)) -> str:
+        """The same entries' messages, one a line (what ``journalctl -o cat`` shows)."""
+        return "\n".join(m if isinstance(m := e.get("MESSAGE", ""), str) else bytes(m).decode(errors="replace")
+                         for e in self.journal(*args, units=units))
+
+    def diagnose(self, lines: int = 80) -> str:
+        """The end of the journal of the agent and of the units around it (the installer, the
+        rollback), and the agent's status, for a failing test's message."""
         if not self.vm.running:
             return "(the VM is not running)"
-        out = self.vm.run(f"journalctl -u dongle-agent -n {lines} --no-pager; systemctl status dongle-agent "
-                          "--no-pager -n 0; dongle status --json", 120)
-        return out[1][-8000:] + out[2][-2000:]
+        out = self.vm.run(f"journalctl -u dongle-agent -u dongle-update-install -u dongle-agent-rollback "
+                          f"-n {lines} --no-pager; systemctl status dongle-agent "
+                          "--no-pager -n 0; dongle status --json; /opt/dongle/current/bin/dongle-update status", 120)
+        return out[1][-12000:] + out[2][-2000:]
 
-    def wait(self, pred, timeout: float, what: str):
+    def wait(self, pred, timeout: float, what: str, *, interval: float = 0.02):
         """``wait_until``, with the agent's journal and status in the message when it times out."""
         try:
-            return wait_until(pred, timeout, what=what)
+            return wait_until(pred, timeout, interval=interval, what=what)
         except AssertionError as e:
             raise AssertionError(f"{e}\n--- in the guest:\n{self.diagnose()}") from None
 
@@ -311,9 +350,21 @@ def obd_toml(d: DongleVM, line: str = "elm") -> dict:
     return {"obd.enabled": True, "obd.port": d.vm.serial_device(line), "obd.baudrate": 38400}
 
 
-def online(cloud: Cloud, dev: str):
+def online(cloud: Cloud, dev: str, version: str | None = None, since: int = 0):
+    """A predicate: the console has a ``status`` record of ``dev`` saying online (as agent
+    ``version``), among its records from index ``since`` on (``len(cloud.console.records)``
+    taken before: one sent since then)."""
     return lambda: any(r.get("topic") == "status" and r["dev"] == dev and r["status"].get("state") == "online"
-                       for r in list(cloud.console.records))
+                       and (version is None or r["status"].get("agent") == version)
+                       for r in list(cloud.console.records)[since:])
+
+
+def updates_toml(**overrides: object) -> dict:
+    """[update] for a dongle whose cloud has the repository: on, the repository's HTTPS trusted
+    through the dev CA that provision() installs, no download cap; ``overrides`` as
+    ``{"stable_s": 20.0}`` (keys of [update])."""
+    values = {"enabled": True, "ca_file": "/etc/dongle/keys/ca.pem", "max_rate_kib_s": 0, **overrides}
+    return {f"update.{k}": v for k, v in values.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,12 +394,13 @@ def installed(devicevm_image, tmp_path_factory) -> Path:
 
 
 @contextmanager
-def make_dongle(devicevm_image, installed, tmp_path_factory, device_id: str,
-                **kw) -> Iterator[tuple[DongleVM, Cloud]]:
-    """A cloud and a booted, provisioned (not started) dongle for one test module."""
+def make_dongle(devicevm_image, installed, tmp_path_factory, device_id: str, *,
+                repository: bool = False, **kw) -> Iterator[tuple[DongleVM, Cloud]]:
+    """A cloud (with the update repository if ``repository``) and a booted, not yet provisioned
+    dongle for one test module."""
     from tests.device.conftest import ARCH
     base = tmp_path_factory.mktemp(device_id)
-    cloud = Cloud(base / "cloud")
+    cloud = Cloud(base / "cloud", repository=repository)
     d = DongleVM(ARCH, devicevm_image, installed, base / "vm", cloud, device_id, **kw)
     try:
         d.boot()
