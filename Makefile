@@ -62,7 +62,7 @@ PYTEST_DEVICE = $(VENV)/bin/pytest -q -p no:cacheprovider -s
 test-device: devicevm-image ## everything in the amd64 device VM: systemd, watchdog, start limit, power cuts, clock, CAN (~25 min)
 	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 $(PYTEST_DEVICE) -m "device and not soak" $(DEVICE_TESTS)
 
-test-device-short: devicevm-image ## the short form ./scripts/test.sh runs: no watchdog/start-limit/CAN-rate runs
+test-device-short: devicevm-image ## the device VM tests without the device_long ones (not in ./scripts/test.sh yet)
 	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 $(PYTEST_DEVICE) -m "device and not soak and not device_long" $(DEVICE_TESTS)
 
 test-device-arm64: devicevm-image-arm64 ## arm64 VM (qemu-system-aarch64, virt): install, agent under systemd, telemetry, status, lgpio

@@ -6,6 +6,7 @@ The cloud side is the reference console on the host (tests/device/dongle.py)."""
 from __future__ import annotations
 
 import re
+import json
 import time
 
 import pytest
@@ -112,7 +113,8 @@ def test_dongle_logs_reads_the_journal(dongle: DongleVM):
     assert f"starting as {DEV}" in out and "dongle-agent" in out
     rc, out, err = dongle.run("dongle logs -n 5 --json")
     assert rc == 0, err
-    assert len(out.splitlines()) == 5 and all(line.startswith("{") for line in out.splitlines())
+    doc = json.loads(out)   # the CLI's one --json shape: one document (``-f`` streams lines)
+    assert doc["ok"] is True and doc["source"] == "journal" and len(doc["lines"]) == 5, doc
 
 
 def test_the_agent_runs_sandboxed(dongle: DongleVM):
