@@ -196,12 +196,13 @@ def test_no_agent_running_read_only_fallbacks_and_refusals(bench):
         "op": "upsert", "booking_id": "b-9", "service": "inspection", "scheduled_at": now_ms() + DAY,
         "provider": {"name": "Garage", "address": "Str. 1"}})
     assert wait_until(lambda: bench.agent.bookings.get("b-9"), 30)
+    vin = wait_until(lambda: (bench.agent.identity.last() or {}).get("vin"), 60)
     bench.stop()
     assert not bench.socket.exists()
     rc, out, err = bench.run("status")
-    assert rc == 0 and "NOT RUNNING" in out
+    assert rc == 0 and "NOT RUNNING" in out and vin in out   # the VIN, kept encrypted, opened
     st = bench.json("status")
-    assert st["running"] is False and st["device_id"] == DEV
+    assert st["running"] is False and st["device_id"] == DEV and st["vehicle"]["vin"] == vin
     assert [b["booking_id"] for b in bench.json("bookings")["bookings"]] == ["b-9"]
     assert bench.json("dtc")["source"] == "last_reported"
     assert bench.json("config", "show")["config"]["version"] == 0

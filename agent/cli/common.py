@@ -199,5 +199,18 @@ def meta(conn, key: str, default=None):
     return json.loads(row[0]) if row else default
 
 
+def secret_meta(s: Settings, conn, key: str, default=None):
+    """A ``meta`` value the agent keeps under its data key (e.g. ``vehicle``: the VIN), opened
+    with that key; ``default`` when this user cannot read the key or the value does not open."""
+    value = meta(conn, key, default)
+    if not (isinstance(value, dict) and set(value) == {"enc"}):
+        return value
+    from agent.owner.datakey import DataKey, DataKeyError
+    try:
+        return DataKey.in_dir(s.data_dir, create=False).open_obj(bytes.fromhex(value["enc"]), b"meta:" + key.encode())
+    except (DataKeyError, OSError, ValueError):
+        return default
+
+
 def has_table(conn, name: str) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None

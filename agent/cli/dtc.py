@@ -65,12 +65,13 @@ def cmd_dtc_clear(args: argparse.Namespace) -> int:
         if not res["codes"] and not res["mil"]:
             return emit(args, {"cleared": [], "note": "no trouble codes are set; nothing to clear"},
                         "no trouble codes are set; nothing to clear")
-        answer = prompt(f"\nClear {len(res['codes'])} trouble code(s) from the vehicle? This also resets its "
+        distinct = list(dict.fromkeys(c["code"] for c in res["codes"]))
+        answer = prompt(f"\nClear {len(distinct)} trouble code(s) from the vehicle? This also resets its "
                         "emission readiness monitors.\nType 'yes' to confirm: ")
         if answer.strip().lower() != "yes":
             raise ClientError("refused", "not confirmed at the terminal; nothing was cleared")
         done = ask_agent(args, "dtc_clear", timeout=None, on_interim=interim_printer, confirmed=True,
-                         codes_seen=[c["code"] for c in res["codes"]], button_timeout_s=args.button_timeout)
+                         codes_seen=distinct, button_timeout_s=args.button_timeout)
     except ClientError as e:
         return fail(args, e)
     return emit(args, done, lambda d: f"Cleared: {', '.join(d['cleared']) or 'no codes were set'} "

@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from agent.cli.common import (EXIT_OK, add_command, ago, ask_agent, ask_or_read, emit, emit_json, fail, meta,
+from agent.cli.common import (EXIT_OK, add_command, ago, ask_agent, ask_or_read, emit, emit_json, fail, meta, secret_meta,
                               offline, pairs, respond, table)
 from agent.technician import resolution
 from agent.technician.control import AgentNotRunning, ClientError
@@ -73,7 +73,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         except AgentNotRunning:
             s, conn = offline(args)
             from agent.technician.handlers import buffer_report
-            st = {"running": False, "device_id": s.device_id, "vehicle": meta(conn, "vehicle"),
+            st = {"running": False, "device_id": s.device_id, "vehicle": secret_meta(s, conn, "vehicle"),
                   "config_version": meta(conn, "active_config", 0),
                   "buffer": buffer_report(lambda q, p=(): conn.execute(q, p).fetchall()),
                   "last_uplink_seq": int(meta(conn, "uplink_seq", 0))}

@@ -47,8 +47,8 @@ class DataKey:
         self.destroyed = False
 
     @classmethod
-    def in_dir(cls, data_dir: str | os.PathLike) -> "DataKey":
-        return cls(Path(data_dir) / KEY_FILE)
+    def in_dir(cls, data_dir: str | os.PathLike, *, create: bool = True) -> "DataKey":
+        return cls(Path(data_dir) / KEY_FILE, create=create)
 
     def _cipher(self) -> ChaCha20Poly1305:
         with self._lock:
