@@ -73,13 +73,43 @@ class GpsFake:
         self.proc: subprocess.Popen | None = None
 
     def start(self, nmea: Path = NMEA, *, cycle: float = 0.1, once: bool = True) -> "GpsFake":
+        """Starts gpsfake. A looping one (``once=False``, for tests that need fixes for as long as
+        they run) is started again, up to 3 times, until its gpsd lists the fake receiver: on a
+        loaded machine gpsfake sometimes leaves a gpsd without a device (seen in the suite: the
+        agent then saw ``no_receiver`` for good)."""
         args = ["gpsfake", "-q", "-p", "-c", str(cycle), "-P", str(self.port)]
         if once:
             args += ["-1", "-W", "3"]
-        self._log = open(self.workdir / f"gpsfake-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(args + [str(nmea)], cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True)
-        return self
+        for attempt in range(1 if once else 3):
+            self._log = open(self.workdir / f"gpsfake-{self.port}.log", "ab")
+            self.proc = subprocess.Popen(args + [str(nmea)], cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True)
+            if once or self.has_device(20.0):
+                return self
+            self.stop()
+        raise RuntimeError(f"gpsfake on port {self.port}: its gpsd never listed the fake receiver "
+                           f"(see {self.workdir}/gpsfake-{self.port}.log)")
+
+    def has_device(self, timeout: float) -> bool:
+        """True once this gpsd answers ``?DEVICES;`` with at least one device."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                    s.sendall(b"?DEVICES;\n")
+                    s.settimeout(1.0)
+                    buf = b""
+                    while b'"class":"DEVICES"' not in buf and len(buf) < 65536:
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        buf += chunk
+                    if b'"class":"DEVICES"' in buf and b'"devices":[]' not in buf:
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.2)
+        return False
 
     def wait_listening(self, timeout: float = 20.0) -> bool:
         deadline = time.monotonic() + timeout
