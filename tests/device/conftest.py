@@ -48,3 +48,11 @@ def devicevm_image() -> Path:
 
 # The installed dongle (scripts/install.sh in the VM, once per session): tests/device/dongle.py.
 from tests.device.dongle import installed  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def elm():
+    """The ELM327-emulator's stock car on a pty: a module's dongle reads it over a serial port."""
+    from scripts.vehicle_sim.elm_emulator import ElmEmulator
+    with ElmEmulator("car") as e:
+        yield e

@@ -14,7 +14,6 @@ import pytest
 
 from agent.cloud import protocol
 from scripts.testbed.wait import wait_until
-from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from tests.device.conftest import ARCH
 from tests.device.dongle import DongleVM, make_dongle, obd_toml, online
 
@@ -25,12 +24,6 @@ BEHIND = timedelta(days=180)
 CONFIG = {"version": 1, "upload": {"interval_s": 2},
           "obd": {"pids": [{"name": "engine.rpm", "pid": "RPM", "period_s": 1}], "dtc_period_s": 600},
           "can": {"signals": [], "raw": {"enabled": False, "ids": []}}}
-
-
-@pytest.fixture(scope="module")
-def elm():
-    with ElmEmulator("car") as e:
-        yield e
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import pytest
 
 from scripts.testbed.shared_data import SHARED_DATA
 from scripts.testbed.wait import wait_until
-from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from tests.device.conftest import ARCH
 from tests.device.dongle import (COUNTER_ID, GUEST_DBC, DongleVM, add_vcan, counted, make_dongle, obd_toml, online,
                                  start_counter, stop_counter)
@@ -52,12 +51,6 @@ Restart=always
 [Install]
 WantedBy=multi-user.target
 """
-
-
-@pytest.fixture(scope="module")
-def elm():
-    with ElmEmulator("car") as e:
-        yield e
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from scripts.testbed.wait import wait_until
-from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from tests.device.conftest import ARCH
 from tests.device.dongle import DongleVM, make_dongle, obd_toml, online
 
@@ -26,12 +25,6 @@ CONFIG = {"version": 1, "upload": {"interval_s": 2},
 #: below this; docs/install.md gives the figure measured.
 MAX_EXPOSURE = 2.5
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d")
-
-
-@pytest.fixture(scope="module")
-def elm():
-    with ElmEmulator("car") as e:
-        yield e
 
 
 @pytest.fixture(scope="module")
