@@ -516,6 +516,7 @@ def test_a_lost_session_moves_to_the_next_endpoint_at_once_and_stays_while_it_wo
 
         broker.restart()
         peers(broker, pki.cloud, client_id="cloud-first")      # the first one is back ...
+        assert h.link.wait_connected(20)   # still on the second: its SUBACK is in
         assert h.link.publish("up/event", b"still-here")
         assert cloud_2.expect(f"{PREFIX}/{dev}/up/event").payload == b"still-here"
         assert h.link.stats["connects"] == 2                     # ... and the link stayed

@@ -73,6 +73,7 @@ def test_rabbitmq_answers_a_publish_to_another_devices_topic_by_closing_the_conn
     h_a = links(rabbitmq_broker, a)
     seen = []
     cloud.expect(lambda m: seen.append(m) or online(f"{PREFIX}/{a}/status")(m))
+    assert h_b.link.wait_connected(20)   # the link publishes once its SUBACK is in
     assert h_b.link.publish("up/telemetry", b"genuine")
     cloud.expect(lambda m: seen.append(m) or m.payload == b"genuine")
     assert b"forged" not in [m.payload for m in seen]
