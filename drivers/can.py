@@ -196,9 +196,12 @@ def trusted_timestamp(ts_s: float, now_us: int, wall_us: int) -> float:
     otherwise (seconds since boot, as in recordings, zero, or a stale system clock) ``now_us``,
     the agent's clock, in seconds. The reader applies the same rule per frame, with
     :func:`wall_agrees` re-checked once a second."""
-    if _EPOCH_MIN_S <= ts_s <= _EPOCH_MAX_S and wall_agrees(now_us, wall_us):
-        return ts_s
-    return now_us / 1_000_000
+    return ts_s if timestamp_kept(ts_s, wall_agrees(now_us, wall_us)) else now_us / 1_000_000
+
+
+def timestamp_kept(ts_s: float, wall_ok: bool) -> bool:
+    """The rule of :func:`trusted_timestamp`, with :func:`wall_agrees` already known."""
+    return wall_ok and _EPOCH_MIN_S <= ts_s <= _EPOCH_MAX_S
 
 
 def _shutdown_quietly(bus: can.BusABC | None) -> None:
@@ -495,7 +498,7 @@ class CanReader:
         if mono >= self._wall_checked_at + 1.0:
             self._wall_checked_at = mono
             self._wall_ok = wall_agrees(clock_us(), time.time_ns() // 1000)
-        if not (self._wall_ok and _EPOCH_MIN_S <= msg.timestamp <= _EPOCH_MAX_S):
+        if not timestamp_kept(msg.timestamp, self._wall_ok):
             msg.timestamp = clock_us() / 1_000_000
         if len(queue) >= limit:
             st.drops += 1

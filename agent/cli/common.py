@@ -202,12 +202,9 @@ def meta(conn, key: str, default=None):
 def secret_meta(s: Settings, conn, key: str, default=None):
     """A ``meta`` value the agent keeps under its data key (e.g. ``vehicle``: the VIN), opened
     with that key; ``default`` when this user cannot read the key or the value does not open."""
-    value = meta(conn, key, default)
-    if not (isinstance(value, dict) and set(value) == {"enc"}):
-        return value
-    from agent.owner.datakey import DataKey, DataKeyError
+    from agent.owner.datakey import DataKey, DataKeyError, open_secret_meta
     try:
-        return DataKey.in_dir(s.data_dir, create=False).open_obj(bytes.fromhex(value["enc"]), b"meta:" + key.encode())
+        return open_secret_meta(DataKey.in_dir(s.data_dir, create=False), key, meta(conn, key, default))
     except (DataKeyError, OSError, ValueError):
         return default
 

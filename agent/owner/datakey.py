@@ -130,12 +130,20 @@ def put_secret_meta(store, key: DataKey, name: str, value: Any) -> None:
     store.set_meta(name, {"enc": blob.hex()})
 
 
+def open_secret_meta(key: DataKey, name: str, raw: Any) -> Any:
+    """A ``meta`` value as stored (``raw``): opened if :func:`put_secret_meta` sealed it, else as
+    it is. Raises :class:`DataKeyError` when it does not open."""
+    if not (isinstance(raw, dict) and set(raw) == {"enc"}):
+        return raw
+    return key.open_obj(bytes.fromhex(raw["enc"]), b"meta:" + name.encode())
+
+
 def get_secret_meta(store, key: DataKey, name: str, default: Any = None) -> Any:
     raw = store.get_meta(name)
-    if not isinstance(raw, dict) or "enc" not in raw:
-        return default if raw is None else raw
+    if raw is None:
+        return default
     try:
-        return key.open_obj(bytes.fromhex(raw["enc"]), b"meta:" + name.encode())
+        return open_secret_meta(key, name, raw)
     except DataKeyError:
         return default
 

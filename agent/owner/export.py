@@ -15,7 +15,7 @@ from typing import Any
 import cbor2
 
 from agent.owner import location as location_mod
-from agent.owner.datakey import KEY_FILE, DataKey, DataKeyError, EventsAtRest
+from agent.owner.datakey import KEY_FILE, DataKey, DataKeyError, EventsAtRest, open_secret_meta
 from agent.technician.control import open_store_readonly
 from drivers.core.clock import Clock
 
@@ -63,10 +63,7 @@ def _decode(table: str, row: dict, key: DataKey) -> dict:
             row["bytes"] = len(payload)
             row["note"] = "sealed for the cloud (HPKE); not readable on the device"
         elif table == "meta":
-            value = json.loads(row["value"])
-            if isinstance(value, dict) and set(value) == {"enc"}:
-                value = key.open_obj(bytes.fromhex(value["enc"]), b"meta:" + row["key"].encode())
-            row["value"] = value
+            row["value"] = open_secret_meta(key, row["key"], json.loads(row["value"]))
         elif table == "configs" and "doc" in row:
             row["doc"] = json.loads(row["doc"])
         elif table == "bookings" and "doc" in row:
