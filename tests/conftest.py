@@ -452,6 +452,18 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         f.close()
 
 
+@pytest.fixture
+def gps(tmp_path: Path):
+    """gpsd fed by gpsfake with the real drive's minute of NMEA, looping (a receiver that keeps
+    its fix for as long as a test runs); a test using it needs ``needs_gpsd``'s skip."""
+    from scripts.testbed.gps import GpsFake
+    fake = GpsFake(tmp_path / "gps").start(cycle=0.25, once=False)
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
 # --------------------------------------------------------------------------------------------
 # RabbitMQ, the clustering broker (scripts/testbed/rabbitmq.py): same TLS identity and ACL as
 # the Mosquitto above, MQTT 3.1.1 only. Shared because a node takes seconds to start (a

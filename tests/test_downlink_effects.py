@@ -24,7 +24,7 @@ import pytest
 
 from agent import settings
 from agent.compose import build
-from scripts.testbed.gps import GpsFake, needs_gpsd
+from scripts.testbed.gps import needs_gpsd
 from scripts.testbed.wait import wait_until
 from scripts.vehicle_sim.elm_emulator import ElmEmulator
 from tests.support.privacy import config, consent, make_agent
@@ -144,13 +144,6 @@ def test_a_queued_vehicle_event_is_encrypted_until_sealed(fleet, tmp_path):
         assert rec and rec["body"]["vin"] == vin and rec["body"]["vin_valid"] is True
     finally:
         agent.stop()
-
-
-@pytest.fixture
-def gps(tmp_path):
-    fake = GpsFake(tmp_path / "gps").start(cycle=0.25, once=False)
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture

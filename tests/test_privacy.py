@@ -18,7 +18,7 @@ from agent.owner.location import TABLE, Location
 from drivers.core.model import Sample
 from agent.owner.privacy import ButtonGesture, Privacy, enforce_positions, evaluate, retention_days
 from agent.outbox.store import Store
-from scripts.testbed.gps import GpsFake, needs_gpsd, reference_rows
+from scripts.testbed.gps import needs_gpsd, reference_rows
 from tests.support.privacy import DAY, config, consent, events, make_agent, telemetry_records
 from scripts.testbed.wait import wait_until
 
@@ -95,13 +95,6 @@ class Rig:
     def close(self):
         self.privacy.stop()
         self.store.close()
-
-
-@pytest.fixture
-def gps(tmp_path):
-    fake = GpsFake(tmp_path / "gps").start(cycle=0.25, once=False)   # loops the real minute
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from agent.settings import SettingsError
 from agent.owner.location import TABLE
 from drivers.core.model import Sample
 from scripts.refcloud.console import Registry
-from scripts.testbed.gps import GpsFake, needs_gpsd, reference_rows
+from scripts.testbed.gps import needs_gpsd, reference_rows
 from tests.support.privacy import agent_settings, config, consent, events, make_agent
 from scripts.testbed.wait import wait_until
 
@@ -28,13 +28,6 @@ pytestmark = needs_gpsd
 
 DEV = "wipe-0001"
 VIN = "JTMBFREV0JJ012345"   # a RAV4-shaped VIN for the test
-
-
-@pytest.fixture
-def gps(tmp_path):
-    fake = GpsFake(tmp_path / "gps").start(cycle=0.25, once=False)
-    yield fake
-    fake.stop()
 
 
 def _cli_toml(toml: Path, sock: Path) -> Path:
