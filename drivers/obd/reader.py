@@ -235,9 +235,12 @@ class ObdReader:
         if status != OBDStatus.CAR_CONNECTED:
             self._close_conn(conn, device)
             self._release_slot(None)
-            if status in (OBDStatus.ELM_CONNECTED, OBDStatus.OBD_CONNECTED):
-                return self._fail(f"adapter on {self.port} answers but no vehicle does "
-                                  f"(ignition off?): {status}")
+            if status == OBDStatus.OBD_CONNECTED:   # python-OBD: the car's port has power
+                return self._fail(f"adapter on {self.port} answers, the vehicle's ECUs do not "
+                                  "(ignition off?)")
+            if status == OBDStatus.ELM_CONNECTED:   # ... and no OBD protocol was found
+                return self._fail(f"adapter on {self.port} answers but finds no vehicle "
+                                  "(plugged in? ignition on?)")
             return self._fail(f"no working ELM327 adapter on {self.port}")
         try:
             self._send_lines = elm327.line_sender(conn)
