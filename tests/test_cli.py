@@ -762,3 +762,41 @@ def test_capture_refusals(bench, tmp_path):
     assert rc == 1 and "no adapter" in err
     rc, out, err = bench.run("capture", "--seconds", "0", "--out", str(tmp_path / "x.log"))
     assert rc == 2
+
+
+PROGRESS = """
+import sys
+from agent.cli.common import ProgressBar
+bar = ProgressBar(True, "export")
+for done in (200, 400, 400):       # the last redraw repeats the total, as export's end does
+    bar.show(done / 400, f"{done}/400 records")
+bar.done()
+bar.done()
+print("out", flush=True)
+"""
+
+
+def test_the_progress_bar_draws_on_a_terminal_only_and_ends_its_line_once(tmp_path):
+    import pty
+    # a pipe or a log file: nothing (not one line per redraw)
+    piped = subprocess.run([sys.executable, "-c", PROGRESS], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                           timeout=60)
+    assert piped.returncode == 0 and piped.stderr == "" and piped.stdout == "out\n"
+    # a terminal: redraws in place, then exactly one line end
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(Path(__file__).resolve().parent.parent)
+        os.execv(sys.executable, [sys.executable, "-c", PROGRESS])
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.waitpid(pid, 0)
+    tty = b"".join(chunks).decode().replace("\r\n", "\n")
+    assert tty.count("\rexport [") == 3 and "400/400 records" in tty
+    assert tty.endswith("400/400 records\nout\n"), repr(tty)

@@ -15,30 +15,22 @@ import sys
 import time
 from pathlib import Path
 
-from agent.cli.common import EXIT_USAGE, add_command, emit, fail, note, settings_of
+from agent.cli.common import EXIT_USAGE, ProgressBar, add_command, emit, fail, note, settings_of
 from agent.settings import Settings
 from agent.technician import control, resolution
 from agent.technician.control import AgentNotRunning, ClientError
 
 
-class Progress:
-    """A one-line progress bar on stderr (only when it is a terminal)."""
+class Progress(ProgressBar):
+    """The capture's bar: seconds of the capture and frames so far."""
 
     def __init__(self, total_s: float, enabled: bool):
+        super().__init__(enabled)
         self.total_s = total_s
-        self.enabled = enabled and sys.stderr.isatty()
 
-    def show(self, elapsed_s: float, frames: int) -> None:
-        if not self.enabled:
-            return
-        frac = min(1.0, elapsed_s / self.total_s) if self.total_s else 1.0
-        bar = "#" * int(frac * 30)
-        print(f"\r[{bar:<30}] {elapsed_s:5.1f}/{self.total_s:g} s  {frames} frames", end="",
-              file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
+    def show(self, elapsed_s: float, frames: int) -> None:  # type: ignore[override]
+        frac = elapsed_s / self.total_s if self.total_s else 1.0
+        super().show(frac, f"{elapsed_s:5.1f}/{self.total_s:g} s  {frames} frames")
 
 
 def _writer(out: str):

@@ -106,6 +106,32 @@ def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+class ProgressBar:
+    """A one-line bar on stderr, redrawn in place; only when stderr is a terminal (a log or a
+    pipe gets nothing, not one line per redraw) and ``enabled`` (not with ``--json``)."""
+
+    WIDTH = 30
+
+    def __init__(self, enabled: bool = True, label: str = ""):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = f"{label} " if label else ""
+        self._drawn = False
+
+    def show(self, fraction: float, text: str) -> None:
+        if not self.enabled:
+            return
+        fill = int(min(1.0, max(0.0, fraction)) * self.WIDTH)
+        print(f"\r{self.label}[{'#' * fill}{'.' * (self.WIDTH - fill)}] {text}", end="",
+              file=sys.stderr, flush=True)
+        self._drawn = True
+
+    def done(self) -> None:
+        """Ends the bar's line (once, and only if a bar was drawn)."""
+        if self._drawn:
+            print(file=sys.stderr, flush=True)
+            self._drawn = False
+
+
 def prompt(text: str) -> str:
     """Asks the person: ``text`` on stderr, the answer from stdin ("" at end of input).
 

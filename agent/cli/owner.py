@@ -6,38 +6,34 @@ The work is in agent/owner/ (export.py, erase.py; the running agent's side of ``
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.cli.common import (add_command, ask_agent, emit, fail, interim_printer, note, prompt,
-                              respond, settings_of, table, when)
+from agent.cli.common import (ProgressBar, add_command, ask_agent, emit, fail, interim_printer, note,
+                              prompt, respond, settings_of, table, when)
 from agent.technician import control
 from agent.technician.control import AgentNotRunning, ClientError
 
 
-def progress_bar(stream=sys.stderr, width: int = 30) -> Callable[[int, int], None]:
-    def show(done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        fill = int(frac * width)
-        stream.write(f"\rexport [{'#' * fill}{'.' * (width - fill)}] {done}/{total} records ({frac:.0%})")
-        if done >= total:
-            stream.write("\n")
-        stream.flush()
-    return show
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from agent.owner.export import EXPORT_FORMAT, export
+    bar = ProgressBar(not args.json, "export")
+
+    def progress(done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        bar.show(frac, f"{done}/{total} records ({frac:.0%})")
+
     try:
         s = settings_of(args)
         n = export(s.db_path, Path(args.out), data_dir=s.data_dir, device_id=s.device_id,
-                   progress=(lambda d, t: None) if args.json else progress_bar())
+                   progress=progress)
     except ClientError as e:
         return fail(args, e)
     except OSError as e:
         return fail(args, ClientError("failed", f"export: {e}"))
+    finally:
+        bar.done()
     return emit(args, {"out": str(args.out), "records": n, "format": EXPORT_FORMAT},
                 f"exported {n} records to {args.out} (JSON Lines, format {EXPORT_FORMAT}; see docs/privacy.md)")
 
