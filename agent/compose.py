@@ -320,7 +320,9 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
     def battery_report() -> dict:
         if battery is None:
             return {"available": False, "reason": "no EV transport configured ([ev] in agent.toml)"}
-        return battery.report(latest=ev.last_values() if ev is not None else None)
+        if ev is None:
+            return battery.report()
+        return battery.report(latest=ev.last_values(), units=ev.last_units())
 
     identity = VehicleIdentity(store, datakey, emit_event=emit_event, clock=clock,
                                listeners=[lambda info: ev.set_vehicle(info.get("vin"))] if ev else ())

@@ -65,4 +65,10 @@ def test_ev_signals_reach_the_console(fleet, ev_sim, transport):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report.get("available") is not False, report
+    # the readings with the profile's units, as the text shows them
+    assert report["units"]["ev.soh"] == "%" and report["units"]["ev.pack_v"] == "V", report["units"]
+    from agent.health.traction_battery import format_battery_report
+    shown = {line.split()[0]: line.split()[1:] for line in format_battery_report(report).splitlines()
+             if line.startswith("  ev.")}
+    assert shown["ev.soh"][-1] == "%" and shown["ev.pack_v"][-1] == "V", shown
     assert agent.terminate() == 0

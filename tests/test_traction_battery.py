@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,21 @@ def test_too_little_history_gives_no_warning_and_the_report_says_so(tmp_path: Pa
     assert report["trend"]["status"] == "insufficient"
     text = format_battery_report(report)
     assert "not enough history" in text and "No SOH warning is possible yet" in text
+    assert re.search(r"SOH readings on 1[0-9] days over 19 days;", text), text   # a few days have none
+    assert "at least 30 days over 45 days" in text, text
+
+
+def test_a_first_days_report_says_one_day_and_shows_units(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db")
+    health = TractionBatteryHealth(store, clock=lambda: T0 + DAY_MS // 2)
+    health.add_many_soh("KNDC3DLC5N5000001", [(T0, 96.0, 20000.0, 15.0), (T0 + 3_600_000, 96.0, 20010.0, 15.0)])
+    report = health.report(latest={"ev.soh": 96.0, "ev.aux_v": 12.6, "ev.batt_t_max_no": 3.0},
+                           units={"ev.soh": "%", "ev.aux_v": "V", "ev.batt_t_max_no": "", "ev.pack_v": "V"})
+    assert report["units"] == {"ev.soh": "%", "ev.aux_v": "V", "ev.batt_t_max_no": ""}
+    lines = format_battery_report(report).splitlines()
+    assert "  ev.aux_v               12.6 V" in lines and "  ev.soh                 96 %" in lines, lines
+    assert "  ev.batt_t_max_no       3" in lines, lines
+    assert any("SOH readings on 1 day over 0 days;" in line for line in lines), lines
 
 
 def test_events_through_the_store_warn_then_critical(tmp_path: Path) -> None:

@@ -207,8 +207,9 @@ def fit_trend(rows: Iterable[tuple[int, float, float | None, float | None]], now
     span = (daily[-1][0] - daily[0][0]) if n else 0.0
     if n < settings.min_days or span < settings.min_span_days:
         return Trend("insufficient", n, span,
-                     reason=(f"{n} days of SOH readings over {span:.0f} days; the trend needs at "
-                             f"least {settings.min_days} days over {settings.min_span_days:.0f}"))
+                     reason=(f"SOH readings on {_days(n)} over {_days(span)}; the trend needs "
+                             f"readings on at least {_days(settings.min_days)} over "
+                             f"{_days(settings.min_span_days)}"))
     temp_coef, window_tref = _temperature_coefficient(window)
     tref = window_tref if tref is None else tref
     if temp_coef:
@@ -473,15 +474,18 @@ class TractionBatteryHealth:
             "SELECT vehicle FROM traction_battery_soh GROUP BY vehicle ORDER BY MAX(t_ms) DESC")]
 
     def report(self, vehicle: str | None = None, now: int | None = None,
-               latest: Mapping[str, float] | None = None) -> dict[str, Any]:
+               latest: Mapping[str, float] | None = None,
+               units: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Everything ``dongle battery`` shows, as plain data (see :func:`format_battery_report`).
-        ``latest``: the last snapshot's values (the EV reader's :meth:`last_values`)."""
+        ``latest``: the last snapshot's values (the EV reader's :meth:`last_values`), ``units``
+        theirs (:meth:`last_units`)."""
         now = self._clock() if now is None else now
         if vehicle is None:
             known = self.vehicles()
             vehicle = known[0] if known else None
         out: dict[str, Any] = {"vehicle": vehicle, "now_ms": now, "settings": asdict(self.settings),
-                               "readings": dict(latest or {})}
+                               "readings": dict(latest or {}),
+                               "units": {k: v for k, v in (units or {}).items() if k in (latest or {})}}
         if vehicle is None:
             out.update(trend={"status": "insufficient", "reason": "no SOH readings yet"}, findings=[])
             return out
@@ -503,14 +507,21 @@ class TractionBatteryHealth:
         return out
 
 
+def _days(n: float) -> str:
+    """``1 day``, ``0 days``, ``12 days`` (``n`` rounded to whole days)."""
+    n = round(n)
+    return f"{n} day" if n == 1 else f"{n} days"
+
+
 def format_battery_report(report: Mapping[str, Any]) -> str:
     """Text for ``dongle battery`` from :meth:`TractionBatteryHealth.report` (pure)."""
     lines = [f"Traction battery — vehicle {report.get('vehicle') or '(none seen)'}"]
     readings = report.get("readings") or {}
+    units = report.get("units") or {}
     if readings:
         lines.append("Latest readings:")
         for name in sorted(k for k in readings if not k.startswith("ev.cell_v.")):
-            lines.append(f"  {name:<22} {readings[name]:g}")
+            lines.append(f"  {name:<22} {readings[name]:g} {units.get(name, '')}".rstrip())
     last = report.get("last_soh")
     if last:
         lines.append(f"Last stored SOH: {last['soh_pct']:.1f} % on {_date(last['t_ms'])}"

@@ -388,3 +388,7 @@ class EvReader:
     def last_values(self) -> dict[str, float]:
         """The last snapshot's values (for ``dongle battery``)."""
         return dict(self.last.values) if self.last else {}
+
+    def last_units(self) -> dict[str, str]:
+        """The units of :meth:`last_values` (the profile's, "" for counts and numbers)."""
+        return dict(self.last.units) if self.last else {}
