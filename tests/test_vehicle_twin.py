@@ -288,6 +288,30 @@ def test_a_code_set_while_driving_freezes_the_recordings_values(drive, reference
         assert status["mil"] is True and status["dtc_count"] == 1
 
 
+def test_the_agents_clear_counts_the_stored_code_and_the_permanent_one_stays():
+    """The poller's clear through the twin's ECU: the stored P0301 is cleared (the result and the
+    dtc event say so), its permanent record (mode 0A) is still reported, MIL off."""
+    from agent.vehicle.obd import ObdPoller
+    from tests.test_obd import Collector
+    events: list[dict] = []
+    with connected(stored=("P0301",)) as (emu, reader):
+        reader.close()   # the poller opens the port itself
+        poller = ObdPoller(emu.port, [], Collector(), protocol="6", on_dtc=events.append,
+                           dtc_period_s=3600)
+        poller.start()
+        try:
+            assert wait_until(lambda: poller.status()["connected"], timeout=WAIT_S)
+            before = poller.read_dtcs_now(30)
+            assert {(c["code"], c["state"]) for c in before["codes"]} == {
+                ("P0301", "stored"), ("P0301", "permanent")} and before["mil"] is True
+            assert poller.clear_dtcs(30) == ["P0301"]
+            after = events[-1]
+            assert [(c["code"], c["state"]) for c in after["codes"]] == [("P0301", "permanent")]
+            assert after["mil"] is False
+        finally:
+            assert poller.stop(30)
+
+
 def test_clear_resets_the_monitors_which_complete_again_as_the_drive_goes_on():
     car = Car(parked_s=20.0)
     drive = Drive(car)

@@ -74,8 +74,18 @@ def cmd_dtc_clear(args: argparse.Namespace) -> int:
                          codes_seen=distinct, button_timeout_s=args.button_timeout)
     except ClientError as e:
         return fail(args, e)
-    return emit(args, done, lambda d: f"Cleared: {', '.join(d['cleared']) or 'no codes were set'} "
-                                      f"(recorded: {d['by']}).")
+    return emit(args, done, format_cleared)
+
+
+def format_cleared(d: dict) -> str:
+    out = f"Cleared: {', '.join(d['cleared']) or 'no codes were set'} (recorded: {d['by']})."
+    still = d.get("still_reported") or []
+    if still:
+        out += "\nStill reported: " + ", ".join(f"{c['code']} ({c['state']})" for c in still)
+        if any(c["state"] == "permanent" for c in still):
+            out += ("\n(a permanent code stays until the ECU's own monitor has run and passed: "
+                    "drive the car, then read the codes again)")
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -272,7 +272,11 @@ class Technician:
             c.execute("INSERT INTO technician_log(ts, action, by, detail) VALUES (?,?,?,?)",
                       (self._clock.now_ms(), "dtc_clear", peer.user, json.dumps({"codes": codes, "how": how, "cloud_request": pending})))
         log.info("trouble codes cleared by %s: %s", by, ", ".join(codes) or "none were set")
-        return {"cleared": codes, "by": by}
+        # what the fresh read after the clear still shows: permanent codes (the ECU erases them
+        # once its monitor has passed), or a fault that is back at once
+        still = [{"code": code, "state": state} for code, state in
+                 ((obd.status().get("dtc") or {}).get("codes") or [])]
+        return {"cleared": codes, "by": by, "still_reported": still}
 
     def bookings(self, req: dict, peer: Peer, reply: Reply) -> dict:
         return {"bookings": self._bookings.list()}

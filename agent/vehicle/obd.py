@@ -275,7 +275,7 @@ class ObdPoller:
 
     def clear_dtcs(self, timeout_s: float = 30.0) -> list[str] | None:
         """Mode 04 (on the poller's thread), then a fresh read (so ``on_dtc`` reports the empty
-        set). Returns the codes that were set before and are no longer reported after (a permanent
+        set). Returns the stored or pending codes that are no longer reported after (a permanent
         code stays until the ECU clears it itself), ``None`` if not connected, not confirmed
         by an ECU or not done within ``timeout_s``. Only for a confirmed technician request."""
         return self._request("clear_dtc", timeout_s)
@@ -648,10 +648,12 @@ class ObdPoller:
             return None
         self._freeze, self._freeze_for = None, ()
         after = self._poll_dtcs()
-        # cleared = set before and not reported after: a permanent code (mode 0A) stays until the
-        # ECU's own monitor passes, whatever a scan tool sends
-        left = {c["code"] for c in (after or {}).get("codes", [])}
-        codes = [c["code"] for c in (before or {}).get("codes", []) if c["code"] not in left]
+        # cleared = a stored or pending code no longer reported as such. A permanent code (mode
+        # 0A) stays until the ECU's own monitor passes, whatever a scan tool sends: the stored
+        # P0301 is cleared even though a permanent P0301 is still reported.
+        left = {(c["code"], c["state"]) for c in (after or {}).get("codes", [])}
+        codes = [c["code"] for c in (before or {}).get("codes", [])
+                 if c["state"] != "permanent" and (c["code"], c["state"]) not in left]
         return list(dict.fromkeys(codes))
 
     def _connect(self) -> bool:
