@@ -55,24 +55,17 @@ REPO_GUEST_PORT = 8443
 GUEST_REPOSITORY = f"https://{GUEST_FWD_ADDR}:{REPO_GUEST_PORT}"
 WHEEL_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
 
+VENV = "/opt/dongle/venv"   # the active slot's virtualenv (install.sh; agent.update.slots)
+
 # What systemd-timesyncd does when its first NTP answer arrives (timesyncd-manager.c,
 # manager_adjust_clock): step CLOCK_REALTIME, then tell the kernel the clock is disciplined.
 TIMESYNC = r"""
 import ctypes, os, sys, time
+from drivers.core.clock import _Timex   # the installed agent's struct timex (linux/timex.h)
 ADJ_ESTERROR, ADJ_MAXERROR, ADJ_STATUS, STA_PLL = 0x0008, 0x0004, 0x0010, 0x0001
-class timeval(ctypes.Structure):
-    _fields_ = [("s", ctypes.c_long), ("us", ctypes.c_long)]
-class timex(ctypes.Structure):
-    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
-                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
-                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
-                ("time", timeval), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
-                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
-                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
-                ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("pad", ctypes.c_int * 11)]
 host_ns = int(sys.argv[1])
 time.clock_settime_ns(time.CLOCK_REALTIME, host_ns)
-tx = timex(modes=ADJ_STATUS | ADJ_MAXERROR | ADJ_ESTERROR, status=STA_PLL, maxerror=0, esterror=0)
+tx = _Timex(modes=ADJ_STATUS | ADJ_MAXERROR | ADJ_ESTERROR, status=STA_PLL, maxerror=0, esterror=0)
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.adjtimex(ctypes.byref(tx)) < 0:
     sys.exit("adjtimex: " + os.strerror(ctypes.get_errno()))
@@ -230,7 +223,7 @@ class DongleVM:
         """The guest's clock set and marked synchronised, as systemd-timesyncd would (the module
         docstring says why it cannot be timesyncd itself)."""
         self.vm.put("/run/timesync_sim.py", TIMESYNC.encode())
-        self.vm.run(["python3", "/run/timesync_sim.py", str(time.time_ns())], check=True)
+        self.vm.run([f"{VENV}/bin/python", "/run/timesync_sim.py", str(time.time_ns())], check=True)
         rc, out, _ = self.vm.run("timedatectl show -p NTPSynchronized --value")
         assert out.strip() == "yes", f"timedatectl says NTPSynchronized={out.strip()!r} after the simulation"
 
@@ -417,7 +410,7 @@ def make_dongle(devicevm_image, installed, tmp_path_factory, device_id: str, *,
 VCAN_NETDEV = "[NetDev]\nName=vcan0\nKind=vcan\n"
 VCAN_NETWORK = "[Match]\nName=vcan0\n\n[Link]\nRequiredForOnline=no\n"
 #: The DBC the agent ships (installed with its package data, agent.config).
-GUEST_DBC = "/opt/dongle/venv/lib/python3.11/site-packages/agent/config/dbc/toyota_new_mc_pt_generated.dbc"
+GUEST_DBC = f"{VENV}/lib/python3.11/site-packages/agent/config/dbc/toyota_new_mc_pt_generated.dbc"
 
 # Numbered CAN frames on vcan0 at RATE per second (a raw AF_CAN socket, no python-can): id 0x6AB,
 # data = run number (2 bytes) + frame number (6 bytes). On SIGTERM it writes how many it sent.
