@@ -154,6 +154,9 @@ def test_status_live_buffer_with_the_agent_running(bench):
     assert st["config_version"] == 0 and st["clock"]["synced"] is True
     assert set(st["buffer"]["depth"]) == {"samples", "frames", "events", "outbox"}
     assert st["disk"]["free_bytes"] > 0
+    # the components' own reports for scripts (the device VM tests read these)
+    assert isinstance(st["last_uplink_seq"], int) and 0 <= st["last_uplink_seq"] <= agent.store.last_uplink_seq
+    assert {"can", "obd", "store", "ingest", "uplink", "power", "gpio", "update"} <= set(st)
     rc, out, _ = bench.run("status")
     assert rc == 0 and "OBD adapter" in out and "connected" in out and DEV in out
 

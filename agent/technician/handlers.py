@@ -185,7 +185,7 @@ class Technician:
             "update": st.get("update"),
             "last_errors": errors,
             # the components' own reports, for --json readers (a technician's script, the device VM tests)
-            **{k: st.get(k) for k in ("can", "obd", "store", "ingest", "uplink", "power")},
+            **{k: st.get(k) for k in ("can", "obd", "store", "ingest", "uplink", "power", "last_uplink_seq")},
         }
 
     def _health_summary(self) -> dict | None:
