@@ -342,7 +342,8 @@ def build(settings: Settings, *, clock: Clock | None = None, pin_factory: Any = 
         frame_t=s.uplink.frame_t,
         # The network thread only queues downlink; the worker acks it to the broker once committed.
         on_message=lambda suffix, payload, ack: downlink.submit(suffix, payload, ack),
-        receive_maximum=downlink_mod.QUEUE_MAX, on_connection=lambda up: uplink.on_connection(up))
+        receive_maximum=downlink_mod.QUEUE_MAX, on_connection=lambda up: uplink.on_connection(up),
+        clock=clock)   # certificate dates against the floor while the clock is not synchronised
     uplink = Uplink(store, link, sealer, config=config.current, vehicle_state=vehicle_state,
                     batch_max_samples=s.uplink.batch_max_samples, max_inflight=s.uplink.max_inflight,
                     frame_t=s.uplink.frame_t,

@@ -31,6 +31,16 @@ delivered the message: packet ids are per session, and a late PUBACK in the next
 acknowledge a different message under the same id (that session redelivers the message itself,
 with its own id). The link announces a Receive Maximum (MQTT 5, ``receive_maximum``), so the
 broker has at most that many QoS 1 messages unacknowledged at once.
+
+The clock and TLS. A Pi has no RTC: after a boot the system clock may be months behind until
+NTP answers (fake-hwclock restores the last shutdown's time), and OpenSSL would refuse every
+certificate as "not yet valid", keeping a device offline exactly when it should report. With a
+``clock`` (drivers.core.clock.Clock) that is not synchronised, the link checks the broker
+certificate's dates against what it trusts instead: OpenSSL's time check is off
+(``X509_V_FLAG_NO_CHECK_TIME``; signatures, chain and host name are still verified), and a
+certificate that expired before the newest time known to have passed (the clock's floor, from
+TUF metadata and signed downlink) is refused after the handshake. Once synchronised, OpenSSL
+checks the dates itself again.
 """
 from __future__ import annotations
 
@@ -59,6 +69,7 @@ log = logging.getLogger(__name__)
 _LOOP_S = 0.2             # longest paho.loop() wait: how fast stop() is noticed
 _CONNACK_TIMEOUT_S = 20.0  # TCP/TLS up but no CONNACK: give up on this attempt
 _STOP_ACK_SHARE = 0.6     # share of stop()'s timeout spent waiting for the offline status PUBACK
+_NO_CHECK_TIME = 0x200000  # OpenSSL X509_V_FLAG_NO_CHECK_TIME (not in ssl.VerifyFlags)
 
 
 #: A broker endpoint: (host, port).
@@ -162,7 +173,7 @@ class MqttLink:
                  on_message: Callable[[str, bytes, Callable[[], None]], None] | None = None,
                  on_connection: Callable[[bool], None] | None = None,
                  max_inflight: int = 20, receive_maximum: int | None = None,
-                 frame_t: str | None = None):
+                 frame_t: str | None = None, clock: Any = None):
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f"protocol must be '5' or '3.1.1', not {protocol!r}")
         if max_inflight < 1:
@@ -208,6 +219,9 @@ class MqttLink:
         # network thread's select() through its socket pair; loop() then writes it.
         self._client.on_socket_register_write = lambda client, userdata, sock: None
         self._tls_ready = False
+        self._tls_ctx: ssl.SSLContext | None = None
+        self._clock = clock           # None: the system clock is always right (OpenSSL checks)
+        self._tls_by_floor: bool | None = None   # last mode, to log a change once
 
         self._thread: threading.Thread | None = None
         self._stop_evt = threading.Event()
@@ -419,6 +433,7 @@ class MqttLink:
             self._session_no += 1   # acks of the last session's messages are void from here
         try:
             self._ensure_tls()
+            by_floor = self._set_tls_time_check()
             self._client.will_set(self.prefix + "status", self._status("offline"), qos=1,
                                   retain=True)
             if self._v5:
@@ -442,6 +457,9 @@ class MqttLink:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:  # e.g. the TLS alert came with our CONNECT
             self._abort_socket()
             return self._failure_reason(rc)
+        if by_floor and (expired := self._expired_by_floor()):
+            self._abort_socket()
+            return expired
 
         started = time.monotonic()
         while True:
@@ -472,7 +490,43 @@ class MqttLink:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self._cert_file, self._key_file)
         self._client.tls_set_context(ctx)
+        self._tls_ctx = ctx
         self._tls_ready = True
+
+    def _set_tls_time_check(self) -> bool:
+        """OpenSSL checks the certificates' dates while the clock is synchronised; otherwise
+        they are checked against the floor after the handshake (module docstring). True for
+        the latter. Applies to the next connection (the context is read at wrap time)."""
+        ctx = self._tls_ctx
+        by_floor = self._clock is not None and not self._clock.is_synced()
+        flags = int(ctx.verify_flags)
+        ctx.verify_flags = (flags | _NO_CHECK_TIME) if by_floor else (flags & ~_NO_CHECK_TIME)
+        if by_floor != self._tls_by_floor:
+            self._tls_by_floor = by_floor
+            if by_floor:
+                log.warning("%s: the system clock is not synchronised: the broker certificate's "
+                            "dates are checked against the newest trusted time (%s), not the clock",
+                            self._tag, _utc(self._clock.not_before_ms()))
+            elif self._clock is not None:
+                log.info("%s: the system clock is synchronised: TLS checks certificate dates", self._tag)
+        return by_floor
+
+    def _expired_by_floor(self) -> str | None:
+        """Why the broker's certificate is refused by the floor (expired before a time known to
+        have passed), or None."""
+        sock = self._client.socket()
+        try:
+            cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+            not_after_ms = int(ssl.cert_time_to_seconds(cert["notAfter"]) * 1000) if cert else None
+        except (ValueError, KeyError, OSError) as e:
+            return f"TLS failure: the broker's certificate dates are unreadable ({e})"
+        if not_after_ms is None:
+            return "TLS failure: no broker certificate to check"
+        floor = self._clock.not_before_ms()
+        if not_after_ms < floor:
+            return (f"TLS failure: the broker's certificate expired {_utc(not_after_ms)}, before the "
+                    f"newest trusted time {_utc(floor)} (the system clock is not synchronised)")
+        return None
 
     def _failure_reason(self, rc: MQTTErrorCode) -> str:
         if self._refusal:
@@ -669,3 +723,7 @@ class MqttLink:
             if self._paho_error is None:  # the first error of an attempt is the root cause
                 self._paho_error = buf
             log.debug("%s: paho: %s", self._tag, buf)
+
+
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))

@@ -101,14 +101,17 @@ class DevCA:
         return self._cert
 
     def issue_server(self, name: str = "localhost", ips: tuple[str, ...] = ("127.0.0.1", "::1"),
-                     *, out_dir: Path | None = None) -> tuple[Path, Path]:
+                     *, out_dir: Path | None = None, not_before: dt.datetime | None = None,
+                     days: int = _LEAF_DAYS) -> tuple[Path, Path]:
         """Issues a broker certificate for DNS ``name`` and ``ips``; writes
-        ``server-<name>.pem``/``.key`` into ``out_dir`` (default: the CA directory)."""
+        ``server-<name>.pem``/``.key`` into ``out_dir`` (default: the CA directory).
+        ``not_before`` (default: now, less a little skew) and ``days`` set its validity, e.g.
+        one that a device whose clock is behind sees as not yet valid."""
         out = Path(out_dir) if out_dir is not None else self.directory
         key = ec.generate_private_key(ec.SECP256R1())
         san = [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-        cert = self._issue(key.public_key(), name, ExtendedKeyUsageOID.SERVER_AUTH, _LEAF_DAYS,
-                           san=san)
+        cert = self._issue(key.public_key(), name, ExtendedKeyUsageOID.SERVER_AUTH, days,
+                           san=san, not_before=not_before)
         cert_path, key_path = out / f"server-{name}.pem", out / f"server-{name}.key"
         _write_private_key(key_path, key)
         _write_cert(cert_path, cert)
@@ -176,16 +179,17 @@ class DevCA:
         return key, cert
 
     def _issue(self, public_key: ec.EllipticCurvePublicKey, cn: str, eku: x509.ObjectIdentifier,
-               days: int, *, san: list[x509.GeneralName] | None = None) -> x509.Certificate:
-        now = dt.datetime.now(dt.timezone.utc)
+               days: int, *, san: list[x509.GeneralName] | None = None,
+               not_before: dt.datetime | None = None) -> x509.Certificate:
+        start = not_before or dt.datetime.now(dt.timezone.utc) - _BACKDATE
         ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
                    .issuer_name(self._cert.subject)
                    .public_key(public_key)
                    .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - _BACKDATE)
-                   .not_valid_after(now + dt.timedelta(days=days))
+                   .not_valid_before(start)
+                   .not_valid_after(start + dt.timedelta(days=days))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                                 key_encipherment=False, data_encipherment=False,
