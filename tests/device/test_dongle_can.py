@@ -68,18 +68,27 @@ def test_the_kernel_filters_unconfigured_ids_and_no_configured_frame_is_lost(don
     dongle.sh(f"systemd-run --unit=can-noise cangen vcan0 -I 123 -L 8 -D i -g {1000 / NOISE_HZ:g}")
     start_counter(dongle, 1, RATE_HZ)
     try:
-        assert wait_until(lambda: any(k[0] == 1 for k in counted(cloud, DEV)), 240, what="frames at the cloud")
+        assert wait_until(lambda: any(k[0] == 1 for k in counted(cloud, DEV)), 240, interval=1.0, what="frames at the cloud")
         time.sleep(SECONDS)   # the load runs for a while; what counts is what is counted below
     finally:
         sent = stop_counter(dongle)
         dongle.sh("systemctl stop can-noise")
     tx = json.loads(dongle.sh("ip -s -j link show vcan0"))[0]["stats64"]["tx"]["packets"]
-    assert wait_until(lambda: (1, sent - 1) in counted(cloud, DEV), 240, what="the last numbered frame at the cloud")
+    try:
+        wait_until(lambda: (1, sent - 1) in counted(cloud, DEV), 240, interval=1.0,
+                   what="the last numbered frame at the cloud")
+    except AssertionError:
+        pass   # said below, with where the frames went
     got = counted(cloud, DEV)
     kernel = kernel_matches(dongle, COUNTER_ID)[sock]
     st = dongle.status()["can"]["buses"]["vcan0"]
     read = st["frames"] - before["frames"]
-    assert sorted(n for (r, n) in got) == list(range(sent)), "numbered frames lost between vcan0 and the cloud"
+    missing = sorted(set(range(sent)) - {n for (r, n) in got if r == 1})
+    assert not missing, (
+        f"{len(missing)} of {sent} numbered frames never reached the cloud (first {missing[:3]}, last "
+        f"{missing[-3:]}); the kernel matched {kernel} for the agent's socket, the agent read {read}, "
+        f"dropped {st['drops'] - before['drops']} (socket {st.get('socket_drops')}, queue {st.get('queue_drops')}); "
+        f"buffer {dongle.status()['buffer']}")
     assert all(len(v) == 1 for v in got.values())
     assert kernel == sent                   # the kernel handed every one to the agent's socket ...
     assert read == sent, (read, sent)       # ... the agent read exactly those: no 0x123 frame reached Python

@@ -111,7 +111,7 @@ def _power_cuts(d: DongleVM, cuts: int) -> None:
     for run in range(1, cuts + 1):
         start_counter(d, run, COUNTER_HZ)
         # numbered frames of this run at the cloud: the agent reads and sends
-        assert wait_until(lambda: any(k[0] == run for k in counted(cloud, DEV)), 240,
+        assert wait_until(lambda: any(k[0] == run for k in counted(cloud, DEV)), 240, interval=0.5,
                           what=f"numbered frames of run {run} at the cloud")
         time.sleep(rng.uniform(2.0, 10.0))   # then the cut comes at a random moment
         offset = _guest_offset_s(d)
@@ -124,9 +124,11 @@ def _power_cuts(d: DongleVM, cuts: int) -> None:
     # the last run ends cleanly: everything it sent arrives
     run = cuts + 1
     start_counter(d, run, COUNTER_HZ)
-    assert wait_until(lambda: any(k[0] == run for k in counted(cloud, DEV)), 240, what="frames after the last boot")
+    assert wait_until(lambda: any(k[0] == run for k in counted(cloud, DEV)), 240, interval=0.5,
+                      what="frames after the last boot")
     sent = stop_counter(d)
-    assert wait_until(lambda: (run, sent - 1) in counted(cloud, DEV), 240, what="the last numbered frame at the cloud")
+    assert wait_until(lambda: (run, sent - 1) in counted(cloud, DEV), 240, interval=0.5,
+                      what="the last numbered frame at the cloud")
     d.sh("systemctl stop dongle-agent", 120)
     last_seq = _seq_check(cloud, DEV)
 
