@@ -22,7 +22,10 @@ from tests.device.dongle import (COUNTER_ID, GUEST_DBC, DongleVM, add_vcan, coun
 pytestmark = [pytest.mark.device, pytest.mark.timeout(3600)]
 
 DEV = f"can-{ARCH}"
-RATE_HZ = 2000             # numbered frames of the one configured raw id
+#: numbered frames of the one configured raw id. The agent in the TCG guest on this 2-core host
+#: reads about 1,500 frames/s at most: at 2,000/s its socket dropped 26 % (counted in status,
+#: socket_drops); docs/performance.md, "Device VM".
+RATE_HZ = 500
 NOISE_HZ = 1000            # frames of ids nobody configured (cangen)
 SECONDS = 20
 CONFIG = {"version": 1, "upload": {"interval_s": 1},
