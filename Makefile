@@ -14,7 +14,7 @@ export CANVM_DIR
 SOCKETCAN_TESTS := tests/socketcan tests/test_can.py tests/test_can_replay.py
 
 .PHONY: help lock wheelhouse test-socketcan test-install soak bench-store bench-memory \
-        devicevm-image devicevm-image-arm64 test-device test-device-short test-device-arm64 soak-device
+        devicevm-image devicevm-image-arm64 test-device test-device-ci test-device-short test-device-arm64 soak-device
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -62,7 +62,17 @@ PYTEST_DEVICE = $(VENV)/bin/pytest -q -p no:cacheprovider -s
 test-device: devicevm-image ## everything in the amd64 device VM: systemd, watchdog, start limit, power cuts, clock, CAN (~25 min)
 	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 $(PYTEST_DEVICE) -m "device and not soak" $(DEVICE_TESTS)
 
-test-device-short: devicevm-image ## the device VM tests without the device_long ones (not in ./scripts/test.sh yet)
+# The short form ./scripts/test.sh runs (about 12 minutes): the install, the agent under systemd
+# (readiness, journal, status, logs, sandbox, configuration error), the root-owned slots, and
+# 3 real power cuts under load.
+DEVICE_CI_TESTS := tests/device/test_dongle_systemd.py \
+	tests/device/test_dongle_updates.py::test_install_sh_installed_a_root_owned_slot_and_every_unit \
+	tests/device/test_dongle_updates.py::test_the_agent_s_user_cannot_modify_any_file_of_any_slot \
+	tests/device/test_dongle_powercut.py
+test-device-ci: devicevm-image ## the device VM's short form, part of ./scripts/test.sh: install, systemd, sandbox, 3 power cuts (~12 min)
+	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 $(PYTEST_DEVICE) -m "device and not soak and not device_long" $(DEVICE_CI_TESTS)
+
+test-device-short: devicevm-image ## the device VM tests without the device_long ones (~25 min)
 	DEVICEVM_ARCH=amd64 DEVICEVM_REQUIRE=1 $(PYTEST_DEVICE) -m "device and not soak and not device_long" $(DEVICE_TESTS)
 
 test-device-arm64: devicevm-image-arm64 ## arm64 VM (qemu-system-aarch64, virt): install, agent under systemd, telemetry, status, lgpio

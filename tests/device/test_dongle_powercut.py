@@ -1,6 +1,6 @@
 """Real power loss: the QEMU process is killed while the installed agent (under systemd) reads the
-ELM327-emulator over the guest's serial port and vcan0 at a few thousand frames/s (the real
-RAV4 drive replayed by canplayer, plus numbered frames), then the same disk boots again. The guest
+ELM327-emulator over the guest's serial port and vcan0 at about 1,100 frames/s (the real RAV4
+drive's powertrain bus replayed by canplayer, plus numbered frames), then the same disk boots again. The guest
 loses its page cache; the disk (cache=none) keeps only what the guest flushed.
 
 Counted from the cloud side (the reference console deduplicates on (dev, seq)): every seq
@@ -41,12 +41,15 @@ CONFIG = {"version": 1, "upload": {"interval_s": 1},
                   "raw": {"enabled": True, "ids": [COUNTER_ID]}}}
 DB_CHECK = ("/opt/dongle/venv/bin/python -c \"import sqlite3; c = sqlite3.connect('file:/var/lib/dongle/agent.db"
             "?mode=ro', uri=True); print(c.execute('PRAGMA integrity_check').fetchone()[0])\"")
-# the drive on vcan0, all four of its buses at once (~2,260 frames/s), looped, at every boot
+# the drive's powertrain bus (can0 of the log, ~900 frames/s) on vcan0, looped, at every boot.
+# All four of its buses at once (~2,260 frames/s) is more than the agent keeps up with in this
+# TCG guest: before the first cut its socket had dropped 10,644 of the 19,532 frames its filters
+# let through (2026-12-03), so the frames lost were the guest's CPU, not the power cut.
 CANPLAYER_UNIT = """[Unit]
 Description=RAV4 drive on vcan0 (test load)
 After=systemd-networkd.service
 [Service]
-ExecStart=/usr/bin/canplayer -I /var/lib/canload/rav4.log -l i vcan0=can0 vcan0=can1 vcan0=can128 vcan0=can129
+ExecStart=/usr/bin/canplayer -I /var/lib/canload/rav4.log -l i vcan0=can0
 Restart=always
 [Install]
 WantedBy=multi-user.target
@@ -102,18 +105,42 @@ def _after_boot(d: DongleVM, cut: int) -> dict:
     return {"pid": pid, "seq": st["last_uplink_seq"]}
 
 
+def _vcan0(d: DongleVM) -> dict:
+    st = d.status()["can"]["buses"]["vcan0"]
+    return {k: st.get(k) for k in ("frames", "drops", "socket_drops", "queue_drops", "state")}
+
+
+def _keeping_up(d: DongleVM, timeout: float = 300.0) -> dict:
+    """Waits until the agent's socket drops nothing for 10 s and returns its counters. Under TCG
+    the agent needs a while after each start (imports, the DBC, the OBD adapter's probing) before
+    it keeps up with the bus: what its socket drops meanwhile is counted in status, and is the
+    guest's CPU, not what a power cut costs."""
+    deadline = time.monotonic() + timeout
+    before = _vcan0(d)
+    while True:
+        time.sleep(10)
+        now = _vcan0(d)
+        if now["drops"] == before["drops"] and now["frames"] > before["frames"]:
+            return now
+        assert time.monotonic() < deadline, f"the agent does not keep up with vcan0 within {timeout:g} s: {now}"
+        before = now
+
+
 def _power_cuts(d: DongleVM, cuts: int) -> None:
     cloud = d.cloud
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     cut_at: dict[int, float] = {}   # run -> host time of the cut
+    bus_at_cut: dict[int, tuple[dict, dict]] = {}   # run -> the agent's vcan0 counters at its start and just before the cut
     boots: list[float] = []
     assert wait_until(online(cloud, DEV), 240, what="the device online")
     for run in range(1, cuts + 1):
+        at_start = _keeping_up(d)
         start_counter(d, run, COUNTER_HZ)
         # numbered frames of this run at the cloud: the agent reads and sends
         assert wait_until(lambda: any(k[0] == run for k in counted(cloud, DEV)), 240, interval=0.5,
                           what=f"numbered frames of run {run} at the cloud")
         time.sleep(rng.uniform(2.0, 10.0))   # then the cut comes at a random moment
+        bus_at_cut[run] = (at_start, _vcan0(d))
         offset = _guest_offset_s(d)
         d.vm.power_cut()
         cut_at[run] = time.time() + offset   # in the guest's clock, like the frames' times
@@ -123,6 +150,7 @@ def _power_cuts(d: DongleVM, cuts: int) -> None:
         assert state["seq"] >= seen, f"cut {run}: the cloud saw seq {seen}, the device's counter is at {state['seq']}"
     # the last run ends cleanly: everything it sent arrives
     run = cuts + 1
+    _keeping_up(d)
     start_counter(d, run, COUNTER_HZ)
     assert wait_until(lambda: any(k[0] == run for k in counted(cloud, DEV)), 240, interval=0.5,
                       what="frames after the last boot")
@@ -136,7 +164,13 @@ def _power_cuts(d: DongleVM, cuts: int) -> None:
     margins = []
     for r in range(1, cuts + 1):
         numbers = sorted(n for (rr, n) in got if rr == r)
-        assert numbers == list(range(len(numbers))), f"run {r}: numbered frames lost inside the run"
+        missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
+        start, before_cut = bus_at_cut[r]
+        assert before_cut["drops"] == start["drops"], \
+            f"run {r}: the agent's socket dropped frames during the run (the guest's CPU): {start} -> {before_cut}"
+        assert not missing, (f"run {r}: {len(missing)} numbered frames lost inside the run (of {numbers[-1] + 1}; "
+                             f"first {missing[:8]}); the agent's vcan0 counters at the run's start and "
+                             f"just before the cut: {start} -> {before_cut}")
         kept_until = max(got[(r, numbers[-1])]) / 1e6
         margins.append(cut_at[r] - kept_until)
     assert sorted(n for (rr, n) in got if rr == run) == list(range(sent))
