@@ -332,10 +332,11 @@ class Ingest:
         self.stats.batches += 1
         self.stats.stored += sum(fresh)
         self.stats.duplicates += len(fresh) - sum(fresh)
-        self.stats.rejected += len(rejects)
         for j in rejects:
             self.stats.reasons[j.reason] = self.stats.reasons.get(j.reason, 0) + 1
             log.warning("ingest: rejected %s/%s: %s %s", j.dev, j.topic, j.reason, j.detail[:200])
+        # counted after their reasons, so a reader that sees the count also sees why
+        self.stats.rejected += len(rejects)
         for mid, qos, _ in pending:
             self.client.ack(mid, qos)
 
